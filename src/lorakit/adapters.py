@@ -1,0 +1,155 @@
+"""Model-level adapter operations: activate, disable, delete, merge, unmerge, unload.
+
+Rules (one place, so the layers stay simple):
+- ``inject`` and ``load_adapter`` make the new adapter the only active one, so
+  "trainable" always means "the adapter being added".
+- Only active adapters take part in forward and have ``requires_grad=True``.
+- While any adapter is merged, changing the active set is refused
+  (``MergeStateError``): a merged weight never silently mixes with a switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from .errors import AdapterNotFoundError, MergeStateError
+from .inject import lora_layers, set_submodule
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters injected into ``model``, in injection order."""
+    return list(getattr(model, "lora_configs", {}))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters (empty inside ``disable_adapters``)."""
+    return list(getattr(model, "lora_active", []))
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    known = list_adapters(model)
+    for n in names:
+        if n not in known:
+            raise AdapterNotFoundError(f"adapter {n!r} not found; the model has {known}")
+
+
+def _is_merged(model: nn.Module) -> bool:
+    return any(layer.merged_adapters for _, layer in lora_layers(model))
+
+
+def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
+    """Make ``name_or_names`` the active adapter(s); several active adapters add their deltas.
+
+    Active adapters' A and B get ``requires_grad=True``, all others False. O(1) in
+    the base size: no base weight is touched.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        MergeStateError: adapters are merged and the active set would change.
+    """
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    _check_names(model, names)
+    if _is_merged(model) and names != active_adapters(model):
+        raise MergeStateError("cannot switch adapters while merged; call unmerge(model) first")
+    _apply_active(model, names)
+
+
+def _apply_active(model: nn.Module, names: list[str]) -> None:
+    model.lora_active = list(names)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = [n for n in names if n in layer.r]
+        for n in layer.r:
+            for p in layer.adapter_parameters(n):
+                p.requires_grad_(n in names)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager in which ``model`` gives base-model outputs.
+
+    Merged adapters are unmerged on entry and merged again on exit (bitwise the
+    same weights). The previous active set is restored on exit, also after an
+    exception; nesting is allowed.
+    """
+    previous = active_adapters(model)
+    was_merged = _is_merged(model)
+    if was_merged:
+        unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = []
+    model.lora_active = []
+    try:
+        yield model
+    finally:
+        _apply_active(model, previous)
+        if was_merged:
+            merge(model)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer; LoRA layers left with no adapter stay wrapped.
+
+    Raises:
+        AdapterNotFoundError: unknown name.
+        MergeStateError: the adapter is merged (unmerge first).
+    """
+    _check_names(model, [name])
+    layers = [layer for _, layer in lora_layers(model) if name in layer.r]
+    if any(name in layer.merged_adapters for layer in layers):
+        raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
+    for layer in layers:
+        layer.delete_adapter(name)
+    del model.lora_configs[name]
+    model.lora_active = [n for n in active_adapters(model) if n != name]
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Merge the active adapters into the base weights: ``W' = W + s * B @ A``.
+
+    Idempotent: an adapter already merged is not added again. Merged outputs equal
+    unmerged ones within float rounding (Hu et al. 2021, Sec. 4.1: no inference
+    latency). Returns ``model``.
+    """
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every base weight bit for bit; a no-op on an unmerged model. Returns ``model``."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRA layer with its plain base module and return ``model``.
+
+    With ``merge=True`` the active adapters are merged first (``W' = W + s B A``);
+    with ``merge=False`` the original weights come back. Afterwards no LoRA class
+    or parameter is left and ``state_dict()`` keys equal the original model's.
+    """
+    for name, layer in list(lora_layers(model)):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        layer._original_weight = None  # the merged weight is now the weight
+        set_submodule(model, name, layer.base_layer)
+    for attr in ("lora_configs", "lora_active"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; shared (tied) tensors count once.
+
+    After ``inject`` on a frozen model, trainable = sum of r * (in + out) over the
+    adapted layers.
+    """
+    params = list(model.parameters())  # deduplicated by identity
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

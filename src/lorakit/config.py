@@ -1,0 +1,228 @@
+"""``LoRAConfig``: the hyper-parameters of one adapter, in PEFT's field names.
+
+``to_dict`` / ``from_dict`` read and write the ``adapter_config.json`` of PEFT's
+on-disk format, so an adapter saved by lorakit loads in PEFT and vLLM and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = "all-linear"
+
+# PEFT keys that only describe where the adapter came from; kept, never refused.
+_METADATA_KEYS = {
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode",
+}
+
+# PEFT LoraConfig keys lorakit does not implement, with the values that mean
+# "feature off". A loaded config is accepted only if each is at one of these.
+_NEUTRAL = {
+    "exclude_modules": (None, [], ""),
+    "fan_in_fan_out": (False,),
+    "megatron_config": (None,),
+    "megatron_core": ("megatron.core", None),
+    "trainable_token_indices": (None,),
+    "loftq_config": ({}, None),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "use_dora": (False,),
+    "velora_config": (None,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False,),
+    "qalora_group_size": None,  # any value: only read when use_qalora is true
+    "monteclora_config": (None,),
+    "layer_replication": (None,),
+    "lora_bias": (False,),
+    "target_parameters": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "ensure_weight_tying": (False,),
+    "modules_to_save": (None, []),
+    "runtime_config": None,  # runtime-only options (e.g. GPU offload), no effect on weights
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Hyper-parameters of one LoRA adapter (Hu et al. 2021, "LoRA", eq. 3).
+
+    The adapted layer computes ``h = W x + s * B A x`` with ``A`` (r x in_features),
+    ``B`` (out_features x r) and scaling ``s = lora_alpha / r``, or
+    ``s = lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023, "A Rank
+    Stabilization Scaling Factor for Fine-Tuning with LoRA", Thm. 3.2).
+
+    Attributes:
+        r: rank of the bypass, int >= 1.
+        lora_alpha: scaling numerator, float > 0.
+        lora_dropout: dropout probability on the bypass input, 0 <= p < 1.
+        use_rslora: use ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        target_modules: list of module names (an entry matches a module whose
+            qualified name equals it or ends with ``"." + entry``), a string taken
+            as a full-match regex over qualified names, or ``"all-linear"``
+            (every ``nn.Linear`` except the model's output head).
+        layers_to_transform: block indices to adapt (the first ``.<int>.`` in a
+            module's name, or the index after ``layers_pattern``); None for all.
+        layers_pattern: name(s) of the block list, e.g. ``"layers"`` or ``"h"``.
+        rank_pattern / alpha_pattern: ``{pattern: r}`` / ``{pattern: alpha}``
+            overrides; a pattern matches when it matches the end of a module name
+            (PEFT's ``(.*\\.)?(pattern)$`` rule); the first matching key wins.
+        init_lora_weights: True (A Kaiming-uniform with a=sqrt(5), B zeros),
+            ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or False (both random; for tests).
+        bias: only ``"none"``.
+        base_model_name_or_path, task_type, revision: metadata PEFT stores.
+
+    Raises:
+        ConfigError (a ValueError): a field has an invalid value; the message
+            names the field and the value.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layers_to_transform: list[int] | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+    base_model_name_or_path: str | None = None
+    task_type: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        self.r = _check_rank("r", self.r)
+        self.lora_alpha = _check_alpha("lora_alpha", self.lora_alpha)
+        p = self.lora_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {p!r}")
+        self.lora_dropout = float(p)
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            if tm != ALL_LINEAR:
+                try:
+                    re.compile(tm)
+                except re.error as e:
+                    raise ConfigError(f"target_modules regex {tm!r} does not compile: {e}") from None
+        elif isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
+            self.target_modules = sorted(tm) if isinstance(tm, set) else list(tm)
+        else:
+            raise ConfigError(
+                "target_modules must be a non-empty list of module names, a regex string "
+                f"or 'all-linear', got {tm!r}"
+            )
+        lt = self.layers_to_transform
+        if isinstance(lt, int) and not isinstance(lt, bool):
+            lt = self.layers_to_transform = [lt]
+        if lt is not None and not (
+            isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt)
+        ):
+            raise ConfigError(f"layers_to_transform must be a list of block indices >= 0, got {lt!r}")
+        if lt is not None:
+            self.layers_to_transform = list(lt)
+        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
+            raise ConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
+        self.rank_pattern = {k: _check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
+        self.alpha_pattern = {k: _check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.bias != "none":
+            raise ConfigError(f"bias={self.bias!r} is not supported; only bias='none' (base biases stay frozen)")
+
+    # --- per-module values -------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` (``rank_pattern`` first, else ``r``)."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """``lora_alpha`` for ``module_name`` (``alpha_pattern`` first, else ``lora_alpha``)."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """``s = alpha / r`` (Hu et al. 2021) or ``alpha / sqrt(r)`` (rsLoRA) for ``module_name``."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # --- PEFT adapter_config.json ------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content in PEFT's format (``peft_type: "LORA"``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        d["lora_alpha"] = float(self.lora_alpha)
+        d.update(peft_type="LORA", fan_in_fan_out=False, use_dora=False, modules_to_save=None, inference_mode=True)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+        """Build a config from an ``adapter_config.json`` dict (PEFT's or ours).
+
+        Keys PEFT knows but lorakit does not implement are accepted only at their
+        neutral value (e.g. ``use_dora: false``).
+
+        Raises:
+            ConfigError: not a LoRA config, an unknown key, or a PEFT feature that is
+                switched on which lorakit does not implement (the key and value named).
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"adapter config must be a JSON object, got {type(d).__name__}")
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ConfigError(f"peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if k in names:
+                kwargs[k] = v
+            elif k in _METADATA_KEYS:
+                continue
+            elif k in _NEUTRAL:
+                allowed = _NEUTRAL[k]
+                if allowed is not None and not any(v == a and type(v) is type(a) for a in allowed):
+                    raise ConfigError(f"adapter config sets {k}={v!r}, which lorakit does not support")
+            else:
+                raise ConfigError(f"unknown adapter config key {k!r} (value {v!r})")
+        if kwargs.get("target_modules") is None:
+            kwargs.pop("target_modules", None)
+        for k in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(k) is None:
+                kwargs.pop(k, None)
+        return cls(**kwargs)
+
+
+def _check_rank(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _check_alpha(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _pattern_key(patterns: dict, module_name: str) -> str | None:
+    """First key of ``patterns`` matching the end of ``module_name`` (PEFT's rule)."""
+    for key in patterns:
+        if key == module_name or re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None

@@ -1,0 +1,224 @@
+"""Save and load adapters in PEFT's on-disk format.
+
+A folder holds ``adapter_config.json`` (``LoRAConfig.to_dict``) and
+``adapter_model.safetensors`` with keys such as
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r x in) and
+``...lora_B.weight`` (out x r): PEFT's names with the adapter name removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import _apply_active, active_adapters, delete_adapter, list_adapters, set_adapter
+from .config import LoRAConfig
+from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError
+from .inject import find_targets, inject, lora_layers, set_submodule
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _peft_key(module_name: str, part: str) -> str:
+    return f"{PREFIX}{module_name}.{part}.weight"
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (CPU, contiguous copies)."""
+    if adapter_name not in list_adapters(model):
+        raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list_adapters(model)}")
+    state = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.r:
+            a, b = layer.lora_weights(adapter_name)
+            state[_peft_key(name, "lora_A")] = a.detach().to("cpu", copy=True).contiguous()
+            state[_peft_key(name, "lora_B")] = b.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def _config_dict(model: nn.Module, adapter_name: str) -> dict:
+    config: LoRAConfig = model.lora_configs[adapter_name]
+    d = config.to_dict()
+    hf_config = getattr(model, "config", None)
+    if d.get("base_model_name_or_path") is None and hf_config is not None:
+        d["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
+    if d.get("task_type") is None and type(model).__name__.endswith("ForCausalLM"):
+        d["task_type"] = "CAUSAL_LM"
+    return d
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` to folder ``path`` in PEFT's format.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter
+    weights only, in their own dtype), each atomically (temp file, fsync, rename).
+    The folder is created if needed. Returns the folder path.
+
+    Raises:
+        AdapterNotFoundError: no adapter of that name.
+    """
+    path = Path(path)
+    state = adapter_state_dict(model, adapter_name)
+    config = _config_dict(model, adapter_name)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    write_atomic(path / CONFIG_NAME, write_json)
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder without touching any model.
+
+    Returns ``(config, tensors)``. Safetensors only: a pickle ``adapter_model.bin``
+    is refused.
+
+    Raises:
+        AdapterLoadError: missing folder or file, invalid JSON or config, a
+            truncated or corrupt safetensors file, a non-float tensor, NaN or Inf
+            values (the key is named).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterLoadError(f"adapter folder {str(path)!r} does not exist")
+    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file():
+        raise AdapterLoadError(f"{str(cfg_file)!r} is missing")
+    if not w_file.is_file():
+        hint = " (pickle adapter_model.bin is not loaded for safety)" if (path / "adapter_model.bin").exists() else ""
+        raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
+    try:
+        with open(cfg_file) as f:
+            config = LoRAConfig.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
+    except (ConfigError, TypeError) as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
+    try:
+        tensors = load_file(w_file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterLoadError(f"tensor {k!r} has dtype {t.dtype}; adapter weights must be floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterLoadError(f"tensor {k!r} contains NaN or Inf values")
+    return config, tensors
+
+
+def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:
+    """PEFT key -> shape the model needs for this adapter (existing adapter or a fresh injection)."""
+    if adapter_name in list_adapters(model):
+        shapes = {}
+        for name, layer in lora_layers(model):
+            if adapter_name in layer.r:
+                a, b = layer.lora_weights(adapter_name)
+                shapes[_peft_key(name, "lora_A")] = tuple(a.shape)
+                shapes[_peft_key(name, "lora_B")] = tuple(b.shape)
+        return shapes
+    shapes = {}
+    for t in find_targets(model, config, adapter_name):
+        shapes[_peft_key(t.name, "lora_A")] = (t.r, t.in_features)
+        shapes[_peft_key(t.name, "lora_B")] = (t.out_features, t.r)
+    return shapes
+
+
+def _check_keys(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], path) -> None:
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise AdapterLoadError(
+            f"{str(path)!r} lacks key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise AdapterLoadError(
+            f"{str(path)!r} has key {extra[0]!r}, which matches no adapted module of the model"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    for k, shape in expected.items():
+        got = tuple(tensors[k].shape)
+        if got != shape:
+            raise AdapterLoadError(f"key {k!r} has shape {list(got)} in the file but the model needs {list(shape)}")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load a PEFT-format adapter folder into ``model`` as ``adapter_name`` and activate it.
+
+    If the model has no adapter of that name, it is injected from the saved
+    config first; otherwise the existing adapter's weights are replaced. Every key,
+    shape and value is checked before the model is touched, so on any error the
+    model is left exactly as it was. Returns ``model``.
+
+    Raises:
+        AdapterLoadError: see ``read_adapter``; missing or extra keys, or a shape
+            that differs (both shapes named).
+        TargetModuleError: the saved ``target_modules`` do not fit this model.
+        MergeStateError: adapters are merged (unmerge first).
+    """
+    config, tensors = read_adapter(path)
+    weights = Path(path) / WEIGHTS_NAME
+    existed = adapter_name in list_adapters(model)
+    expected = _expected_shapes(model, config, adapter_name)
+    _check_keys(expected, tensors, weights)
+
+    previous_active = active_adapters(model)
+    grads = {p: p.requires_grad for p in model.parameters()}
+    wrapped_before = {name for name, _ in lora_layers(model)}
+    try:
+        if not existed:
+            inject(model, config, adapter_name)
+        with torch.no_grad():
+            for name, layer in lora_layers(model):
+                if adapter_name in layer.r:
+                    a, b = layer.lora_weights(adapter_name)
+                    a.copy_(tensors[_peft_key(name, "lora_A")])
+                    b.copy_(tensors[_peft_key(name, "lora_B")])
+        if existed:
+            set_adapter(model, adapter_name)
+    except BaseException:
+        if not existed and adapter_name in list_adapters(model):
+            delete_adapter(model, adapter_name)
+            for name, layer in list(lora_layers(model)):
+                if name not in wrapped_before:
+                    set_submodule(model, name, layer.base_layer)
+        _apply_active(model, previous_active)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        raise
+    return model
+
+
+def adapter_file_size(path: str | os.PathLike) -> int:
+    """Size in bytes of an adapter folder's weights file."""
+    return (Path(path) / WEIGHTS_NAME).stat().st_size
+

@@ -1,0 +1,239 @@
+"""``LoRALinear``: an ``nn.Linear`` wrapped with one or more low-rank bypasses.
+
+State dict layout matches PEFT's: ``<name>.base_layer.weight``,
+``<name>.lora_A.<adapter>.weight`` (r x in), ``<name>.lora_B.<adapter>.weight`` (out x r).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def adapter_key(name: str) -> str:
+    """The ``nn.ModuleDict`` key used for adapter ``name``.
+
+    ModuleDict keys cannot contain ``"."``, be empty or shadow a ModuleDict
+    attribute (``"keys"``, ``"update"``, ...), but adapter names may be any string.
+    Such names (and names starting with the escape prefix ``"_x"``) are stored
+    hex-escaped; ordinary names like ``"default"`` stay readable, as in PEFT.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name must be a str, got {type(name).__name__}")
+    if name and "." not in name and not name.startswith("_x") and not hasattr(nn.ModuleDict, name):
+        return name
+    return "_x" + name.encode().hex()
+
+
+class LoRALayer(nn.Module):
+    """Shared bookkeeping of every LoRA layer: named adapters, scaling, active set, merge.
+
+    A subclass wraps one base module type and defines ``_make_adapter`` (create
+    the A and B modules), ``delta_weight`` (the merged delta, float32, shaped like
+    the base weight) and ``lora_output`` (the bypass output for an input).
+
+    Merging adds the deltas (computed in float32) to the base weight and keeps the
+    original weight tensor aside, so ``unmerge`` restores it bit for bit, whatever
+    the dtype. That copy costs the weight's own size while merged.
+    """
+
+    adapter_parts = ("lora_A", "lora_B")  # ModuleDict attributes holding per-adapter modules
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._original_weight: torch.Tensor | None = None
+
+    @classmethod
+    def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
+        return cls(base_layer)
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads .weight of the wrapped layer keeps working
+        return self.base_layer.weight
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        w = self.base_layer.weight
+        return torch.float32 if w.dtype in _HALF else w.dtype
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Create adapter ``name`` with rank ``r`` and scaling alpha/r (alpha/sqrt(r) with rsLoRA).
+
+        Raises:
+            AdapterExistsError: ``name`` already exists on this layer.
+        """
+        if name in self.r:
+            raise AdapterExistsError(f"adapter {name!r} is already injected into this layer")
+        key = adapter_key(name)
+        self._make_adapter(key, r, init_lora_weights)
+        self.lora_dropout[key] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = float(lora_alpha)
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def _make_adapter(self, key: str, r: int, init_lora_weights: bool | str) -> None:
+        raise NotImplementedError
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from this layer (it must not be merged)."""
+        self._check(name)
+        if name in self.merged_adapters:
+            raise MergeStateError(f"adapter {name!r} is merged; unmerge before deleting it")
+        key = adapter_key(name)
+        for part in (*self.adapter_parts, "lora_dropout"):
+            del getattr(self, part)[key]
+        for d in (self.r, self.lora_alpha, self.scaling):
+            del d[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of adapter ``name``."""
+        key = adapter_key(name)
+        return [p for part in self.adapter_parts for p in getattr(self, part)[key].parameters()]
+
+    def lora_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` weights of adapter ``name``, as stored (PEFT's layout)."""
+        key = adapter_key(name)
+        return self.lora_A[key].weight, self.lora_B[key].weight
+
+    def _check(self, name: str) -> None:
+        if name not in self.r:
+            raise AdapterNotFoundError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
+
+    # --- merge --------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's weight delta in float32, shaped like the base weight."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the deltas of ``names`` (default: the active adapters) to the base weight.
+
+        Already merged adapters are skipped, so merging twice adds nothing twice.
+        The sum ``W + sum(deltas)`` is formed in float32 from the original W and
+        rounded once to the weight dtype.
+        """
+        names = list(self.active_adapters if names is None else names)
+        todo = [n for n in names if n not in self.merged_adapters]
+        if not todo:
+            return
+        for n in todo:
+            self._check(n)
+        w = self.base_layer.weight
+        if self._original_weight is None:
+            self._original_weight = w.detach().clone()
+        merged = self._original_weight.float()
+        for n in self.merged_adapters + todo:
+            merged = merged + self.delta_weight(n).to(merged.device)
+        w.copy_(merged.to(w.dtype))
+        self.merged_adapters.extend(todo)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight bit for bit; a no-op when nothing is merged."""
+        if self._original_weight is not None:
+            self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged_adapters = []
+
+    def _apply(self, fn, recurse=True):  # keep the saved weight on the model's device/dtype
+        super()._apply(fn, recurse)
+        if self._original_weight is not None:
+            self._original_weight = fn(self._original_weight)
+        return self
+
+    # --- forward ------------------------------------------------------------------
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Bypass output ``s * B(A(dropout(x)))`` of adapter ``name`` in the adapter dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name not in self.merged_adapters:
+                out = out + self.lora_output(name, x).to(out.dtype)
+        return out
+
+
+class LoRALinear(LoRALayer):
+    """``nn.Linear`` plus low-rank bypasses (Hu et al. 2021, eq. 3).
+
+    ``forward(x) = base_layer(x) + sum over active, unmerged adapters of
+    s * B(A(dropout(x)))`` with ``s = lora_alpha / r`` or ``lora_alpha / sqrt(r)``
+    (rsLoRA, Kalajdzievski 2023). ``lora_A[name]`` is ``nn.Linear(in, r)`` (weight
+    r x in) and ``lora_B[name]`` is ``nn.Linear(r, out)`` (weight out x r).
+
+    Shapes: x ``(..., in_features)`` -> ``(..., out_features)``. Adapter weights are
+    float32 when the base weight is float16/bfloat16 (so small updates are not
+    lost to rounding), else the base dtype; the bypass output is cast back to the
+    base output dtype. With B = 0 the output equals the base output exactly.
+    """
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def _make_adapter(self, key: str, r: int, init_lora_weights: bool | str) -> None:
+        w = self.base_layer.weight
+        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=self.adapter_dtype)
+        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=self.adapter_dtype)
+        with torch.no_grad():
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # as nn.Linear initialises its weight
+                nn.init.zeros_(b.weight)
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(a.weight, std=1.0 / r)
+                nn.init.zeros_(b.weight)
+            # False: keep nn.Linear's random init for both (output differs from base)
+        self.lora_A[key] = a
+        self.lora_B[key] = b
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B @ A`` of adapter ``name`` in float32, shape (out_features, in_features)."""
+        self._check(name)
+        a, b = self.lora_weights(name)
+        return (b.detach().float() @ a.detach().float()) * self.scaling[name]
+
+    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        key = adapter_key(name)
+        a = self.lora_A[key].weight  # (r, in)
+        b = self.lora_B[key].weight  # (out, r)
+        h = self.lora_dropout[key](x.to(a.dtype))
+        return F.linear(F.linear(h, a), b) * self.scaling[name]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
