@@ -1,0 +1,31 @@
+import pytest
+import torch
+from torch import nn
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2):
+    """A randomly initialised Llama with the SmolLM2 module names, small enough for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4)).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 64, (2, 7))

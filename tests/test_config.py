@@ -1,0 +1,73 @@
+import pytest
+
+from lorakit import ConfigError, LoRAConfig
+
+
+def test_defaults_match_the_issue():
+    c = LoRAConfig()
+    assert (c.r, c.lora_alpha, c.lora_dropout, c.use_rslora) == (8, 16.0, 0.0, False)
+    assert c.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert c.scaling_for("x.q_proj") == 2.0
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("r", 0), ("r", 2.5), ("r", True), ("lora_alpha", 0), ("lora_alpha", float("nan")),
+        ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("target_modules", []), ("target_modules", "(["),
+        ("target_modules", [""]), ("init_lora_weights", "pissa"), ("bias", "all"),
+        ("layers_to_transform", [-1]), ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"q_proj": -1}),
+        ("use_rslora", "yes"),
+    ],
+)
+def test_invalid_field_raises_value_error_naming_field_and_value(field, value):
+    with pytest.raises(ValueError) as e:
+        LoRAConfig(**{field: value})
+    assert isinstance(e.value, ConfigError)
+    assert field in str(e.value)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    c = LoRAConfig(r=16, lora_alpha=8, use_rslora=True)
+    assert c.scaling_for("q_proj") == 8 / 4
+
+
+def test_rank_and_alpha_patterns_match_the_end_of_module_names_like_peft():
+    c = LoRAConfig(r=8, rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 4}, alpha_pattern={"v_proj": 3})
+    assert c.rank_for("model.layers.0.self_attn.q_proj") == 2
+    assert c.rank_for("model.layers.0.self_attn.xq_proj") == 8  # not a name-segment match
+    assert c.rank_for("model.layers.1.self_attn.v_proj") == 4
+    assert c.rank_for("model.layers.0.self_attn.v_proj") == 8
+    assert c.alpha_for("model.layers.0.self_attn.v_proj") == 3
+    assert c.scaling_for("model.layers.1.self_attn.v_proj") == 3 / 4
+
+
+def test_dict_round_trip_and_peft_type():
+    c = LoRAConfig(r=4, lora_alpha=8, target_modules=".*q_proj", layers_to_transform=[0], rank_pattern={"q": 2})
+    d = c.to_dict()
+    assert d["peft_type"] == "LORA" and d["use_dora"] is False
+    assert LoRAConfig.from_dict(d) == c
+
+
+def test_peft_config_round_trip():
+    peft = pytest.importorskip("peft")
+    ours = LoRAConfig(r=4, lora_alpha=32, lora_dropout=0.1, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    fields = set(peft.LoraConfig.__dataclass_fields__)
+    theirs = peft.LoraConfig(**{k: v for k, v in ours.to_dict().items() if k in fields and k != "peft_type"})
+    assert (theirs.r, theirs.lora_alpha, theirs.lora_dropout, theirs.use_rslora) == (4, 32, 0.1, True)
+    assert set(theirs.target_modules) == {"q_proj", "v_proj"}
+    back = LoRAConfig.from_dict(theirs.to_dict())
+    assert (back.r, back.lora_alpha, back.use_rslora, set(back.target_modules)) == (4, 32.0, True, {"q_proj", "v_proj"})
+
+
+def test_unknown_peft_keys_only_accepted_at_neutral_value():
+    d = LoRAConfig().to_dict()
+    assert LoRAConfig.from_dict({**d, "use_dora": False, "lora_bias": False, "megatron_config": None}).r == 8
+    with pytest.raises(ConfigError, match="use_dora"):
+        LoRAConfig.from_dict({**d, "use_dora": True})
+    with pytest.raises(ConfigError, match="loftq_config"):
+        LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}})
+    with pytest.raises(ConfigError, match="no_such_key"):
+        LoRAConfig.from_dict({**d, "no_such_key": 1})
+    with pytest.raises(ConfigError, match="IA3"):
+        LoRAConfig.from_dict({**d, "peft_type": "IA3"})

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+import lorakit
+from lorakit import AdapterExistsError, LoRAConfig, LoRALayer, TargetModuleError, inject, trainable_parameters
+from conftest import tiny_llama, tiny_mlp
+
+
+def _wrapped(model):
+    return sorted(name for name, _ in lorakit.lora_layers(model))
+
+
+def _expected_trainable(model, names, r):
+    """Sum of r * (in + out) over the adapted layers, from the base shapes."""
+    return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules() if n in names)
+
+
+def test_default_targets_attention_and_exact_counts(llama):
+    total_before = sum(p.numel() for p in llama.parameters())
+    expected = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    want = _expected_trainable(llama, expected, 8)
+    assert inject(llama, LoRAConfig()) is llama
+    assert _wrapped(llama) == sorted(expected)
+    trainable, total = trainable_parameters(llama)
+    # q,o: 32->32; k,v: 32->16 (2 kv heads of 8) => 8*(64+64+48+48) per layer, 2 layers
+    assert trainable == want == 2 * 8 * (64 + 64 + 48 + 48)
+    assert total == total_before + trainable
+    assert all("lora_" in n for n, p in llama.named_parameters() if p.requires_grad)
+
+
+def test_inject_freezes_everything_it_did_not_create():
+    model = tiny_mlp()
+    inject(model, LoRAConfig(r=2, target_modules=["0"]))
+    assert trainable_parameters(model)[0] == 2 * (6 + 10)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+
+
+def test_entries_match_full_names_or_dotted_suffixes(llama):
+    inject(llama, LoRAConfig(target_modules=["model.layers.0.self_attn.q_proj", "mlp.down_proj"]))
+    assert _wrapped(llama) == [
+        "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    ]
+
+
+def test_regex_is_a_full_match(llama):
+    inject(llama, LoRAConfig(target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj"))
+    assert _wrapped(llama) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    with pytest.raises(TargetModuleError):
+        inject(tiny_llama(), LoRAConfig(target_modules="q_proj"))  # full match: no module is named just q_proj
+
+
+def test_all_linear_skips_the_output_head(llama):
+    inject(llama, LoRAConfig(target_modules="all-linear"))
+    assert len(_wrapped(llama)) == 14 and "lm_head" not in _wrapped(llama)
+
+
+def test_layers_to_transform_and_patterns(llama):
+    cfg = LoRAConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+        rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 12},
+    )
+    inject(llama, cfg)
+    assert _wrapped(llama) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    q, v = llama.model.layers[1].self_attn.q_proj, llama.model.layers[1].self_attn.v_proj
+    assert (q.r["default"], q.scaling["default"]) == (4, 3.0)
+    assert (v.r["default"], v.scaling["default"]) == (2, 8.0)
+    assert trainable_parameters(llama)[0] == 4 * (32 + 32) + 2 * (32 + 16)
+
+
+def test_unmatched_entry_is_an_error_listing_linear_names(llama):
+    before = _wrapped(llama)
+    with pytest.raises(TargetModuleError, match="'qkv'.*available Linear modules include: .*q_proj") as e:
+        inject(llama, LoRAConfig(target_modules=["q_proj", "qkv"]))
+    assert isinstance(e.value, ValueError)
+    assert _wrapped(llama) == before and all(p.requires_grad for p in llama.parameters())
+
+
+def test_unsupported_module_type_is_named(llama):
+    with pytest.raises(TargetModuleError, match="model.layers.0.input_layernorm.*LlamaRMSNorm"):
+        inject(llama, LoRAConfig(target_modules=["input_layernorm"]))
+    with pytest.raises(TargetModuleError, match="model.layers.0.mlp.*LlamaMLP"):
+        inject(llama, LoRAConfig(target_modules=["mlp"]))
+
+
+def test_injecting_twice_under_one_name_is_an_error(llama, ids):
+    inject(llama, LoRAConfig(init_lora_weights=False))
+    out = llama(ids).logits
+    with pytest.raises(AdapterExistsError, match="default"):
+        inject(llama, LoRAConfig(init_lora_weights=False))
+    torch.testing.assert_close(llama(ids).logits, out, rtol=0, atol=0)
+
+
+def test_matching_never_reaches_lora_submodules(llama):
+    inject(llama, LoRAConfig(target_modules=r".*q_proj.*"))
+    inject(llama, LoRAConfig(target_modules=r".*q_proj.*"), adapter_name="second")
+    layers = dict(lorakit.lora_layers(llama))
+    assert sorted(layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert all(isinstance(m.base_layer, torch.nn.Linear) and not isinstance(m.base_layer, LoRALayer) for m in layers.values())
+    assert all(m.adapter_names == ["default", "second"] for m in layers.values())

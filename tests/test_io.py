@@ -1,0 +1,151 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import AdapterLoadError, LoRAConfig, TargetModuleError, inject, load_adapter, save_adapter
+from conftest import tiny_llama
+
+CFG = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = inject(tiny_llama(), CFG)
+    save_adapter(model, tmp_path / "ad")
+    return model, tmp_path / "ad"
+
+
+def _snapshot(model):
+    return (
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def _assert_unchanged(model, snap):
+    modules, state, grads = _snapshot(model)
+    assert modules == snap[0]
+    assert list(state) == list(snap[1]) and all(torch.equal(state[k], snap[1][k]) for k in state)
+    assert grads == snap[2]
+
+
+def test_files_use_peft_names_and_only_adapter_weights(saved):
+    model, path = saved
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert len(tensors) == 2 * 3 * 2
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    torch.testing.assert_close(a, model.model.layers[0].self_attn.q_proj.lora_A["default"].weight, rtol=0, atol=0)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
+
+
+def test_round_trip_reproduces_outputs(saved, ids):
+    model, path = saved
+    fresh = load_adapter(tiny_llama(), path)
+    assert lorakit.list_adapters(fresh) == ["default"]
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_peft_loads_lorakit_adapter(saved, ids):
+    peft = pytest.importorskip("peft")
+    model, path = saved
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
+    torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lorakit_loads_peft_adapter(tmp_path, ids):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["k_proj", "up_proj"], init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _rewrite(path, fn):
+    f = path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    fn(tensors)
+    save_file(tensors, f)
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: _rewrite(p, lambda t: t.pop(KEY)), "lacks key .*layers.0.self_attn.q_proj.lora_A"),
+        (lambda p: _rewrite(p, lambda t: t.update({"base_model.model.foo.lora_A.weight": torch.zeros(1)})), "foo.lora_A"),
+        (lambda p: _rewrite(p, lambda t: t.update({KEY: torch.zeros(3, 32)})), r"q_proj.lora_A.*\[3, 32\].*\[4, 32\]"),
+        (lambda p: _rewrite(p, lambda t: t[KEY].__setitem__((0, 0), float("nan"))), "q_proj.lora_A.*NaN"),
+        (lambda p: _rewrite(p, lambda t: t[KEY].__setitem__((0, 0), float("inf"))), "q_proj.lora_A.*Inf"),
+        (lambda p: _rewrite(p, lambda t: t.update({KEY: torch.zeros(4, 32, dtype=torch.int32)})), "q_proj.lora_A.*dtype"),
+        (lambda p: (p / "adapter_model.safetensors").write_bytes((p / "adapter_model.safetensors").read_bytes()[:500]), "truncated or corrupt"),
+        (lambda p: (p / "adapter_model.safetensors").write_bytes(b"\x00" * 64), "truncated or corrupt"),
+        (lambda p: (p / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+        (lambda p: (p / "adapter_config.json").write_text('{"r": 0}'), "r must be"),
+        (lambda p: (p / "adapter_config.json").unlink(), "adapter_config.json.*missing"),
+        (lambda p: (p / "adapter_model.safetensors").rename(p / "adapter_model.bin"), "pickle"),
+    ],
+)
+def test_bad_files_raise_naming_the_problem_and_leave_model_unchanged(saved, damage, message):
+    _, path = saved
+    damage(path)
+    for target in (tiny_llama(), inject(tiny_llama(), LoRAConfig(target_modules=["o_proj"]), adapter_name="other")):
+        snap = _snapshot(target)
+        with pytest.raises(AdapterLoadError, match=message):
+            load_adapter(target, path)
+        _assert_unchanged(target, snap)
+
+
+def test_missing_folder_and_wrong_architecture(saved):
+    _, path = saved
+    with pytest.raises(AdapterLoadError, match="does not exist"):
+        load_adapter(tiny_llama(), path / "nope")
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    snap = _snapshot(other)
+    with pytest.raises(TargetModuleError, match="q_proj"):
+        load_adapter(other, path)
+    _assert_unchanged(other, snap)
+
+
+def test_shape_mismatch_against_an_existing_adapter(saved):
+    _, path = saved
+    model = inject(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    snap = _snapshot(model)
+    with pytest.raises(AdapterLoadError, match=r"\[4, 32\].*\[2, 32\]"):
+        load_adapter(model, path)
+    _assert_unchanged(model, snap)
+
+
+def test_reload_into_existing_adapter_replaces_weights(saved, ids):
+    model, path = saved
+    other = inject(tiny_llama(), CFG)
+    load_adapter(other, path)
+    torch.testing.assert_close(other(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    model, path = saved
+    before = (path / "adapter_model.safetensors").read_bytes()
+
+    def boom(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorakit.io.save_file", boom)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.add_(1)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoRALinear
+from lorakit.layers import adapter_key
+
+
+def _layer(in_f=5, out_f=3, r=2, alpha=3.0, rslora=False, init=False, bias=True, dropout=0.0):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=bias))
+    layer.add_adapter("default", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=init)
+    layer.active_adapters = ["default"]
+    return layer
+
+
+def _reference(layer, x, s):
+    """h = W x + b + s B A x in float64 (Hu et al. 2021, eq. 3)."""
+    W = layer.base_layer.weight.double()
+    b = layer.base_layer.bias.double()
+    A, B = (t.double() for t in layer.lora_weights("default"))
+    x = x.double()
+    return x @ W.T + b + s * (x @ A.T @ B.T)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_equals_float64_hand_computation(rslora):
+    layer = _layer(r=4, alpha=3.0, rslora=rslora)
+    s = 3.0 / math.sqrt(4) if rslora else 3.0 / 4
+    assert layer.scaling["default"] == s
+    x = torch.randn(2, 3, 6, 5)  # any leading shape
+    out = layer(x)
+    assert out.shape == (2, 3, 6, 3)
+    torch.testing.assert_close(out.double(), _reference(layer, x, s), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_B_gives_base_output_bit_for_bit():
+    layer = _layer(init=True)
+    x = torch.randn(4, 5)
+    assert torch.equal(layer(x), layer.base_layer(x))
+    a, b = layer.lora_weights("default")
+    assert torch.count_nonzero(b) == 0 and torch.count_nonzero(a) > 0
+    assert a.abs().max() <= 1 / math.sqrt(5)  # kaiming_uniform(a=sqrt 5) bound = 1/sqrt(fan_in)
+
+
+def test_gaussian_init_has_std_one_over_r():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(4000, 3))
+    layer.add_adapter("g", r=4, lora_alpha=8, init_lora_weights="gaussian")
+    a, b = layer.lora_weights("g")
+    assert abs(a.std().item() - 0.25) < 0.01 and torch.count_nonzero(b) == 0
+
+
+def test_dropout_active_only_in_training():
+    layer = _layer(dropout=0.5)
+    x = torch.randn(64, 5)
+    layer.eval()
+    torch.testing.assert_close(layer(x).double(), _reference(layer, x, 1.5), rtol=1e-6, atol=1e-6)
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+
+
+def test_delta_weight_and_merge_match_forward():
+    layer = _layer()
+    x = torch.randn(3, 5)
+    before = layer(x)
+    A, B = layer.lora_weights("default")
+    torch.testing.assert_close(layer.delta_weight("default"), 1.5 * B @ A)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+    assert layer.merged_adapters == ["default"]
+
+
+def test_bf16_base_gets_float32_adapter_and_bf16_output():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 4).to(torch.bfloat16))
+    layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
+    layer.active_adapters = ["a"]
+    assert layer.lora_weights("a")[0].dtype == torch.float32
+    assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_adapter_keys_escape_names_moduledict_cannot_hold():
+    assert adapter_key("default") == "default"
+    names = ["a.b", "keys", "", "_x61", "a/b", "update"]
+    keys = [adapter_key(n) for n in names]
+    assert len(set(keys)) == len(names) and all("." not in k and k for k in keys)
+    layer = LoRALinear(nn.Linear(3, 3))
+    for n in names:
+        layer.add_adapter(n, r=1, lora_alpha=1)
+    assert layer.adapter_names == names

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoRAConfig, LoRALayer, inject, merge, unload, unmerge
+from conftest import tiny_llama
+
+ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _adapted(dtype=torch.float32, rslora=False):
+    model = tiny_llama(dtype=dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=ALL7, init_lora_weights=False, use_rslora=rslora))
+    return model, original
+
+
+def _base_weights(model):
+    return {n: layer.base_layer.weight for n, layer in lorakit.lora_layers(model)}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_output_equals_unmerged(ids, rslora):
+    model, _ = _adapted(rslora=rslora)
+    out = model(ids).logits
+    merge(model)
+    torch.testing.assert_close(model(ids).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_second_merge_adds_nothing_and_unmerge_on_unmerged_changes_nothing(ids):
+    model, original = _adapted()
+    unmerge(model)
+    assert all(torch.equal(w, original[f"{n}.weight"]) for n, w in _base_weights(model).items())
+    merge(model)
+    once = {n: w.clone() for n, w in _base_weights(model).items()}
+    merge(model)
+    assert all(torch.equal(w, once[n]) for n, w in _base_weights(model).items())
+    unmerge(model)
+    assert all(torch.equal(w, original[f"{n}.weight"]) for n, w in _base_weights(model).items())
+
+
+def test_100_bf16_merge_unmerge_cycles_are_bitwise_exact(ids):
+    model, original = _adapted(dtype=torch.bfloat16)
+    for _ in range(100):
+        merge(model)
+        unmerge(model)
+    for n, w in _base_weights(model).items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, original[f"{n}.weight"]), n
+
+
+def test_unload_merge_gives_plain_modules_with_merged_weights(ids):
+    model, original = _adapted()
+    out = model(ids).logits
+    deltas = {
+        n: layer.scaling["default"] * (layer.lora_weights("default")[1].double() @ layer.lora_weights("default")[0].double())
+        for n, layer in lorakit.lora_layers(model)
+    }
+    plain = unload(model, merge=True)
+    assert plain is model
+    assert not any(isinstance(m, LoRALayer) for m in plain.modules())
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    state = plain.state_dict()
+    assert list(state) == list(original)
+    for n, d in deltas.items():
+        torch.testing.assert_close(state[f"{n}.weight"].double(), original[f"{n}.weight"].double() + d, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain(ids).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_without_merge_restores_the_original_bitwise():
+    model, original = _adapted()
+    merge(model)
+    state = unload(model, merge=False).state_dict()
+    assert list(state) == list(original)
+    assert all(torch.equal(state[k], original[k]) for k in original)
