@@ -15,6 +15,7 @@ from .adapters import (
     unload,
     unmerge,
 )
+from .combine import add_weighted_adapter
 from .config import LoRAConfig
 from .errors import (
     AdapterExistsError,
@@ -23,11 +24,13 @@ from .errors import (
     ConfigError,
     LoRAError,
     MergeStateError,
+    MixedBatchError,
     TargetModuleError,
 )
 from .inject import find_targets, inject, lora_layers
 from .io import load_adapter, read_adapter, save_adapter
 from .layers import LoRALayer, LoRALinear
+from .mixed import mixed_batch
 
 __version__ = "0.1.0"
 
@@ -57,4 +60,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterLoadError",
     "MergeStateError",
+    "MixedBatchError",
+    "add_weighted_adapter",
+    "mixed_batch",
 ]

@@ -37,3 +37,7 @@ class AdapterLoadError(LoRAError, ValueError):
 
 class MergeStateError(LoRAError, RuntimeError):
     """The operation is not allowed while adapters are merged into the base weights."""
+
+
+class MixedBatchError(LoRAError, ValueError):
+    """``mixed_batch`` got adapter names that do not fit the batch or the model's state."""

@@ -2,24 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import AdapterExistsError, MergeStateError, TargetModuleError
 from .layers import LoRALayer, LoRALinear
+from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear, adapter_shapes, base_features, conv1d_type
+from . import modules_to_save as mts
 
-# Layer types lorakit can wrap, and the LoRA class wrapping each.
-LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear}
+# Layer types lorakit can wrap, and the LoRA class wrapping each. transformers'
+# Conv1D is added on first use (``_lora_classes``) so lorakit does not import transformers.
+LORA_CLASSES: dict[type, type] = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+
+
+def _lora_classes() -> dict[type, type]:
+    conv1d = conv1d_type()
+    if conv1d is not None and conv1d not in LORA_CLASSES:
+        LORA_CLASSES[conv1d] = LoRAConv1D
+    return LORA_CLASSES
 
 
 def lora_layers(model: nn.Module):
-    """Yield ``(qualified_name, layer)`` for every LoRA layer in ``model``."""
-    for name, module in model.named_modules():
+    """Yield ``(qualified_name, layer)`` for every LoRA layer in ``model``.
+
+    Does not descend into LoRA layers, so the walk costs the base model's module
+    count however many adapters are resident.
+    """
+    stack, seen = [("", model)], set()
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:  # a module shared at two places counts once, as in named_modules
+            continue
+        seen.add(id(module))
         if isinstance(module, LoRALayer):
-            yield name, module
+            yield prefix, module
+            continue
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
 
 
 @dataclass(frozen=True)
@@ -31,6 +54,7 @@ class Target:
     lora_alpha: float
     in_features: int
     out_features: int
+    shapes: dict = field(default_factory=dict, compare=False)  # PEFT key suffix -> adapter tensor shape
 
 
 def _layer_index(name: str, layers_pattern) -> int | None:
@@ -59,15 +83,22 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[Target]:
     """The modules ``config`` targets in ``model``, without changing anything.
 
+    ``"all-linear"`` covers ``nn.Linear`` and transformers' ``Conv1D`` (as in PEFT),
+    except the output head and modules inside ``modules_to_save`` modules.
+
     Raises:
         TargetModuleError: a ``target_modules`` list entry matches no module (the
             message lists available Linear names), a regex or ``layers_to_transform``
-            leaves nothing to adapt, or a matched module has an unsupported type.
+            leaves nothing to adapt, a matched module has an unsupported type (or is
+            an ``nn.Conv2d`` with groups > 1), or lies in a ``modules_to_save`` module.
         AdapterExistsError: a matched module already has an adapter ``adapter_name``.
     """
+    classes = _lora_classes()
+    linear_types = tuple(t for t in classes if classes[t] in (LoRALinear, LoRAConv1D))
     tm = config.target_modules
     head = _output_head(model) if tm == ALL_LINEAR else None
-    inside_lora: list[str] = []  # prefixes of LoRA layers: their children are ours, never targets
+    saved = [n + "." for n in mts.find_modules_to_save(model, config, adapter_name)] if config.modules_to_save else []
+    inside_lora: list[str] = []  # prefixes of LoRA layers and wrappers: their children are ours, never targets
     used_entries: set[str] = set()
     targets: list[Target] = []
     linear_names: list[str] = []
@@ -75,13 +106,13 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
         if not name or any(name.startswith(p) for p in inside_lora):
             continue
         is_lora = isinstance(module, LoRALayer)
-        if is_lora:
+        if is_lora or isinstance(module, mts.ModulesToSaveWrapper):
             inside_lora.append(name + ".")
         base = module.base_layer if is_lora else module
-        if isinstance(base, nn.Linear):
+        if type(base) in classes:
             linear_names.append(name)
         if tm == ALL_LINEAR:
-            hit = isinstance(base, nn.Linear) and base is not head
+            hit = isinstance(base, linear_types) and base is not head and not any((name + ".").startswith(p) for p in saved)
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
         else:
@@ -95,16 +126,27 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
                 continue
         if isinstance(tm, list):
             used_entries.update(entries)
-        if type(base) not in LORA_CLASSES:
+        if any((name + ".").startswith(p) for p in saved):
+            raise TargetModuleError(
+                f"target module {name!r} lies in modules_to_save module {saved[0][:-1]!r}: a module is either "
+                "adapted with LoRA or saved in full, not both"
+            )
+        if isinstance(module, mts.ModulesToSaveWrapper):
+            raise TargetModuleError(f"target module {name!r} is a modules_to_save module of another adapter")
+        if type(base) not in classes:
             raise TargetModuleError(
                 f"target module {name!r} is a {type(module).__name__}, which lorakit cannot adapt "
-                f"(supported: {', '.join(t.__name__ for t in LORA_CLASSES)})"
+                f"(supported: {', '.join(t.__name__ for t in classes)})"
             )
+        cls = type(module) if is_lora else classes[type(base)]
+        check = getattr(cls, "check_base", None)
+        if check is not None:
+            check(base, name)
         if is_lora and adapter_name in module.r:
             raise AdapterExistsError(f"adapter {adapter_name!r} is already injected into {name!r}")
-        targets.append(
-            Target(name, config.rank_for(name), config.alpha_for(name), base.in_features, base.out_features)
-        )
+        r = config.rank_for(name)
+        n_in, n_out = base_features(base)
+        targets.append(Target(name, r, config.alpha_for(name), n_in, n_out, adapter_shapes(cls, base, r)))
     if isinstance(tm, list):
         missing = [e for e in tm if e not in used_entries]
         if missing:
@@ -129,10 +171,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
     """Freeze ``model`` and attach a LoRA adapter to every module ``config`` targets.
 
-    Each matched ``nn.Linear`` is replaced in place by a ``LoRALinear`` wrapping it
-    (a module already wrapped gets a further adapter). Every parameter that existed
-    before is frozen, the new adapter is the active one and its A and B are the
-    only trainable parameters. Nothing changes if an error is raised.
+    Each matched module is replaced in place by the LoRA class ``LORA_CLASSES``
+    maps its type to (``nn.Linear`` -> ``LoRALinear``, transformers ``Conv1D`` ->
+    ``LoRAConv1D``, ``nn.Embedding`` -> ``LoRAEmbedding``, ``nn.Conv2d`` ->
+    ``LoRAConv2d``); a module already wrapped gets a further adapter. Modules in
+    ``config.modules_to_save`` get a full trainable copy for this adapter
+    (``lorakit.modules_to_save``). A module whose weight is tied to another
+    module's (GPT-2's ``lm_head`` and ``transformer.wte``) is untied while merged,
+    never written through (``layer_types.UntieOnMerge``). Every parameter that
+    existed before is frozen, the new adapter is the active one and its A and B
+    (and its modules_to_save copies) are the only trainable parameters. Nothing
+    changes if an error is raised.
 
     Returns:
         the same ``model`` object.
@@ -143,12 +192,25 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     targets = find_targets(model, config, adapter_name)
+    saved = mts.find_modules_to_save(model, config, adapter_name)
+    conv1d = conv1d_type()
+    if conv1d is not None and not config.fan_in_fan_out:
+        if any(isinstance(_base(model.get_submodule(t.name)), conv1d) for t in targets):
+            config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
+    shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for t in targets:
         module = model.get_submodule(t.name)
         if not isinstance(module, LoRALayer):
-            module = LORA_CLASSES[type(module)].from_base(module)
+            owners = shared.get(id(getattr(module, "weight", None)), ())
+            tied = tuple(n for n in owners if model.get_submodule(n) is not module)
+            cls = LORA_CLASSES[type(module)]
+            if tied and cls is LoRALinear:
+                cls = TiedLoRALinear
+            module = cls.from_base(module)
+            if tied:
+                module.tied_with = tied  # merge unties (layer_types.UntieOnMerge)
             set_submodule(model, t.name, module)
         module.add_adapter(
             adapter_name,
@@ -161,7 +223,21 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}  # a plain dict attribute: state_dict stays unchanged
     model.lora_configs[adapter_name] = config
-    from .adapters import set_adapter  # adapters.py builds on this module
+    mts.add_copies(model, saved, adapter_name)
+    from .adapters import active_adapters, set_adapter  # adapters.py builds on this module
 
     set_adapter(model, adapter_name)
+    mts.apply_active(model, active_adapters(model))  # until adapters._apply_active calls it itself
     return model
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoRALayer) else module
+
+
+def _shared_weights(model: nn.Module) -> dict[int, tuple[str, ...]]:
+    """id(parameter) -> the qualified names of every module owning it, for parameters owned twice or more (tied)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    return {k: tuple(v) for k, v in owners.items() if len(v) > 1}

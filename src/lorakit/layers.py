@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 
@@ -58,6 +59,7 @@ class LoRALayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self._original_weight: torch.Tensor | None = None
+        self._row_plan = None  # set by lorakit.mixed.mixed_batch: a holder whose .plan is set per forward
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
@@ -180,10 +182,35 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        plan = self._row_plan.plan if self._row_plan is not None else None
+        if plan is not None:
+            return self._mixed_forward(x, out, plan)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 out = out + self.lora_output(name, x).to(out.dtype)
         return out
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan) -> torch.Tensor:
+        """Per-row adapters (see ``lorakit.mixed``): rows sorted by adapter once per
+        forward; here one gather, one matmul pair per adapter segment, one scatter-add."""
+        if x.shape[0] != plan.rows:
+            raise ValueError(f"mixed batch has {plan.rows} rows but this layer got input of shape {list(x.shape)}")
+        segments = [seg for seg in plan.segments if seg[0] in self.r]
+        if not segments:
+            return out
+        if len(segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
+            return out + self.lora_output(segments[0][0], x).to(out.dtype)
+        if len(segments) == len(plan.segments):
+            idx = plan.perm
+        else:  # this layer lacks some adapters of the batch: their rows get no delta here
+            idx = torch.cat([plan.perm[s:e] for _, s, e in segments])
+        xs = x.index_select(0, idx)  # (M, ..., in): activations gathered once, never weights
+        parts, start = [], 0
+        for name, s, e in segments:
+            parts.append(self.lora_output(name, xs[start : start + e - s]))
+            start += e - s
+        delta = torch.cat(parts).to(out.dtype)
+        return out.index_add(0, idx, delta)
 
 
 class LoRALinear(LoRALayer):
@@ -208,9 +235,9 @@ class LoRALinear(LoRALayer):
         self.out_features = base_layer.out_features
 
     def _make_adapter(self, key: str, r: int, init_lora_weights: bool | str) -> None:
-        w = self.base_layer.weight
-        a = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=self.adapter_dtype)
-        b = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=self.adapter_dtype)
+        kw = dict(bias=False, device=self.base_layer.weight.device, dtype=self.adapter_dtype)
+        a = skip_init(nn.Linear, self.in_features, r, **kw)
+        b = skip_init(nn.Linear, r, self.out_features, **kw)
         with torch.no_grad():
             if init_lora_weights is True:
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # as nn.Linear initialises its weight
@@ -218,7 +245,10 @@ class LoRALinear(LoRALayer):
             elif init_lora_weights == "gaussian":
                 nn.init.normal_(a.weight, std=1.0 / r)
                 nn.init.zeros_(b.weight)
-            # False: keep nn.Linear's random init for both (output differs from base)
+            elif init_lora_weights is False:  # both random, as nn.Linear (output differs from base)
+                a.reset_parameters()
+                b.reset_parameters()
+            # None (internal, load_adapter): left uninitialised, the caller copies weights in
         self.lora_A[key] = a
         self.lora_B[key] = b
 

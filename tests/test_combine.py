@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+import lorakit
+from lorakit import ConfigError, LoRAConfig, add_weighted_adapter, inject, load_adapter, save_adapter, set_adapter
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def model():
+    m = tiny_llama()
+    inject(m, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    inject(m, LoRAConfig(r=2, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "o_proj"], init_lora_weights=False), "b")
+    return m
+
+
+def _exact(model, weights):
+    """Per layer: sum_i w_i s_i B_i A_i in float64."""
+    out = {}
+    for name, layer in lorakit.lora_layers(model):
+        terms = [
+            w * layer.scaling[a] * (layer.lora_weights(a)[1].detach().double() @ layer.lora_weights(a)[0].detach().double())
+            for a, w in weights.items() if a in layer.r
+        ]
+        if terms:
+            out[name] = sum(terms)
+    return out
+
+
+def _delta(model, name):
+    return {n: l.delta_weight(name).double() for n, l in lorakit.lora_layers(model) if name in l.r}
+
+
+def test_cat_is_exact_with_rslora_and_mixed_alphas(model, tmp_path):
+    want = _exact(model, {"a": 0.7, "b": -1.3})
+    errors = add_weighted_adapter(model, ["a", "b"], [0.7, -1.3], "ab", "cat")
+    got = _delta(model, "ab")
+    assert sorted(got) == sorted(want) and set(errors.values()) == {0.0}
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
+    v = model.model.layers[0].self_attn.v_proj
+    assert v.r["ab"] == 6 and model.model.layers[0].self_attn.q_proj.r["ab"] == 4
+    assert lorakit.active_adapters(model) == ["ab"]
+    # per-layer ranks survive a save/load round trip, in lorakit and in PEFT
+    save_adapter(model, tmp_path, adapter_name="ab")
+    ids = torch.randint(0, 64, (2, 5))
+    out = model(ids).logits
+    torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path)(ids).logits, out, rtol=1e-6, atol=1e-6)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(ids).logits, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_svd_is_the_best_rank_k_approximation(model, k):
+    want = _exact(model, {"a": 1.0, "b": 0.5})
+    errors = add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "s", "svd", svd_rank=k)
+    got = _delta(model, "s")
+    for n, d in want.items():
+        s = torch.linalg.svdvals(d)
+        discarded = s[k:].square().sum().sqrt()
+        assert errors[n] == pytest.approx((discarded / s.square().sum().sqrt()).item(), rel=1e-6, abs=1e-9)
+        assert torch.linalg.norm(got[n] - d) == pytest.approx(discarded.item(), rel=1e-4, abs=1e-6)
+    assert all(l.r["s"] == k for _, l in lorakit.lora_layers(model) if "s" in l.r)
+
+
+def test_linear_only_where_exact(model):
+    with pytest.raises(ConfigError, match="same A"):
+        add_weighted_adapter(model, ["a", "b"], [1, 1], "lin", "linear")
+    assert "lin" not in lorakit.list_adapters(model)
+    inject(model, LoRAConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a2")
+    with torch.no_grad():
+        for _, l in lorakit.lora_layers(model):
+            if "a2" in l.r:
+                l.lora_weights("a2")[0].copy_(l.lora_weights("a")[0])
+    want = _exact(model, {"a": 2.0, "a2": 3.0})
+    add_weighted_adapter(model, ["a", "a2"], [2.0, 3.0], "lin", "linear")
+    for n, d in _delta(model, "lin").items():
+        torch.testing.assert_close(d, want[n], rtol=1e-6, atol=1e-7)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(lorakit.AdapterNotFoundError):
+        add_weighted_adapter(model, ["a", "zz"], [1, 1], "n")
+    with pytest.raises(ConfigError, match="2 adapters"):
+        add_weighted_adapter(model, ["a", "b"], [1], "n")
+    with pytest.raises(ConfigError, match="combination_type"):
+        add_weighted_adapter(model, ["a"], [1], "n", "ties")
+    with pytest.raises(lorakit.AdapterExistsError):
+        add_weighted_adapter(model, ["a"], [1], "b")
+    assert lorakit.list_adapters(model) == ["a", "b"]

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from lorakit import (
+    AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
+    merge, mixed_batch, set_adapter,
+)
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def model():
+    m = tiny_llama()
+    inject(m, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a")
+    inject(m, LoRAConfig(r=2, lora_alpha=4, use_rslora=True, target_modules="all-linear", init_lora_weights=False), "b")
+    inject(m, LoRAConfig(r=3, lora_alpha=6, target_modules=["o_proj"], init_lora_weights=False), "c.d")
+    return m
+
+
+def _single(model, name, ids):
+    if name is None:
+        with disable_adapters(model):
+            return model(ids).logits
+    set_adapter(model, name)
+    return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None]],
+)
+def test_each_row_equals_its_adapter_alone(model, names):
+    torch.manual_seed(3)
+    ids = torch.randint(0, 64, (len(names), 6))
+    refs = {n: _single(model, n, ids) for n in set(names)}
+    set_adapter(model, "a")
+    with mixed_batch(model, names):
+        out = model(ids).logits
+    for i, n in enumerate(names):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+    assert active_adapters(model) == ["a"]
+    torch.testing.assert_close(model(ids).logits, refs["a"] if "a" in refs else _single(model, "a", ids))
+
+
+def _generate(model, ids, **kw):
+    return model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generate_with_per_row_adapters(model, beams):
+    torch.manual_seed(4)
+    ids = torch.randint(1, 64, (3, 4))
+    names = ["b", None, "a"]
+    with mixed_batch(model, names):
+        got = _generate(model, ids, num_beams=beams)
+    for i, n in enumerate(names):
+        if n is None:
+            with disable_adapters(model):
+                want = _generate(model, ids[i : i + 1], num_beams=beams)
+        else:
+            set_adapter(model, n)
+            want = _generate(model, ids[i : i + 1], num_beams=beams)
+        assert torch.equal(got[i], want[0]), (i, n)
+
+
+def test_errors_come_before_any_compute(model):
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(0, 64, (3, 5))
+    with pytest.raises(AdapterNotFoundError, match="zz"):
+        with mixed_batch(model, ["a", "zz", None]):
+            model(ids)
+    with pytest.raises(MixedBatchError, match="2 adapter names.*batch size 3"):
+        with mixed_batch(model, ["a", "b"]):
+            model(ids)
+    with pytest.raises(MixedBatchError):
+        with mixed_batch(model, []):
+            pass
+    assert calls == []
+    model.train()
+    with pytest.raises(MixedBatchError, match="eval"):
+        with mixed_batch(model, ["a", "b", None]):
+            pass
+    model.eval()
+    merge(model)
+    with pytest.raises(MergeStateError):
+        with mixed_batch(model, ["a", "b", None]):
+            pass
+
+
+def test_context_is_removed_after_exit(model):
+    ids = torch.randint(0, 64, (2, 5))
+    set_adapter(model, "b")
+    before = model(ids).logits
+    with mixed_batch(model, ["a", None]):
+        model(ids)
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
