@@ -64,3 +64,9 @@ __all__ = [
     "add_weighted_adapter",
     "mixed_batch",
 ]
+
+# --- layer types, modules_to_save (issue 5) ---
+from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear  # noqa: E402
+from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
+
+__all__ += ["LoRAConv1D", "LoRAConv2d", "LoRAEmbedding", "TiedLoRALinear", "ModulesToSaveWrapper"]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .errors import AdapterNotFoundError, MergeStateError
+from . import modules_to_save
 from .inject import lora_layers, set_submodule
 
 
@@ -69,6 +70,7 @@ def _apply_active(model: nn.Module, names: list[str]) -> None:
             if n in layer.r:
                 for p in layer.adapter_parameters(n):
                     p.requires_grad_(n in names)
+    modules_to_save.apply_active(model, names)  # full copies (e.g. a classifier head) follow the active set
 
 
 @contextlib.contextmanager
@@ -85,6 +87,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         unmerge(model)
     for _, layer in lora_layers(model):
         layer.active_adapters = []
+    modules_to_save.apply_active(model, [], set_grad=False)  # wrappers use their original module
     model.lora_active = []
     try:
         yield model
@@ -107,6 +110,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for layer in layers:
         layer.delete_adapter(name)
+    modules_to_save.delete_adapter(model, name)  # drops its copies; a wrapper left empty is unwrapped
     del model.lora_configs[name]
     model.lora_active = [n for n in active_adapters(model) if n != name]
 
@@ -144,6 +148,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge()
         layer._original_weight = None  # the merged weight is now the weight
         set_submodule(model, name, layer.base_layer)
+    modules_to_save.unload(model, merge)  # merge=True: the active copy stays; False: the original
     for attr in ("lora_configs", "lora_active"):
         if hasattr(model, attr):
             delattr(model, attr)

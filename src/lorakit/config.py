@@ -27,7 +27,6 @@ _METADATA_KEYS = {
 # "feature off". A loaded config is accepted only if each is at one of these.
 _NEUTRAL = {
     "exclude_modules": (None, [], ""),
-    "fan_in_fan_out": (False,),
     "megatron_config": (None,),
     "megatron_core": ("megatron.core", None),
     "trainable_token_indices": (None,),
@@ -48,7 +47,6 @@ _NEUTRAL = {
     "arrow_config": (None,),
     "kasa_config": (None,),
     "ensure_weight_tying": (False,),
-    "modules_to_save": (None, []),
     "runtime_config": None,  # runtime-only options (e.g. GPU offload), no effect on weights
 }
 
@@ -81,6 +79,15 @@ class LoRAConfig:
             ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or False (both random; for tests).
         bias: only ``"none"``.
         base_model_name_or_path, task_type, revision: metadata PEFT stores.
+        modules_to_save: module names (same matching rule as a ``target_modules``
+            list) that are trained in full: each gets a trainable copy per adapter,
+            saved with the adapter under PEFT's keys (``lorakit.modules_to_save``).
+            None or [] for none.
+        fan_in_fan_out: PEFT's flag for base weights stored (in, out), as in
+            transformers' ``Conv1D`` (GPT-2). lorakit reads the layout from the
+            module type, as PEFT ends up doing (it corrects the flag per layer with a
+            warning); ``inject`` sets it True when a ``Conv1D`` is adapted so the saved
+            config matches PEFT's.
 
     Raises:
         ConfigError (a ValueError): a field has an invalid value; the message
@@ -101,6 +108,8 @@ class LoRAConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     revision: str | None = None
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         self.r = _check_rank("r", self.r)
@@ -144,6 +153,13 @@ class LoRAConfig:
             )
         if self.bias != "none":
             raise ConfigError(f"bias={self.bias!r} is not supported; only bias='none' (base biases stay frozen)")
+        ms = self.modules_to_save
+        if ms is not None:
+            if isinstance(ms, str) or not isinstance(ms, (list, tuple)) or not all(isinstance(m, str) and m for m in ms):
+                raise ConfigError(f"modules_to_save must be a list of module names or None, got {ms!r}")
+            self.modules_to_save = list(dict.fromkeys(ms)) or None  # PEFT writes duplicates; [] means none
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise ConfigError(f"fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
 
     # --- per-module values -------------------------------------------------------
 
@@ -169,7 +185,7 @@ class LoRAConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
         d["lora_alpha"] = float(self.lora_alpha)
-        d.update(peft_type="LORA", fan_in_fan_out=False, use_dora=False, modules_to_save=None, inference_mode=True)
+        d.update(peft_type="LORA", use_dora=False, inference_mode=True)
         return d
 
     @classmethod

@@ -4,6 +4,11 @@ A folder holds ``adapter_config.json`` (``LoRAConfig.to_dict``) and
 ``adapter_model.safetensors`` with keys such as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r x in) and
 ``...lora_B.weight`` (out x r): PEFT's names with the adapter name removed.
+Each layer class names its own parts (``layer_types.peft_tensors``): an
+embedding saves ``<module>.lora_embedding_A`` (r x num_embeddings) and
+``<module>.lora_embedding_B`` (dim x r), without ``.weight``, as PEFT does. A
+``modules_to_save`` copy is saved under the module's own state-dict keys, e.g.
+``base_model.model.classifier.weight``.
 """
 
 from __future__ import annotations
@@ -21,15 +26,30 @@ from torch import nn
 from .adapters import _apply_active, active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError
+from . import modules_to_save as mts
 from .inject import find_targets, inject, lora_layers, set_submodule
+from .layer_types import peft_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def _peft_key(module_name: str, part: str) -> str:
-    return f"{PREFIX}{module_name}.{part}.weight"
+def _peft_key(module_name: str, suffix: str) -> str:
+    """``base_model.model.<module>.<suffix>``; suffix e.g. ``lora_A.weight`` or ``lora_embedding_A``."""
+    return f"{PREFIX}{module_name}.{suffix}"
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT key -> the live tensor (parameter or buffer) of adapter ``adapter_name``."""
+    out = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.r:
+            for suffix, t in peft_tensors(layer, adapter_name).items():
+                out[_peft_key(name, suffix)] = t
+    for key, t in mts.state_for(model, adapter_name).items():
+        out[PREFIX + key] = t
+    return out
 
 
 def write_atomic(path: Path, write) -> None:
@@ -52,13 +72,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's key names (CPU, contiguous copies)."""
     if adapter_name not in list_adapters(model):
         raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list_adapters(model)}")
-    state = {}
-    for name, layer in lora_layers(model):
-        if adapter_name in layer.r:
-            a, b = layer.lora_weights(adapter_name)
-            state[_peft_key(name, "lora_A")] = a.detach().to("cpu", copy=True).contiguous()
-            state[_peft_key(name, "lora_B")] = b.detach().to("cpu", copy=True).contiguous()
-    return state
+    return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in _adapter_tensors(model, adapter_name).items()}
 
 
 def _config_dict(model: nn.Module, adapter_name: str) -> dict:
@@ -69,6 +83,8 @@ def _config_dict(model: nn.Module, adapter_name: str) -> dict:
         d["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
     if d.get("task_type") is None and type(model).__name__.endswith("ForCausalLM"):
         d["task_type"] = "CAUSAL_LM"
+    if d.get("task_type") is None and type(model).__name__.endswith("ForSequenceClassification"):
+        d["task_type"] = "SEQ_CLS"
     return d
 
 
@@ -130,7 +146,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
         raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
     for k, t in tensors.items():
         if not t.is_floating_point():
-            raise AdapterLoadError(f"tensor {k!r} has dtype {t.dtype}; adapter weights must be floating point")
+            # integer buffers (BatchNorm's num_batches_tracked) exist only in modules_to_save copies
+            if not config.modules_to_save or ".lora_" in k:
+                raise AdapterLoadError(f"tensor {k!r} has dtype {t.dtype}; adapter weights must be floating point")
+            continue
         if not torch.isfinite(t).all():
             raise AdapterLoadError(f"tensor {k!r} contains NaN or Inf values")
     return config, tensors
@@ -139,17 +158,14 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
 def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:
     """PEFT key -> shape the model needs for this adapter (existing adapter or a fresh injection)."""
     if adapter_name in list_adapters(model):
-        shapes = {}
-        for name, layer in lora_layers(model):
-            if adapter_name in layer.r:
-                a, b = layer.lora_weights(adapter_name)
-                shapes[_peft_key(name, "lora_A")] = tuple(a.shape)
-                shapes[_peft_key(name, "lora_B")] = tuple(b.shape)
-        return shapes
+        return {k: tuple(t.shape) for k, t in _adapter_tensors(model, adapter_name).items()}
     shapes = {}
     for t in find_targets(model, config, adapter_name):
-        shapes[_peft_key(t.name, "lora_A")] = (t.r, t.in_features)
-        shapes[_peft_key(t.name, "lora_B")] = (t.out_features, t.r)
+        for suffix, shape in t.shapes.items():
+            shapes[_peft_key(t.name, suffix)] = tuple(shape)
+    for name in mts.find_modules_to_save(model, config, adapter_name):
+        for k, v in model.get_submodule(name).state_dict().items():
+            shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
     return shapes
 
 
@@ -171,6 +187,39 @@ def _check_keys(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], pa
             raise AdapterLoadError(f"key {k!r} has shape {list(got)} in the file but the model needs {list(shape)}")
 
 
+_BASE_COPY = ".base_layer.weight"
+
+
+def _drop_base_copies(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """Drop PEFT's full copies of base weights (``<module>.base_layer.weight``) that equal the model's.
+
+    PEFT saves them when ``embed_tokens`` or ``lm_head`` is a target
+    (``save_embedding_layers="auto"``). lorakit never overwrites base weights, so a
+    copy that differs from the model's weight is refused.
+
+    Raises:
+        AdapterLoadError: a copy differs in shape or value (the key is named).
+    """
+    out = {}
+    for k, t in tensors.items():
+        name = k[len(PREFIX) : -len(_BASE_COPY)] if k.startswith(PREFIX) and k.endswith(_BASE_COPY) else None
+        try:
+            module = model.get_submodule(name) if name else None
+        except AttributeError:
+            module = None
+        w = getattr(getattr(module, "base_layer", module), "weight", None) if module is not None else None
+        if not isinstance(w, torch.Tensor):
+            out[k] = t
+            continue
+        if tuple(w.shape) != tuple(t.shape) or not torch.equal(w.detach().to("cpu", t.dtype), t):
+            raise AdapterLoadError(
+                f"{str(path)!r} key {k!r} holds a full copy of {name!r}'s weight (PEFT's save_embedding_layers) "
+                "that differs from the model's; lorakit does not overwrite base weights: put that weight into "
+                "the base model first"
+            )
+    return out
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Load a PEFT-format adapter folder into ``model`` as ``adapter_name`` and activate it.
 
@@ -189,6 +238,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     weights = Path(path) / WEIGHTS_NAME
     existed = adapter_name in list_adapters(model)
     expected = _expected_shapes(model, config, adapter_name)
+    tensors = _drop_base_copies(model, tensors, weights)
     _check_keys(expected, tensors, weights)
 
     previous_active = active_adapters(model)
@@ -198,20 +248,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         if not existed:
             inject(model, config, adapter_name)
         with torch.no_grad():
-            for name, layer in lora_layers(model):
-                if adapter_name in layer.r:
-                    a, b = layer.lora_weights(adapter_name)
-                    a.copy_(tensors[_peft_key(name, "lora_A")])
-                    b.copy_(tensors[_peft_key(name, "lora_B")])
+            for key, t in _adapter_tensors(model, adapter_name).items():
+                t.copy_(tensors[key])
         if existed:
             set_adapter(model, adapter_name)
+            mts.apply_active(model, active_adapters(model))  # until adapters._apply_active calls it itself
     except BaseException:
         if not existed and adapter_name in list_adapters(model):
             delete_adapter(model, adapter_name)
+            mts.delete_adapter(model, adapter_name)  # a no-op once adapters.delete_adapter calls it itself
             for name, layer in list(lora_layers(model)):
                 if name not in wrapped_before:
                     set_submodule(model, name, layer.base_layer)
         _apply_active(model, previous_active)
+        mts.apply_active(model, previous_active)
         for p, g in grads.items():
             p.requires_grad_(g)
         raise

