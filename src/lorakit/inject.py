@@ -168,7 +168,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
+def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *, init_weights: bool = True) -> nn.Module:
     """Freeze ``model`` and attach a LoRA adapter to every module ``config`` targets.
 
     Each matched module is replaced in place by the LoRA class ``LORA_CLASSES``
@@ -182,6 +182,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
     existed before is frozen, the new adapter is the active one and its A and B
     (and its modules_to_save copies) are the only trainable parameters. Nothing
     changes if an error is raised.
+
+    ``init_weights=False`` leaves A and B uninitialised, for callers that copy
+    every adapter weight in right after (``load_adapter``).
 
     Returns:
         the same ``model`` object.
@@ -218,16 +221,15 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
             lora_alpha=t.lora_alpha,
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
+            init_lora_weights=config.init_lora_weights if init_weights else None,
         )
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}  # a plain dict attribute: state_dict stays unchanged
     model.lora_configs[adapter_name] = config
     mts.add_copies(model, saved, adapter_name)
-    from .adapters import active_adapters, set_adapter  # adapters.py builds on this module
+    from .adapters import set_adapter  # adapters.py builds on this module
 
     set_adapter(model, adapter_name)
-    mts.apply_active(model, active_adapters(model))  # until adapters._apply_active calls it itself
     return model
 
 

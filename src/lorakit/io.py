@@ -246,22 +246,22 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     wrapped_before = {name for name, _ in lora_layers(model)}
     try:
         if not existed:
-            inject(model, config, adapter_name)
+            inject(model, config, adapter_name, init_weights=False)  # every weight is copied in below
+        targets = _adapter_tensors(model, adapter_name)
+        if set(targets) != set(tensors):  # every (possibly uninitialised) tensor must be overwritten
+            raise AdapterLoadError(f"internal: adapter tensors {sorted(set(targets) ^ set(tensors))[:3]} do not match")
         with torch.no_grad():
-            for key, t in _adapter_tensors(model, adapter_name).items():
+            for key, t in targets.items():
                 t.copy_(tensors[key])
         if existed:
             set_adapter(model, adapter_name)
-            mts.apply_active(model, active_adapters(model))  # until adapters._apply_active calls it itself
     except BaseException:
         if not existed and adapter_name in list_adapters(model):
             delete_adapter(model, adapter_name)
-            mts.delete_adapter(model, adapter_name)  # a no-op once adapters.delete_adapter calls it itself
             for name, layer in list(lora_layers(model)):
                 if name not in wrapped_before:
                     set_submodule(model, name, layer.base_layer)
         _apply_active(model, previous_active)
-        mts.apply_active(model, previous_active)
         for p, g in grads.items():
             p.requires_grad_(g)
         raise

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .errors import ConfigError, TargetModuleError
-from .layers import LoRALayer, LoRALinear, adapter_key
+from .errors import TargetModuleError
+from .layers import LoRALayer, LoRALinear, _init_pair, adapter_key
 
 
 def conv1d_type() -> type | None:
@@ -43,25 +43,6 @@ def conv1d_type() -> type | None:
     """
     mod = sys.modules.get("transformers.pytorch_utils")
     return getattr(mod, "Conv1D", None)
-
-
-def _init_pair(a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights, a_default, b_default) -> None:
-    """Initialise A and B in place as PEFT's ``reset_lora_parameters`` does for Linear/Conv.
-
-    True: A Kaiming-uniform (a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
-    False: both with the layer type's default init (``a_default`` / ``b_default``);
-    None: left as allocated (the caller copies weights in).
-    """
-    with torch.no_grad():
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            nn.init.zeros_(b)
-        elif init_lora_weights == "gaussian":
-            nn.init.normal_(a, std=1.0 / r)
-            nn.init.zeros_(b)
-        elif init_lora_weights is False:
-            a_default()
-            b_default()
 
 
 class UntieOnMerge:
@@ -209,10 +190,6 @@ class LoRAEmbedding(UntieOnMerge, LoRALayer):
         return {"lora_embedding_A": (r, base_layer.num_embeddings), "lora_embedding_B": (base_layer.embedding_dim, r)}
 
     def _make_adapter(self, key: str, r: int, init_lora_weights) -> None:
-        if hasattr(nn.ParameterDict, key):
-            raise ConfigError(
-                f"adapter name {key!r} cannot be used on an embedding layer: it shadows a ParameterDict method"
-            )
         w = self.base_layer.weight
         a = torch.empty(r, self.in_features, device=w.device, dtype=self.adapter_dtype)
         b = torch.empty(self.out_features, r, device=w.device, dtype=self.adapter_dtype)

@@ -22,15 +22,37 @@ def adapter_key(name: str) -> str:
     """The ``nn.ModuleDict`` key used for adapter ``name``.
 
     ModuleDict keys cannot contain ``"."``, be empty or shadow a ModuleDict
-    attribute (``"keys"``, ``"update"``, ...), but adapter names may be any string.
+    or ParameterDict attribute (``"keys"``, ``"update"``, ``"get"``, ...), but adapter names may be any string.
     Such names (and names starting with the escape prefix ``"_x"``) are stored
     hex-escaped; ordinary names like ``"default"`` stay readable, as in PEFT.
     """
     if not isinstance(name, str):
         raise TypeError(f"adapter name must be a str, got {type(name).__name__}")
-    if name and "." not in name and not name.startswith("_x") and not hasattr(nn.ModuleDict, name):
+    if (
+        name and "." not in name and not name.startswith("_x")
+        and not hasattr(nn.ModuleDict, name) and not hasattr(nn.ParameterDict, name)
+    ):
         return name
     return "_x" + name.encode().hex()
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights, a_default, b_default) -> None:
+    """Initialise A and B in place as PEFT's ``reset_lora_parameters`` does for Linear/Conv.
+
+    True: A Kaiming-uniform (a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
+    False: both with the layer type's default init (``a_default`` / ``b_default``);
+    None: left as allocated (the caller copies weights in).
+    """
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+            nn.init.zeros_(b)
+        elif init_lora_weights is False:
+            a_default()
+            b_default()
 
 
 class LoRALayer(nn.Module):
@@ -253,17 +275,7 @@ class LoRALinear(LoRALayer):
         kw = dict(bias=False, device=self.base_layer.weight.device, dtype=self.adapter_dtype)
         a = skip_init(nn.Linear, self.in_features, r, **kw)
         b = skip_init(nn.Linear, r, self.out_features, **kw)
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # as nn.Linear initialises its weight
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(a.weight, std=1.0 / r)
-                nn.init.zeros_(b.weight)
-            elif init_lora_weights is False:  # both random, as nn.Linear (output differs from base)
-                a.reset_parameters()
-                b.reset_parameters()
-            # None (internal, load_adapter): left uninitialised, the caller copies weights in
+        _init_pair(a.weight, b.weight, r, init_lora_weights, a.reset_parameters, b.reset_parameters)
         self.lora_A[key] = a
         self.lora_B[key] = b
 
