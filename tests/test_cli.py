@@ -1,0 +1,173 @@
+"""The ``lorakit`` CLI end to end on a tiny random Llama and a tiny tokenizer, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import G2P_RECORDS, tiny_model_folder, write_jsonl
+from lorakit import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model_folder(root / "model")
+    data = write_jsonl(root / "train.jsonl", G2P_RECORDS)
+    return root, model, data
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("loading model", "loaded in"))]
+    assert len(lines) == 1 and lines[0].startswith("lorakit: error: "), err
+    return lines[0]
+
+
+def test_end_to_end(tiny, capsys, tmp_path):
+    root, model, data = tiny
+    out = tmp_path / "adapter"
+    code, stdout, _ = run(capsys, "train", "--model", model, "--data", data, "--eval-data", data, "--steps", 3,
+                          "--batch-size", 2, "--output", out, "--no-progress", "--eval-every", 2)
+    assert code == 0, stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "lorakit.json", "metrics.jsonl", "eval.json", "loss.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 3]
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["before"]) == {"loss", "perplexity", "tokens"} and ev["after"]["tokens"] == ev["before"]["tokens"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and len(cfg["target_modules"]) == 7
+    meta = json.loads((out / "lorakit.json").read_text())
+    assert meta["prompt_format"] == {"type": "plain"} and meta["base_model"] == str(model.resolve())
+
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0
+    assert "r:             8" in stdout and "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (14 modules)" in stdout
+    assert "trainable" in stdout and "% of" in stdout and "file size" in stdout
+
+    code, stdout, _ = run(capsys, "eval", "--adapter", out, "--data", data)
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert code == 0 and abs(res["loss"] - ev["after"]["loss"]) < 1e-5  # same numbers as after training
+
+    code, by_adapter, _ = run(capsys, "generate", "--adapter", out, "--prompt", "cat", "--max-new-tokens", 8)
+    assert code == 0
+    merged = tmp_path / "merged"
+    code, _, _ = run(capsys, "merge", "--adapter", out, "--output", merged)
+    assert code == 0
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    code, by_merged, _ = run(capsys, "generate", "--model", merged, "--prompt", "cat", "--max-new-tokens", 8)
+    assert code == 0 and by_merged.splitlines()[-1] == by_adapter.splitlines()[-1]
+
+    # plain transformers, no lorakit: same greedy tokens as base + adapter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lorakit
+
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert not any("lora" in k for k in plain.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(model).eval()
+    lorakit.load_adapter(base, out)
+    ids = tok("cat", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        g_plain, g_lora = plain.generate(ids, **kw), base.generate(ids, **kw)
+    assert torch.equal(g_plain, g_lora)
+    assert tok.decode(g_plain[0, ids.shape[1]:], skip_special_tokens=True).strip() == by_adapter.splitlines()[-1]
+
+
+def test_messages_data_and_config_file(tiny, capsys, tmp_path):
+    root, model, _ = tiny
+    data = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in G2P_RECORDS
+    ])
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"model: {model}\ndata: {data}\nsteps: 5\nr: 2\ntarget-modules: q_proj,v_proj\nno_progress: true\n")
+    out = tmp_path / "a"
+    code, stdout, err = run(capsys, "train", "--config", conf, "--steps", 2, "--output", out)
+    assert code == 0, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # the flag overrides the file
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert json.loads((out / "lorakit.json").read_text())["prompt_format"] == {"type": "chat", "system": None}
+
+
+def _bad(tmp_path, name, text):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+@pytest.mark.parametrize(
+    "make_args, code, pattern",
+    [
+        (lambda t, m: ["--data", t / "missing.jsonl"], 1, "missing.jsonl' does not exist"),
+        (lambda t, m: ["--data", _bad(t, "b.jsonl", '{"text": "a"}\n{"text": \n')], 1, r"b.jsonl:2: invalid JSON"),
+        (lambda t, m: ["--data", _bad(t, "u.jsonl", '{"question": "a"}\n')], 1, "unknown record shape"),
+        (lambda t, m: ["--data", _bad(t, "e.jsonl", "")], 1, "holds no records"),
+        (lambda t, m: ["--data", _bad(t, "p.jsonl", '{"prompt": "hello world cat dog", "completion": "x"}\n'),
+                       "--max-length", 3], 1, r"p.jsonl:1: prompt is \d+ tokens, longer than --max-length 3"),
+        (lambda t, m: ["--model", t / "no-such-model"], 1, "does not exist"),
+        (lambda t, m: ["--target-modules", "qkv_proj"], 1, "'qkv_proj' matches no module"),
+        (lambda t, m: ["--steps", 0], 2, "--steps must be an integer >= 1"),
+        (lambda t, m: ["--bogus"], 2, "unrecognized arguments: --bogus"),
+        (lambda t, m: ["--config", _bad(t, "c.yaml", "stepz: 3\n")], 2, "unknown option 'stepz'"),
+    ],
+)
+def test_train_bad_input(tiny, capsys, tmp_path, make_args, code, pattern):
+    root, model, data = tiny
+    args = ["train", "--model", model, "--data", data, "--steps", 1, "--output", tmp_path / "o", "--no-progress"]
+    args += [str(a) for a in make_args(tmp_path, model)]
+    got, _, err = run(capsys, *args)
+    assert got == code
+    import re
+
+    assert re.search(pattern, one_error_line(err)), err
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_other_commands_bad_input(tiny, capsys, tmp_path):
+    for args in (["info", tmp_path / "nope"], ["eval", "--adapter", tmp_path / "nope"],
+                 ["generate", "--adapter", tmp_path / "nope", "--prompt", "x"],
+                 ["merge", "--adapter", tmp_path / "nope", "--output", tmp_path / "m"]):
+        code, _, err = run(capsys, *args)
+        assert code == 1 and "does not exist" in one_error_line(err)
+    code, _, err = run(capsys, "generate", "--prompt", "x")
+    assert code == 2 and "one of the arguments --adapter --model is required" in one_error_line(err)
+
+
+def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
+    import lorakit.train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorakit.train, "train", interrupted)
+    root, model, data = tiny
+    code, _, err = run(capsys, "train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o")
+    assert code == 130 and "interrupted" in err
+    assert not (tmp_path / "o" / "adapter_config.json").exists()
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_console_script_usage_error():
+    exe = Path(sys.executable).with_name("lorakit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorakit.cli"]
+    p = subprocess.run(cmd + ["train", "--steps", "x"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["lorakit: error: argument --steps: invalid int value: 'x' (see 'lorakit train --help')"]
+    assert "Traceback" not in p.stderr
