@@ -76,3 +76,20 @@ def test_run_classify_refuses_eval_labels_unseen_in_training(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"text": "c", "label": 2}\n')
     with pytest.raises(ClassifyDataError, match=r"eval label\(s\) \['2'\] do not occur"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
+
+
+def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
+    from lorakit.cli import main
+
+    model_dir = tiny_encoder(tmp_path / "enc")
+    recs = [{"text": "abba", "label": "a"}, {"text": "zzyz", "label": "z"}] * 8
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["train", "--task", "classify", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
+            "--eval-data", str(tmp_path / "train.jsonl"), "--epochs", "8", "--batch-size", "4", "--lr", "0.02",
+            "--r", "2", "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    res = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert res["accuracy_after"] == 1.0 and res["trainable_parameters"] == 192 + 34
+    assert "accuracy before" in capsys.readouterr().err
+    assert main(["train", "--task", "classify", "--steps", "3", "--model", str(model_dir)]) == 2
+    assert "does not take --steps" in capsys.readouterr().err

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         "merged as: built-in defaults < --config file < flags.",
         argument_default=None,
     )
+    t.add_argument("--task", choices=["g2p", "classify"], help="g2p (default): causal LM on --data or the built-in "
+                   "CMUdict task; classify: an encoder with a trained head on JSONL {text, label} or the built-in "
+                   "CMUdict syllable-count task")
     t.add_argument("--config", help="YAML or JSON file with option names as keys (flags override it)")
     t.add_argument("--model", help="transformers folder, cached Hugging Face id, .gguf file, or 'default'")
     t.add_argument("--data", help="training JSONL (default: the built-in CMUdict G2P task)")
@@ -291,6 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     o = train_options(args)
+    if args.task == "classify":
+        return _train_classify(args)
     builtin = o["data"] is None
     if builtin and o["eval_data"] is not None:
         raise UsageError("--eval-data needs --data (the built-in task has its own validation split)")
@@ -417,6 +422,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(history, out / "loss.png", summary.get("val_loss_start"))
     print(f"saved adapter, metrics.jsonl, eval.json, loss.png to {out} ({time.perf_counter() - t_start:.0f} s total)")
+    return 0
+
+
+# train option -> run_classify keyword (options not listed are refused for --task classify)
+CLASSIFY_OPTIONS = {
+    "data": "train_file", "eval_data": "eval_file", "model": "model_dir", "epochs": "epochs",
+    "batch_size": "batch_size", "lr": "lr", "r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+    "target_modules": "target_modules", "max_length": "max_length", "seed": "seed",
+}
+
+
+def _train_classify(args: argparse.Namespace) -> int:
+    """``lorakit train --task classify``: only the options the user gave; run_classify has the task's defaults."""
+    from .classify import run_classify
+
+    given = _read_config_file(args.config) if args.config else {}
+    given.update({k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None})
+    given.pop("progress", None)
+    out = given.pop("output", None) or f"runs/classify-{time.strftime('%Y%m%d-%H%M%S')}"
+    given.pop("overwrite", None)
+    refused = sorted(k for k in given if k not in CLASSIFY_OPTIONS)
+    if refused:
+        raise UsageError(f"--task classify does not take --{refused[0].replace('_', '-')}")
+    if given.get("model") == "default":
+        given.pop("model")
+    if "epochs" in given:
+        if not float(given["epochs"]).is_integer():
+            raise UsageError(f"--epochs must be a whole number for --task classify, got {given['epochs']!r}")
+        given["epochs"] = int(given["epochs"])
+    if isinstance(given.get("target_modules"), str):
+        given["target_modules"] = [t.strip() for t in given["target_modules"].split(",") if t.strip()]
+    _log(f"output folder: {out}")
+    res = run_classify(out, **{CLASSIFY_OPTIONS[k]: v for k, v in given.items()}, log=_log)
+    _log(f"accuracy before {res['accuracy_before']:.4f}, after {res['accuracy_after']:.4f} "
+         f"on {res['n_eval']} examples; eval.json and adapter/ in {out}")
     return 0
 
 
