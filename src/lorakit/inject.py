@@ -26,23 +26,32 @@ def _lora_classes() -> dict[type, type]:
     return LORA_CLASSES
 
 
-def lora_layers(model: nn.Module):
-    """Yield ``(qualified_name, layer)`` for every LoRA layer in ``model``.
+def walk(model: nn.Module, into=()):
+    """Yield ``(qualified_name, module)`` like ``named_modules`` (each module once), but
+    without descending into LoRA layers and ``ModulesToSaveWrapper`` s (their children
+    are ours), except through the module types listed in ``into``.
 
-    Does not descend into LoRA layers, so the walk costs the base model's module
-    count however many adapters are resident.
+    The walk costs the base model's module count however many adapters are resident.
     """
     stack, seen = [("", model)], set()
+    stop = (LoRALayer, mts.ModulesToSaveWrapper)
     while stack:
         prefix, module = stack.pop()
-        if id(module) in seen:  # a module shared at two places counts once, as in named_modules
+        if id(module) in seen:
             continue
         seen.add(id(module))
-        if isinstance(module, LoRALayer):
-            yield prefix, module
+        yield prefix, module
+        if isinstance(module, stop) and not isinstance(module, into):
             continue
         children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in module._modules.items() if m is not None]
         stack.extend(reversed(children))
+
+
+def lora_layers(model: nn.Module):
+    """Yield ``(qualified_name, layer)`` for every LoRA layer in ``model``."""
+    for name, module in walk(model):
+        if isinstance(module, LoRALayer):
+            yield name, module
 
 
 @dataclass(frozen=True)
@@ -98,16 +107,13 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
     tm = config.target_modules
     head = _output_head(model) if tm == ALL_LINEAR else None
     saved = [n + "." for n in mts.find_modules_to_save(model, config, adapter_name)] if config.modules_to_save else []
-    inside_lora: list[str] = []  # prefixes of LoRA layers and wrappers: their children are ours, never targets
     used_entries: set[str] = set()
     targets: list[Target] = []
     linear_names: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inside_lora):
+    for name, module in walk(model):  # never enters LoRA layers or wrappers: their children are ours
+        if not name:
             continue
         is_lora = isinstance(module, LoRALayer)
-        if is_lora or isinstance(module, mts.ModulesToSaveWrapper):
-            inside_lora.append(name + ".")
         base = module.base_layer if is_lora else module
         if type(base) in classes:
             linear_names.append(name)
@@ -238,8 +244,18 @@ def _base(module: nn.Module) -> nn.Module:
 
 
 def _shared_weights(model: nn.Module) -> dict[int, tuple[str, ...]]:
-    """id(parameter) -> the qualified names of every module owning it, for parameters owned twice or more (tied)."""
+    """id(parameter) -> the qualified names of every module owning it, for parameters owned twice or more (tied).
+
+    Only base parameters are looked at (LoRA layers are entered through their base layer), so
+    the cost does not grow with the number of resident adapters.
+    """
     owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    for name, module in walk(model):
+        if isinstance(module, LoRALayer):
+            module, name = module.base_layer, f"{name}.base_layer" if name else "base_layer"
+        elif isinstance(module, mts.ModulesToSaveWrapper):
+            module, name = module.original_module, f"{name}.original_module"
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
     return {k: tuple(v) for k, v in owners.items() if len(v) > 1}
