@@ -16,7 +16,8 @@ import os
 import sys
 import tempfile
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the lorakit CLI: no spinning threads on shared cores
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402

@@ -75,3 +75,48 @@ def test_train_changes_only_lora_and_learns(checkpointing):
     lorakit.unload(model, merge=False)
     for k, v in model.state_dict().items():  # the base weights never moved
         assert torch.equal(v, base[k]), k
+
+
+def _prefix_batch(prefix=6, with_pad=True):
+    torch.manual_seed(0)
+    pre = torch.randint(0, 64, (prefix,)).tolist()
+    ex = []
+    for n, p in [(5, 2), (9, 4), (3, 1)] if with_pad else [(5, 2), (5, 3), (5, 1)]:
+        s = torch.randint(0, 64, (n,)).tolist()
+        ex.append(Example(pre + s, [IGNORE] * (prefix + p) + s[p:]))
+    return collate(ex, pad_id=0)
+
+
+@pytest.mark.parametrize("with_pad", [True, False])
+def test_shared_prefix_loss_equals_label_loss(with_pad):
+    from lorakit.train import _shared_prefix_len
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
+    ids, mask, labels = _prefix_batch(with_pad=with_pad)
+    assert _shared_prefix_len(ids, mask, labels[:, 1:] != IGNORE) >= 6  # there is a prefix to share
+    params = [p for p in model.parameters() if p.requires_grad]
+    a, na = label_loss(model, ids, mask, labels)
+    b, nb = label_loss(model, ids, mask, labels, share_prefix=True)
+    assert na == nb and abs(float(a.detach()) - float(b.detach())) / na < 1e-6
+    ga = torch.autograd.grad(a / na, params)  # the mean over label tokens, as train() steps on
+    gb = torch.autograd.grad(b / nb, params)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
+
+
+def test_shared_prefix_falls_back():
+    from lorakit.train import _shared_prefix_len
+
+    model = tiny_llama()
+    ids, mask, labels = _batch()  # random rows: no common prefix
+    assert _shared_prefix_len(ids, mask, labels[:, 1:] != IGNORE) < 2
+    a, _ = label_loss(model, ids, mask, labels)
+    b, _ = label_loss(model, ids, mask, labels, share_prefix=True)
+    assert float(a.detach()) == float(b.detach())
+    set_checkpointing(model, True)  # the cache is off under checkpointing: plain path, same value
+    model.train()
+    ids, mask, labels = _prefix_batch()
+    c, _ = label_loss(model, ids, mask, labels, share_prefix=True)
+    model.eval()
+    set_checkpointing(model, False)
+    assert abs(float(c.detach()) - float(label_loss(model, ids, mask, labels)[0].detach())) < 1e-5

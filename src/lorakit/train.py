@@ -4,7 +4,9 @@ loss on label tokens only.
 Speed on CPU comes from not doing work that does not count: the decoder body runs on the
 whole (length-bucketed) batch, but the LM head (576 x 49152 for SmolLM2, about a quarter of
 a small model's FLOPs per token) and the cross entropy run only at positions whose next
-token carries a label.
+token carries a label; and the leading tokens all rows of a batch share (a fixed system prompt:
+15 of the ~34 tokens of a built-in G2P example) run through the decoder once per batch, their
+key/value cache repeated over the rows, instead of once per row.
 """
 
 from __future__ import annotations
@@ -96,7 +98,54 @@ def _plain_head(model) -> bool:
     return getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
 
 
-def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+def _shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor) -> int:
+    """Length P of the leading tokens every row has in common (unpadded), cut so that no
+    position before P predicts a label and at least one token is left after it."""
+    same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
+    p = int(same.long().cumprod(0).sum())
+    predicting = sel.any(0).nonzero()
+    first = int(predicting[0]) if len(predicting) else 0
+    return min(p, first, input_ids.shape[1] - 1)
+
+
+def _checkpointing(model) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
+def _prefix_hidden(model, input_ids, attention_mask, sel):
+    """Decoder output at positions P.. with the batch's common prefix (length P) run once.
+
+    The prefix (e.g. a fixed system prompt) goes through the decoder for one row; its key/value
+    cache is repeated over the batch (autograd sums every row's gradient back into it) and only
+    the remaining T - P tokens of each row are run. Exact: the same function of the same
+    weights. Returns ``(hidden (B, T-P, H), P)``, or ``None`` when there is nothing to share
+    or the model cannot take a cache (activation checkpointing turns the cache off).
+    """
+    B, T = input_ids.shape
+    if B < 2 or _checkpointing(model):
+        return None
+    P = _shared_prefix_len(input_ids, attention_mask, sel)
+    if P < 2:
+        return None
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - transformers is a dependency of every supported model
+        return None
+    dec = model.get_decoder()
+    cache = DynamicCache()
+    dec(input_ids=input_ids[:1, :P], use_cache=True, past_key_values=cache)
+    if cache.get_seq_length() != P:  # the model did not fill the cache: do not share
+        return None
+    cache.batch_repeat_interleave(B)
+    h = dec(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    return h.last_hidden_state, P
+
+
+def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+               share_prefix: bool = False):
     """Summed next-token cross entropy over label tokens, and their count.
 
     Equals ``model(input_ids, attention_mask=..., labels=labels).loss * n`` (transformers
@@ -105,6 +154,10 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
 
     Args:
         input_ids, attention_mask, labels: int64 (B, T); labels are ``IGNORE`` where untrained.
+        share_prefix: run the leading tokens all rows share (a fixed system prompt, say; up to
+            the first position that predicts a label) once instead of once per row, through a
+            key/value cache repeated over the batch. Same result; only for decoders that take a
+            transformers ``DynamicCache`` and not under activation checkpointing (else ignored).
 
     Returns:
         ``(loss_sum, n)``: a float32 scalar tensor (nats, summed) and an int.
@@ -115,7 +168,12 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     if n == 0:
         return input_ids.new_zeros((), dtype=torch.float32), 0
     if _plain_head(model):
-        h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        shared = _prefix_hidden(model, input_ids, attention_mask, sel) if share_prefix else None
+        if shared is not None:
+            h, P = shared  # positions P..T-1
+            sel, target = sel[:, P:], target[:, P:]
+        else:
+            h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         logits = model.get_output_embeddings()(h[:, :-1][sel])  # (n, V)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][sel]
@@ -197,7 +255,7 @@ def train(
         loss_sum = 0.0
         for ids, mask, labels in micro:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, _ = label_loss(model, ids, mask, labels)
+                loss, _ = label_loss(model, ids, mask, labels, share_prefix=True)
             (loss / n_all).backward()  # mean over all label tokens of the step
             loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
