@@ -23,7 +23,6 @@ weight is shared with another module (a tied ``lm_head``); see ``UntieOnMerge``.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -121,13 +120,10 @@ class LoRAConv1D(UntieOnMerge, LoRALayer):
         n_in, n_out = base_layer.weight.shape
         return {"lora_A.weight": (r, n_in), "lora_B.weight": (n_out, r)}
 
-    def _make_adapter(self, key: str, r: int, init_lora_weights) -> None:
-        kw = dict(bias=False, device=self.base_layer.weight.device, dtype=self.adapter_dtype)
-        a = skip_init(nn.Linear, self.in_features, r, **kw)
-        b = skip_init(nn.Linear, r, self.out_features, **kw)
-        _init_pair(a.weight, b.weight, r, init_lora_weights, a.reset_parameters, b.reset_parameters)
-        self.lora_A[key] = a
-        self.lora_B[key] = b
+    # the bypass itself is LoRALinear's; only the merged delta's layout differs
+    _make_adapter = LoRALinear._make_adapter
+    lora_output = LoRALinear.lora_output
+    add_lora_ = LoRALinear.add_lora_
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """PEFT key suffix -> tensor of adapter ``name``, as stored."""
@@ -139,13 +135,6 @@ class LoRAConv1D(UntieOnMerge, LoRALayer):
         self._check(name)
         a, b = self.lora_weights(name)
         return (b.detach().float() @ a.detach().float()).T * self.scaling[name]
-
-    def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        key = adapter_key(name)
-        a = self.lora_A[key].weight  # (r, in)
-        b = self.lora_B[key].weight  # (out, r)
-        h = self.lora_dropout[key](x.to(a.dtype))
-        return F.linear(F.linear(h, a), b) * self.scaling[name]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (fan_in_fan_out), r={self.r}"

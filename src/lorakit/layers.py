@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import skip_init
 
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 
@@ -53,6 +52,20 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights, a_de
         elif init_lora_weights is False:
             a_default()
             b_default()
+
+
+def bare_linear(in_features: int, out_features: int, device=None, dtype=None) -> nn.Linear:
+    """A bias-free ``nn.Linear`` with uninitialised weight (out_features x in_features).
+
+    ``nn.Linear(...)`` always runs its random init and ``torch.nn.utils.skip_init`` goes
+    through the meta device; both cost more than loading an adapter's weights.
+    """
+    m = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(m)
+    m.in_features, m.out_features = in_features, out_features
+    m.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    m.register_parameter("bias", None)
+    return m
 
 
 class LoRALayer(nn.Module):
@@ -272,9 +285,9 @@ class LoRALinear(LoRALayer):
         self.out_features = base_layer.out_features
 
     def _make_adapter(self, key: str, r: int, init_lora_weights: bool | str) -> None:
-        kw = dict(bias=False, device=self.base_layer.weight.device, dtype=self.adapter_dtype)
-        a = skip_init(nn.Linear, self.in_features, r, **kw)
-        b = skip_init(nn.Linear, r, self.out_features, **kw)
+        kw = dict(device=self.base_layer.weight.device, dtype=self.adapter_dtype)
+        a = bare_linear(self.in_features, r, **kw)
+        b = bare_linear(r, self.out_features, **kw)
         _init_pair(a.weight, b.weight, r, init_lora_weights, a.reset_parameters, b.reset_parameters)
         self.lora_A[key] = a
         self.lora_B[key] = b
