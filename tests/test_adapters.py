@@ -153,3 +153,17 @@ def test_load_beside_existing_adapters(multi, tmp_path, ids):
     torch.testing.assert_close(model(ids).logits, out, rtol=0, atol=0)
     with pytest.raises(AdapterNotFoundError):
         set_adapter(model, "nope")
+
+
+def test_repeated_names_are_active_once_and_deleted_names_stay_deleted(multi, ids):
+    model, _ = multi
+    set_adapter(model, "foo")
+    once = model(ids).logits
+    set_adapter(model, ["foo", "foo"])
+    assert active_adapters(model) == ["foo"]
+    torch.testing.assert_close(model(ids).logits, once, rtol=0, atol=0)
+    set_adapter(model, ["foo", "x.y"])
+    with disable_adapters(model):
+        delete_adapter(model, "x.y")
+    assert active_adapters(model) == ["foo"]
+    torch.testing.assert_close(model(ids).logits, once, rtol=0, atol=0)

@@ -117,13 +117,34 @@ def test_missing_folder_and_wrong_architecture(saved):
     _assert_unchanged(other, snap)
 
 
-def test_shape_mismatch_against_an_existing_adapter(saved):
+def test_existing_adapter_with_another_config_is_refused(saved):
     _, path = saved
-    model = inject(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for cfg in (LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+                LoRAConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])):
+        model = inject(tiny_llama(), cfg)
+        snap = _snapshot(model)
+        with pytest.raises(AdapterLoadError, match="'default' already exists with a different config"):
+            load_adapter(model, path)
+        _assert_unchanged(model, snap)
+
+
+def test_load_while_merged_is_refused(saved):
+    model, path = saved
+    lorakit.merge(model)
     snap = _snapshot(model)
-    with pytest.raises(AdapterLoadError, match=r"\[4, 32\].*\[2, 32\]"):
-        load_adapter(model, path)
+    with pytest.raises(lorakit.MergeStateError):
+        load_adapter(model, path, adapter_name="other")
     _assert_unchanged(model, snap)
+
+
+def test_non_string_adapter_name_changes_nothing(saved):
+    _, path = saved
+    model = tiny_llama()
+    snap = _snapshot(model)
+    for call in (lambda: inject(model, CFG, adapter_name=5), lambda: load_adapter(model, path, adapter_name=None)):
+        with pytest.raises(lorakit.ConfigError, match="adapter name must be a str"):
+            call()
+        _assert_unchanged(model, snap)
 
 
 def test_reload_into_existing_adapter_replaces_weights(saved, ids):

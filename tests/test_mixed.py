@@ -95,3 +95,19 @@ def test_context_is_removed_after_exit(model):
     with mixed_batch(model, ["a", None]):
         model(ids)
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_nesting_and_disable_inside_are_refused(model):
+    ids = torch.randint(0, 64, (2, 5))
+    with mixed_batch(model, ["a", None]):
+        with pytest.raises(MixedBatchError, match="nested"):
+            with mixed_batch(model, ["b", "b"]):
+                pass
+        with pytest.raises(MixedBatchError, match="disable_adapters"):
+            with disable_adapters(model):
+                pass
+        out = model(ids).logits  # the outer block still holds
+    torch.testing.assert_close(out[0], _single(model, "a", ids)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(MixedBatchError):
+        with mixed_batch(model, "ab"):
+            pass

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import AdapterNotFoundError, MergeStateError
+from .errors import AdapterNotFoundError, ConfigError, MergeStateError, MixedBatchError
 from . import modules_to_save
 from .inject import lora_layers, set_submodule
 
@@ -28,6 +28,22 @@ def list_adapters(model: nn.Module) -> list[str]:
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters (empty inside ``disable_adapters``)."""
     return list(getattr(model, "lora_active", []))
+
+
+def check_adapter_name(name) -> str:
+    """``name`` if it is a str, else ``ConfigError`` (before anything is changed)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"adapter name must be a str, got {type(name).__name__} {name!r}")
+    return name
+
+
+def _name_list(name_or_names) -> list[str]:
+    """A name or a list of names -> a list without repeats (an adapter is active once)."""
+    if isinstance(name_or_names, str):
+        return [name_or_names]
+    if not isinstance(name_or_names, (list, tuple)):
+        raise ConfigError(f"expected an adapter name or a list of names, got {type(name_or_names).__name__}")
+    return list(dict.fromkeys(check_adapter_name(n) for n in name_or_names))
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -51,7 +67,7 @@ def set_adapter(model: nn.Module, name_or_names: str | list[str]) -> None:
         AdapterNotFoundError: an unknown name.
         MergeStateError: adapters are merged and the active set would change.
     """
-    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    names = _name_list(name_or_names)
     _check_names(model, names)
     if _is_merged(model) and names != active_adapters(model):
         raise MergeStateError("cannot switch adapters while merged; call unmerge(model) first")
@@ -81,6 +97,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     same weights). The previous active set is restored on exit, also after an
     exception; nesting is allowed.
     """
+    if any(layer._row_plan is not None for _, layer in lora_layers(model)):
+        raise MixedBatchError("disable_adapters inside mixed_batch is not supported; pass None rows instead")
     previous = active_adapters(model)
     was_merged = _is_merged(model)
     if was_merged:
@@ -92,7 +110,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _apply_active(model, previous)
+        known = set(list_adapters(model))  # an adapter deleted inside the block stays deleted
+        _apply_active(model, [n for n in previous if n in known])
         if was_merged:
             merge(model)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adapters import list_adapters
+from .adapters import check_adapter_name, list_adapters
 from .config import LoRAConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .inject import inject, lora_layers
@@ -62,8 +62,14 @@ def add_weighted_adapter(
             or a source layer that is not ``nn.Linear``.
         MergeStateError: adapters are merged.
     """
+    check_adapter_name(adapter_name)
+    if isinstance(adapters, str) or isinstance(weights, (str, int, float)):
+        raise ConfigError("adapters and weights must be lists (one weight per adapter)")
     adapters = list(adapters)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights must be numbers, got {list(weights)!r}") from None
     known = list_adapters(model)
     if not adapters:
         raise ConfigError("adapters must name at least one adapter")

@@ -145,6 +145,18 @@ class LoRAConfig:
             self.layers_to_transform = list(lt)
         if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
             raise ConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for k in getattr(self, name):
+                try:
+                    re.compile(k)
+                except (re.error, TypeError) as e:
+                    raise ConfigError(f"{name} key {k!r} is not a valid regex: {e}") from None
+        lp = self.layers_pattern
+        if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
+            raise ConfigError(f"layers_pattern must be a string or a list of strings, got {lp!r}")
+        for name in ("base_model_name_or_path", "task_type", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         self.rank_pattern = {k: _check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
         self.alpha_pattern = {k: _check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
         if self.init_lora_weights not in (True, False, "gaussian"):

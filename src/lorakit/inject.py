@@ -198,6 +198,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     Raises:
         TargetModuleError, AdapterExistsError: see ``find_targets``.
     """
+    from .adapters import check_adapter_name, set_adapter  # adapters.py builds on this module
+
+    check_adapter_name(adapter_name)
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     targets = find_targets(model, config, adapter_name)
@@ -233,8 +236,6 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         model.lora_configs = {}  # a plain dict attribute: state_dict stays unchanged
     model.lora_configs[adapter_name] = config
     mts.add_copies(model, saved, adapter_name)
-    from .adapters import set_adapter  # adapters.py builds on this module
-
     set_adapter(model, adapter_name)
     return model
 

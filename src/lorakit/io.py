@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import _apply_active, active_adapters, delete_adapter, list_adapters, set_adapter
+from .adapters import _apply_active, active_adapters, check_adapter_name, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
-from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError
+from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
 from . import modules_to_save as mts
 from .inject import find_targets, inject, lora_layers, set_submodule
 from .layer_types import peft_tensors
@@ -136,7 +136,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
     try:
         with open(cfg_file) as f:
             config = LoRAConfig.from_dict(json.load(f))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
     except (ConfigError, TypeError) as e:
         raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
@@ -234,9 +234,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         TargetModuleError: the saved ``target_modules`` do not fit this model.
         MergeStateError: adapters are merged (unmerge first).
     """
+    check_adapter_name(adapter_name)
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
     config, tensors = read_adapter(path)
     weights = Path(path) / WEIGHTS_NAME
     existed = adapter_name in list_adapters(model)
+    if existed and _comparable(model.lora_configs[adapter_name]) != _comparable(config):
+        raise AdapterLoadError(
+            f"adapter {adapter_name!r} already exists with a different config than {str(path)!r}; "
+            "delete_adapter it first or load under another name"
+        )
     expected = _expected_shapes(model, config, adapter_name)
     tensors = _drop_base_copies(model, tensors, weights)
     _check_keys(expected, tensors, weights)
@@ -266,6 +274,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             p.requires_grad_(g)
         raise
     return model
+
+
+def _comparable(config: LoRAConfig) -> dict:
+    """The fields that decide an adapter's shapes and outputs (metadata left out)."""
+    d = config.to_dict()
+    for k in ("base_model_name_or_path", "task_type", "revision", "init_lora_weights", "inference_mode"):
+        d.pop(k, None)
+    return d
 
 
 def adapter_file_size(path: str | os.PathLike) -> int:

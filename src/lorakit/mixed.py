@@ -107,6 +107,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             pre-forward hook, before any compute).
         MergeStateError: adapters are merged.
     """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise MixedBatchError(f"adapter_names must be a list with one entry per row, got {adapter_names!r}")
     names = list(adapter_names)
     if not names:
         raise MixedBatchError("adapter_names must have one entry per batch row, got an empty list")
@@ -118,6 +120,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         raise MergeStateError("mixed_batch needs unmerged adapters; call unmerge(model) first")
     if model.training:
         raise MixedBatchError("mixed_batch is for inference; call model.eval() first (dropout would differ per row)")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer._row_plan is not None for layer in layers):
+        raise MixedBatchError("mixed_batch blocks cannot be nested")
     holder = _Holder(names)
 
     def pre_hook(module, args, kwargs):
@@ -126,7 +131,6 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             raise MixedBatchError(f"mixed_batch cannot find the batch tensor among the inputs of {type(module).__name__}")
         holder.prepare(*found)
 
-    layers = [layer for _, layer in lora_layers(model)]
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     for layer in layers:
         layer._row_plan = holder
