@@ -74,8 +74,12 @@ def test_run_classify_end_to_end_writes_eval_and_a_peft_adapter(tmp_path):
 def test_run_classify_refuses_eval_labels_unseen_in_training(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
     (tmp_path / "e.jsonl").write_text('{"text": "c", "label": 2}\n')
-    with pytest.raises(ClassifyDataError, match=r"eval label\(s\) \['2'\] do not occur"):
+    with pytest.raises(ClassifyDataError, match=r"eval label\(s\) \[2\] do not occur"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
+    (tmp_path / "e.jsonl").write_text('{"text": "c", "label": "0"}\n')  # a string label is not the int label
+    with pytest.raises(ClassifyDataError, match=r"\['0'\] do not occur"):
+        run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
+    assert not (tmp_path / "o").exists()  # nothing written for unusable data
 
 
 def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
@@ -93,3 +97,5 @@ def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
     assert "accuracy before" in capsys.readouterr().err
     assert main(["train", "--task", "classify", "--steps", "3", "--model", str(model_dir)]) == 2
     assert "does not take --steps" in capsys.readouterr().err
+    assert main(args) == 2  # the output folder holds an adapter now
+    assert "--overwrite" in capsys.readouterr().err

@@ -125,12 +125,17 @@ def _bad(tmp_path, name, text):
         (lambda t, m: ["--steps", 0], 2, "--steps must be an integer >= 1"),
         (lambda t, m: ["--bogus"], 2, "unrecognized arguments: --bogus"),
         (lambda t, m: ["--config", _bad(t, "c.yaml", "stepz: 3\n")], 2, "unknown option 'stepz'"),
+        (lambda t, m: ["--lr", "inf"], 2, "--lr must be a finite number > 0"),
+        (lambda t, m: ["--r", 0], 2, "r must be an int >= 1"),
+        (lambda t, m: ["--lora-dropout", 1], 2, "lora_dropout must be"),
+        (lambda t, m: ["--data", t / "bin.jsonl"], 1, "codec can't decode"),
     ],
 )
 def test_train_bad_input(tiny, capsys, tmp_path, make_args, code, pattern):
     root, model, data = tiny
     args = ["train", "--model", model, "--data", data, "--steps", 1, "--output", tmp_path / "o", "--no-progress"]
     args += [str(a) for a in make_args(tmp_path, model)]
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00not utf-8\n")
     got, _, err = run(capsys, *args)
     assert got == code
     import re
@@ -147,6 +152,8 @@ def test_other_commands_bad_input(tiny, capsys, tmp_path):
         assert code == 1 and "does not exist" in one_error_line(err)
     code, _, err = run(capsys, "generate", "--prompt", "x")
     assert code == 2 and "one of the arguments --adapter --model is required" in one_error_line(err)
+    code, _, err = run(capsys, "generate", "--model", tiny[1], "--prompt", " ")
+    assert code == 2 and "--prompt is empty" in one_error_line(err)
 
 
 def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):

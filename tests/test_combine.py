@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import ConfigError, LoRAConfig, add_weighted_adapter, inject, load_adapter, save_adapter, set_adapter
+from lorakit import ConfigError, LoRAConfig, add_weighted_adapter, inject, load_adapter, save_adapter
 from conftest import tiny_llama
 
 

@@ -1,10 +1,8 @@
 """Model families beyond nn.Linear: GPT-2 (Conv1D), BERT + classifier (modules_to_save), Llama,
 a CNN (nn.Conv2d), an nn.Embedding target. PEFT is the oracle for layouts, keys and outputs."""
 
-import copy
 import inspect
 import json
-import math
 import warnings
 
 import pytest

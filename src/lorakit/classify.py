@@ -201,16 +201,12 @@ def run_classify(
     from . import inject, save_adapter, trainable_parameters
 
     if (train_file is None) != (eval_file is None):
-        raise ClassifyDataError("give both train_file and eval_file, or neither for the built-in syllable task")
+        raise ClassifyDataError("give both training and evaluation data (--data and --eval-data), or neither for the built-in syllable task")
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"epochs, batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if train_file is None:
         train, test = syllable_task(n_train, n_test, seed)
-        (out / "data").mkdir(exist_ok=True)
-        write_records(out / "data" / "train.jsonl", train)
-        write_records(out / "data" / "test.jsonl", test)
         task = "cmudict-syllables"
     else:
         train, test = read_records(train_file), read_records(eval_file)
@@ -218,9 +214,14 @@ def run_classify(
     labels = sorted({rec["label"] for rec in train}, key=lambda v: (isinstance(v, str), v))
     if len(labels) < 2:
         raise ClassifyDataError(f"the training data has {len(labels)} label(s) {labels}; classification needs >= 2")
-    unknown = sorted({str(rec["label"]) for rec in test} - {str(v) for v in labels})
+    unknown = sorted({rec["label"] for rec in test} - set(labels), key=repr)  # 0 and "0" are different labels
     if unknown:
         raise ClassifyDataError(f"eval label(s) {unknown} do not occur in the training data")
+    out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
+    if train_file is None:
+        (out / "data").mkdir(exist_ok=True)
+        write_records(out / "data" / "train.jsonl", train)
+        write_records(out / "data" / "test.jsonl", test)
     label2id = {v: i for i, v in enumerate(labels)}
 
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()

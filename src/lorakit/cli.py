@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import LoRAError
+from .config import LoRAConfig
+from .errors import ConfigError, LoRAError
 
 # Never reach a model hub: only local folders and the local cache are used.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -209,8 +211,13 @@ def train_options(args: argparse.Namespace) -> dict:
                 raise UsageError(f"--{key.replace('_', '-')} must be a number, got {v!r}") from None
     for key in ("lr", "epochs"):
         v = opts[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise UsageError(f"--{key} must be a number > 0, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise UsageError(f"--{key} must be a finite number > 0, got {v!r}")
+    try:  # LoRA settings are checked before any model is loaded
+        LoRAConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
+                   target_modules=opts["target_modules"] or [])
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     if opts["steps"] is not None and opts["epochs"] is not None:
         raise UsageError("give --steps or --epochs, not both")
     if opts["max_length"] is not None and opts["max_length"] < 2:
@@ -441,7 +448,8 @@ def _train_classify(args: argparse.Namespace) -> int:
     given.update({k: v for k, v in vars(args).items() if k in TRAIN_DEFAULTS and v is not None})
     given.pop("progress", None)
     out = given.pop("output", None) or f"runs/classify-{time.strftime('%Y%m%d-%H%M%S')}"
-    given.pop("overwrite", None)
+    if not given.pop("overwrite", False) and (Path(out) / "adapter" / "adapter_config.json").exists():
+        raise UsageError(f"output folder {out!r} already holds an adapter; pass --overwrite or another --output")
     refused = sorted(k for k in given if k not in CLASSIFY_OPTIONS)
     if refused:
         raise UsageError(f"--task classify does not take --{refused[0].replace('_', '-')}")
@@ -504,6 +512,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     lm, meta = _load_with_adapter(args.adapter)
     merge(lm.model)
     if user is not None:
+        if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
+            raise UsageError("--batch-size must be >= 1 and --max-length >= 2")
         max_length = args.max_length or meta.get("max_length") or USER_MAX_LENGTH
         ex = D.tokenize_dataset(lm.tokenizer, user, max_length)
         loss, n = mean_loss(lm.model, ex, lm.tokenizer.pad_token_id, args.batch_size)
@@ -524,6 +534,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be >= 1")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
     _quiet_transformers()
     if args.adapter:
         lm, meta = _load_with_adapter(args.adapter)
@@ -644,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
-    except (LoRAError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+    except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
         print(f"lorakit: error: {msg}".splitlines()[0], file=sys.stderr)
         return 1
