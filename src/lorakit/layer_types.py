@@ -44,6 +44,13 @@ def conv1d_type() -> type | None:
     return getattr(mod, "Conv1D", None)
 
 
+def _transposed_delta(layer: LoRALayer, name: str) -> torch.Tensor:
+    """``s * (B @ A).T`` in float32: the delta for weights stored (in, out), as Conv1D and Embedding do."""
+    layer._check(name)
+    a, b = layer.lora_weights(name)
+    return (b.detach().float() @ a.detach().float()).T * layer.scaling[name]
+
+
 class UntieOnMerge:
     """Mixin: a layer whose base weight is tied to another module's unties it while merged.
 
@@ -132,9 +139,7 @@ class LoRAConv1D(UntieOnMerge, LoRALayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * (B @ A).T`` of adapter ``name`` in float32, shape (in_features, out_features)."""
-        self._check(name)
-        a, b = self.lora_weights(name)
-        return (b.detach().float() @ a.detach().float()).T * self.scaling[name]
+        return _transposed_delta(self, name)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (fan_in_fan_out), r={self.r}"
@@ -208,9 +213,7 @@ class LoRAEmbedding(UntieOnMerge, LoRALayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s * (B @ A).T`` of adapter ``name`` in float32, shape (num_embeddings, embedding_dim)."""
-        self._check(name)
-        a, b = self.lora_weights(name)
-        return (b.detach().float() @ a.detach().float()).T * self.scaling[name]
+        return _transposed_delta(self, name)
 
     def lora_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_weights(name)

@@ -184,9 +184,9 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    from .inject import set_submodule  # inject.py imports this module
+
+    set_submodule(model, name, new)
 
 
 def add_copies(model: nn.Module, names: list[str], adapter_name: str) -> None:
