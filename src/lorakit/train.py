@@ -11,6 +11,8 @@ key/value cache repeated over the rows, instead of once per row.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import random
 import time
@@ -136,12 +138,19 @@ def _prefix_hidden(model, input_ids, attention_mask, sel):
         return None
     dec = model.get_decoder()
     cache = DynamicCache()
-    dec(input_ids=input_ids[:1, :P], use_cache=True, past_key_values=cache)
+    key = _cache_kwarg(type(dec))
+    dec(input_ids=input_ids[:1, :P], use_cache=True, **{key: cache})
     if cache.get_seq_length() != P:  # the model did not fill the cache: do not share
         return None
     cache.batch_repeat_interleave(B)
-    h = dec(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    h = dec(input_ids=input_ids[:, P:], attention_mask=attention_mask, use_cache=True, **{key: cache})
     return h.last_hidden_state, P
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls) -> str:
+    """``cache`` in newer transformers (``past_key_values`` is deprecated there), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
