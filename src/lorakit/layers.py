@@ -1,4 +1,6 @@
-"""``LoRALinear``: an ``nn.Linear`` wrapped with one or more low-rank bypasses.
+"""LoRA layers: ``LoRALayer`` (named adapters, active set, exact merge/unmerge, per-row
+adapters) and ``LoRALinear``, an ``nn.Linear`` wrapped with one or more low-rank bypasses.
+Other base types (Conv1D, Embedding, Conv2d) live in ``layer_types.py``.
 
 State dict layout matches PEFT's: ``<name>.base_layer.weight``,
 ``<name>.lora_A.<adapter>.weight`` (r x in), ``<name>.lora_B.<adapter>.weight`` (out x r).
