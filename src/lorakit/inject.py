@@ -198,10 +198,10 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     Raises:
         TargetModuleError, AdapterExistsError: see ``find_targets``.
     """
-    from .adapters import check_adapter_name, set_adapter  # adapters.py builds on this module
+    from .adapters import _is_merged, check_adapter_name, set_adapter  # adapters.py builds on this module
 
     check_adapter_name(adapter_name)
-    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+    if _is_merged(model):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     targets = find_targets(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import _apply_active, active_adapters, check_adapter_name, delete_adapter, list_adapters, set_adapter
+from .adapters import _apply_active, _is_merged, active_adapters, check_adapter_name, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
 from . import modules_to_save as mts
@@ -224,7 +224,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Load a PEFT-format adapter folder into ``model`` as ``adapter_name`` and activate it.
 
     If the model has no adapter of that name, it is injected from the saved
-    config first; otherwise the existing adapter's weights are replaced. Every key,
+    config first; otherwise the existing adapter's weights are replaced (the saved
+    config must equal the existing adapter's). Every key,
     shape and value is checked before the model is touched, so on any error the
     model is left exactly as it was. Returns ``model``.
 
@@ -235,7 +236,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         MergeStateError: adapters are merged (unmerge first).
     """
     check_adapter_name(adapter_name)
-    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+    if _is_merged(model):
         raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
     config, tensors = read_adapter(path)
     weights = Path(path) / WEIGHTS_NAME
