@@ -9,6 +9,7 @@ a printed output folder. User errors print one line ``lorakit: error: ...`` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -213,9 +214,11 @@ def train_options(args: argparse.Namespace) -> dict:
         v = opts[key]
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
             raise UsageError(f"--{key} must be a finite number > 0, got {v!r}")
-    try:  # LoRA settings are checked before any model is loaded
-        LoRAConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                   target_modules=opts["target_modules"] or [])
+    try:  # built here so that bad LoRA settings fail before any model is loaded
+        opts["lora_config"] = LoRAConfig(
+            r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
+            use_rslora=bool(opts["rslora"]), target_modules=opts["target_modules"] or [],
+        )
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if opts["steps"] is not None and opts["epochs"] is not None:
@@ -293,7 +296,7 @@ def _fmt_pct(x: float) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from . import LoRAConfig, disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
+    from . import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
     from . import data as D
     from .evaluate import evaluate_g2p, perplexity
     from .models import write_metadata
@@ -336,10 +339,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(o["seed"])
     lm = _load_base(o["model"])
     model, tok = lm.model, lm.tokenizer
-    lcfg = LoRAConfig(
-        r=o["r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], use_rslora=bool(o["rslora"]),
-        target_modules=o["target_modules"],
-        base_model_name_or_path=DEFAULT_HF_ID if lm.reference == "default" else lm.reference,
+    lcfg = dataclasses.replace(
+        o["lora_config"], base_model_name_or_path=DEFAULT_HF_ID if lm.reference == "default" else lm.reference
     )
     inject(model, lcfg)
     trainable, total = trainable_parameters(model)
