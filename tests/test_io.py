@@ -34,6 +34,14 @@ def _assert_unchanged(model, snap):
     assert grads == snap[2]
 
 
+def _assert_refused(model, exc, match, call):
+    """``call()`` raises ``exc`` (message matching ``match``) and leaves ``model`` exactly as it was."""
+    snap = _snapshot(model)
+    with pytest.raises(exc, match=match):
+        call()
+    _assert_unchanged(model, snap)
+
+
 def test_files_use_peft_names_and_only_adapter_weights(saved):
     model, path = saved
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -100,10 +108,7 @@ def test_bad_files_raise_naming_the_problem_and_leave_model_unchanged(saved, dam
     _, path = saved
     damage(path)
     for target in (tiny_llama(), inject(tiny_llama(), LoRAConfig(target_modules=["o_proj"]), adapter_name="other")):
-        snap = _snapshot(target)
-        with pytest.raises(AdapterLoadError, match=message):
-            load_adapter(target, path)
-        _assert_unchanged(target, snap)
+        _assert_refused(target, AdapterLoadError, message, lambda: load_adapter(target, path))
 
 
 def test_missing_folder_and_wrong_architecture(saved):
@@ -111,10 +116,7 @@ def test_missing_folder_and_wrong_architecture(saved):
     with pytest.raises(AdapterLoadError, match="does not exist"):
         load_adapter(tiny_llama(), path / "nope")
     other = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    snap = _snapshot(other)
-    with pytest.raises(TargetModuleError, match="q_proj"):
-        load_adapter(other, path)
-    _assert_unchanged(other, snap)
+    _assert_refused(other, TargetModuleError, "q_proj", lambda: load_adapter(other, path))
 
 
 def test_existing_adapter_with_another_config_is_refused(saved):
@@ -122,29 +124,21 @@ def test_existing_adapter_with_another_config_is_refused(saved):
     for cfg in (LoRAConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
                 LoRAConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])):
         model = inject(tiny_llama(), cfg)
-        snap = _snapshot(model)
-        with pytest.raises(AdapterLoadError, match="'default' already exists with a different config"):
-            load_adapter(model, path)
-        _assert_unchanged(model, snap)
+        _assert_refused(model, AdapterLoadError, "'default' already exists with a different config",
+                        lambda: load_adapter(model, path))
 
 
 def test_load_while_merged_is_refused(saved):
     model, path = saved
     lorakit.merge(model)
-    snap = _snapshot(model)
-    with pytest.raises(lorakit.MergeStateError):
-        load_adapter(model, path, adapter_name="other")
-    _assert_unchanged(model, snap)
+    _assert_refused(model, lorakit.MergeStateError, None, lambda: load_adapter(model, path, adapter_name="other"))
 
 
 def test_non_string_adapter_name_changes_nothing(saved):
     _, path = saved
     model = tiny_llama()
-    snap = _snapshot(model)
     for call in (lambda: inject(model, CFG, adapter_name=5), lambda: load_adapter(model, path, adapter_name=None)):
-        with pytest.raises(lorakit.ConfigError, match="adapter name must be a str"):
-            call()
-        _assert_unchanged(model, snap)
+        _assert_refused(model, lorakit.ConfigError, "adapter name must be a str", call)
 
 
 def test_reload_into_existing_adapter_replaces_weights(saved, ids):
