@@ -1,7 +1,7 @@
 """Training throughput at equal quality: lorakit's trainer vs PEFT + transformers Trainer.
 
     python benchmarks/train_throughput.py                       # SmolLM2-135M-Instruct, 30 steps of 8
-    python benchmarks/train_throughput.py --levers no-shared-prefix   # also lorakit with a lever off
+    python benchmarks/train_throughput.py --levers no-pack   # also lorakit with a lever off
     python benchmarks/train_throughput.py --model small --steps 10     # quick run, random 4-layer Llama
 
 Both tools train r=8, lora_alpha=16, dropout 0 on the seven projections from the same initial
@@ -20,8 +20,8 @@ Validation loss of each is ``lorakit.train.mean_loss`` on the same validation ex
 
 Levers (``--levers``, each an extra lorakit run in the same interleave, identical otherwise):
 ``full-head`` computes the LM head and loss on every position (transformers' loss) instead of
-only at label positions, and the whole prompt per row; ``no-shared-prefix`` runs every row's
-whole prompt instead of the batch's common prefix once (``label_loss(share_prefix=True)``); ``unfused`` adds the bypass as ``out + (B(A x)) * s`` (a separate
+only at label positions, and the whole prompt per row; ``no-pack`` runs every row's
+padded batch instead of packed rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass as ``out + (B(A x)) * s`` (a separate
 multiply and add) instead of one in-place scaled accumulate; ``eager`` uses eager attention
 instead of SDPA. Length batching is used by both tools (same batches), so its effect is reported
 as the padding it saves against random batches of the same examples.
@@ -99,7 +99,7 @@ class Variant:
         self.patch = {}
         if name == "full-head":
             self.patch["label_loss"] = full_head_loss
-        if name == "no-shared-prefix":  # label_loss without the shared-prefix path
+        if name == "no-pack":  # label_loss on the padded batch
             self.patch["label_loss"] = lambda m, i, a, lab, **kw: _LABEL_LOSS(m, i, a, lab)
         if name == "unfused":
             self.patch["add_lora_"] = LoRALayer.add_lora_  # lora_output (B(A x)) * s, then out.add_
@@ -158,13 +158,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
-    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-shared-prefix")
+    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     args = ap.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     if args.no_label_head and "full-head" not in levers:
         levers.append("full-head")
-    bad = set(levers) - {"full-head", "unfused", "eager", "no-shared-prefix"}
+    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
 

@@ -87,36 +87,78 @@ def _prefix_batch(prefix=6, with_pad=True):
     return collate(ex, pad_id=0)
 
 
-@pytest.mark.parametrize("with_pad", [True, False])
-def test_shared_prefix_loss_equals_label_loss(with_pad):
-    from lorakit.train import _shared_prefix_len
-
-    model = tiny_llama()
-    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
-    ids, mask, labels = _prefix_batch(with_pad=with_pad)
-    assert _shared_prefix_len(ids, mask, labels[:, 1:] != IGNORE) >= 6  # there is a prefix to share
+def _assert_same_loss_and_grads(model, batch, **kw):
+    """label_loss(pack=True) equals the padded batch's loss and gradients (1e-6)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    a, na = label_loss(model, ids, mask, labels)
-    b, nb = label_loss(model, ids, mask, labels, share_prefix=True)
+    a, na = label_loss(model, *batch)
+    b, nb = label_loss(model, *batch, pack=True)
     assert na == nb and abs(float(a.detach()) - float(b.detach())) / na < 1e-6
     ga = torch.autograd.grad(a / na, params)  # the mean over label tokens, as train() steps on
     gb = torch.autograd.grad(b / nb, params)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ga, gb))
 
 
-def test_shared_prefix_falls_back():
-    from lorakit.train import _shared_prefix_len
+@pytest.mark.parametrize("with_pad", [True, False])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_label_loss(with_pad, attn):
+    from lorakit.train import _pack, _shared_prefix_len
 
     model = tiny_llama()
-    ids, mask, labels = _batch()  # random rows: no common prefix
-    assert _shared_prefix_len(ids, mask, labels[:, 1:] != IGNORE) < 2
-    a, _ = label_loss(model, ids, mask, labels)
-    b, _ = label_loss(model, ids, mask, labels, share_prefix=True)
-    assert float(a.detach()) == float(b.detach())
-    set_checkpointing(model, True)  # the cache is off under checkpointing: plain path, same value
+    model.config._attn_implementation = attn
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
+    ids, mask, labels = batch = _prefix_batch(with_pad=with_pad)
+    sel = labels[:, 1:] != IGNORE
+    assert _shared_prefix_len(ids, mask, sel) >= 6  # there is a prefix to share
+    packed = _pack(ids, mask, sel)
+    # one packed row: the 6 shared tokens once, then each row's other tokens; no padding
+    assert packed.input_ids.shape == (1, 6 + int((mask.sum(1) - 6).sum()))
+    assert packed.position_ids[0].tolist() == list(range(6)) + [
+        t for n in mask.sum(1).tolist() for t in range(6, n)]
+    _assert_same_loss_and_grads(model, batch)
+
+
+def test_packed_rows_split_at_max_tokens():
+    from lorakit.train import _pack
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
+    ids, mask, labels = batch = _batch()  # no common prefix: packing only drops the padding
+    packed = _pack(ids, mask, labels[:, 1:] != IGNORE, max_tokens=14)
+    assert packed.input_ids.shape == (2, 14)  # rows of 9 + 5 tokens, then 12 (+ 2 padding)
+    assert not packed.allowed[1, 0, :12, 12:].any()  # real tokens never see the padding
+    import lorakit.train as T
+
+    old, T.PACK_TOKENS = T.PACK_TOKENS, 14  # label_loss packs with the module default
+    try:
+        _assert_same_loss_and_grads(model, batch)
+    finally:
+        T.PACK_TOKENS = old
+
+
+def test_packing_falls_back():
+    from lorakit.train import _pack, _packable
+
+    model = tiny_llama()
+    ids, mask, labels = _batch()
+    sel = labels[:, 1:] != IGNORE
+    left = collate([Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])], pad_id=0, left=True)
+    assert _pack(*left[:2], left[2][:, 1:] != IGNORE) is None  # left padding: not packed
+    same = collate([Example([1, 2, 3, 4], [IGNORE] * 3 + [4])] * 2, pad_id=0)
+    assert _pack(*same[:2], same[2][:, 1:] != IGNORE) is not None  # equal rows: the prefix is shared
+    one = collate([Example([1, 2, 3], [IGNORE, 2, 3])], pad_id=0)
+    assert _pack(*one[:2], one[2][:, 1:] != IGNORE) is None  # nothing to save
+    assert _packable(model, ids.shape[1])
+    model.config.sliding_window = 4  # a window shorter than the batch: the custom mask would drop it
+    assert not _packable(model, ids.shape[1]) and _packable(model, 4)
+    model.config.sliding_window = None
+    model.config._attn_implementation = "flex_attention"
+    assert not _packable(model, ids.shape[1])
+    model.config._attn_implementation = "sdpa"
+    a, _ = label_loss(model, *_batch())
+    set_checkpointing(model, True)  # packing works under activation checkpointing too
     model.train()
-    ids, mask, labels = _prefix_batch()
-    c, _ = label_loss(model, ids, mask, labels, share_prefix=True)
+    b, _ = label_loss(model, *_batch(), pack=True)
     model.eval()
     set_checkpointing(model, False)
-    assert abs(float(c.detach()) - float(label_loss(model, ids, mask, labels)[0].detach())) < 1e-5
+    assert abs(float(a.detach()) - float(b.detach())) < 1e-5
+    assert sel.any()

@@ -312,15 +312,16 @@ class LoRALinear(LoRALayer):
         return F.linear(F.linear(h, a), b) * self.scaling[name]
 
     def add_lora_(self, out: torch.Tensor, name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        # one matmul chain; the scaling rides on the accumulate instead of a separate multiply
+        # one matmul chain; the scaling multiplies the rank-r activations, the smallest tensor
+        # of the chain, in the forward and (as its gradient) in the backward
         key = adapter_key(name)
         a = self.lora_A[key].weight
-        delta = F.linear(F.linear(self.lora_dropout[key](x.to(a.dtype)), a), self.lora_B[key].weight)
-        delta = delta.to(out.dtype)
+        h = F.linear(self.lora_dropout[key](x.to(a.dtype)), a) * self.scaling[name]
+        delta = F.linear(h, self.lora_B[key].weight).to(out.dtype)
         if rows is None:
-            out.add_(delta, alpha=self.scaling[name])
+            out.add_(delta)
         else:
-            out.index_add_(0, rows, delta, alpha=self.scaling[name])
+            out.index_add_(0, rows, delta)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"

@@ -1,18 +1,18 @@
 """The training loop: plain PyTorch AdamW, linear warmup + cosine decay, gradient clipping,
 loss on label tokens only.
 
-Speed on CPU comes from not doing work that does not count: the decoder body runs on the
-whole (length-bucketed) batch, but the LM head (576 x 49152 for SmolLM2, about a quarter of
-a small model's FLOPs per token) and the cross entropy run only at positions whose next
-token carries a label; and the leading tokens all rows of a batch share (a fixed system prompt:
-15 of the ~34 tokens of a built-in G2P example) run through the decoder once per batch, their
-key/value cache repeated over the rows, instead of once per row.
+Speed on CPU comes from not doing work that does not count: the LM head (576 x 49152 for
+SmolLM2, about a fifth of the model's FLOPs per token) and the cross entropy run only at
+positions whose next token carries a label; and each length-bucketed batch runs packed: the
+leading tokens all its rows share (a fixed system prompt: 15 of the ~34 tokens of a built-in
+G2P example) once instead of once per row, and no padding, with an attention mask that keeps
+the rows apart. On CPU a matmul's time follows its rows, and every extra pass over the weights
+costs about a full one, so packing into one pass is what pays (a separate prefix pass with a
+repeated key/value cache did not).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import random
 import time
@@ -23,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE, Example, collate, length_batches
+
+# Packed rows hold up to this many tokens: attention over a packed row costs its length squared,
+# so several shorter rows beat one long one past a few hundred tokens.
+PACK_TOKENS = 256
 
 
 @dataclass
@@ -102,59 +106,90 @@ def _plain_head(model) -> bool:
 
 def _shared_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor) -> int:
     """Length P of the leading tokens every row has in common (unpadded), cut so that no
-    position before P predicts a label and at least one token is left after it."""
+    position before P predicts a label and at least one token of each row is left after it."""
     same = (input_ids == input_ids[:1]).all(0) & (attention_mask == 1).all(0)
     p = int(same.long().cumprod(0).sum())
     predicting = sel.any(0).nonzero()
     first = int(predicting[0]) if len(predicting) else 0
-    return min(p, first, input_ids.shape[1] - 1)
+    return min(p, first, int(attention_mask.sum(1).min()) - 1)
 
 
-def _checkpointing(model) -> bool:
-    flag = getattr(model, "is_activation_checkpointing", None)
-    if flag is None:
-        flag = getattr(model, "is_gradient_checkpointing", False)
-    return bool(flag)
+def _packable(model, length: int) -> bool:
+    """True when the decoder takes a packed row with a custom 4-D mask and gets every position from
+    ``position_ids``: rotary models (Llama, Mistral, Qwen, Gemma, ...) under SDPA or eager attention,
+    and no sliding window shorter than the batch (the custom mask replaces the window's mask)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    return hasattr(model.get_decoder(), "rotary_emb") and (not window or window >= length)
 
 
-def _prefix_hidden(model, input_ids, attention_mask, sel):
-    """Decoder output at positions P.. with the batch's common prefix (length P) run once.
+@dataclass
+class _Packed:
+    input_ids: torch.Tensor  # (G, N)
+    position_ids: torch.Tensor  # (G, N)
+    allowed: torch.Tensor  # (G, 1, N, N) bool, True where query (row) may attend key (column)
+    index: torch.Tensor  # (B, T): flat index into G * N of each real token of the padded batch
 
-    The prefix (e.g. a fixed system prompt) goes through the decoder for one row; its key/value
-    cache is repeated over the batch (autograd sums every row's gradient back into it) and only
-    the remaining T - P tokens of each row are run. Exact: the same function of the same
-    weights. Returns ``(hidden (B, T-P, H), P)``, or ``None`` when there is nothing to share
-    or the model cannot take a cache (activation checkpointing turns the cache off).
+
+def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor,
+          max_tokens: int = PACK_TOKENS) -> _Packed | None:
+    """Lay a right-padded batch out as G packed rows of at most ``max_tokens`` tokens (longer rows alone).
+
+    Each packed row holds the batch's common prefix once, then the rest of each of its rows, padding
+    dropped; the mask lets every token see the prefix and the earlier tokens of its own row, so each
+    token's output is what the padded batch gives it. Returns None when packing saves no tokens or
+    the batch is not right-padded.
     """
     B, T = input_ids.shape
-    if B < 2 or _checkpointing(model):
+    lens = attention_mask.sum(1)
+    if not torch.equal(attention_mask.bool(), torch.arange(T) < lens[:, None]):
         return None
-    P = _shared_prefix_len(input_ids, attention_mask, sel)
-    if P < 2:
+    P = max(0, _shared_prefix_len(input_ids, attention_mask, sel))
+    groups, size = [[]], P
+    for b, n in enumerate((lens - P).tolist()):
+        if groups[-1] and size + n > max_tokens:
+            groups.append([])
+            size = P
+        groups[-1].append(b)
+        size += n
+    N = max(P + int((lens[g] - P).sum()) for g in groups)
+    if len(groups) * N >= B * T:
         return None
-    try:
-        from transformers import DynamicCache
-    except ImportError:  # pragma: no cover - transformers is a dependency of every supported model
-        return None
-    dec = model.get_decoder()
-    cache = DynamicCache()
-    key = _cache_kwarg(type(dec))
-    dec(input_ids=input_ids[:1, :P], use_cache=True, **{key: cache})
-    if cache.get_seq_length() != P:  # the model did not fill the cache: do not share
-        return None
-    cache.batch_repeat_interleave(B)
-    h = dec(input_ids=input_ids[:, P:], attention_mask=attention_mask, use_cache=True, **{key: cache})
-    return h.last_hidden_state, P
+    G = len(groups)
+    ids = input_ids.new_zeros((G, N))
+    pos = torch.zeros((G, N), dtype=torch.long)
+    seg = torch.full((G, N), -2)  # -1: the shared prefix, b: batch row b, -2: padding
+    index = torch.zeros((B, T), dtype=torch.long)
+    for g, rows in enumerate(groups):
+        ids[g, :P], pos[g, :P], seg[g, :P] = input_ids[rows[0], :P], torch.arange(P), -1
+        o = P
+        for b in rows:
+            L = int(lens[b])
+            ids[g, o:o + L - P], pos[g, o:o + L - P], seg[g, o:o + L - P] = input_ids[b, P:L], torch.arange(P, L), b
+            index[b, :P] = g * N + torch.arange(P)
+            index[b, P:L] = g * N + torch.arange(o, o + L - P)
+            o += L - P
+    q, k = seg[:, :, None], seg[:, None, :]
+    # padding keys match only padding queries, which then see one another: no softmax row is empty
+    allowed = (pos[:, None, :] <= pos[:, :, None]) & ((k == -1) | (k == q))
+    return _Packed(ids, pos, allowed[:, None], index)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(cls) -> str:
-    """``cache`` in newer transformers (``past_key_values`` is deprecated there), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+def _packed_hidden(model, packed: _Packed) -> torch.Tensor:
+    """Decoder output (G * N, H) of the packed rows."""
+    mask = packed.allowed
+    if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        dtype = model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    out = model.get_decoder()(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+                              use_cache=False)
+    return out.last_hidden_state.flatten(0, 1)
 
 
 def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-               share_prefix: bool = False):
+               pack: bool = False):
     """Summed next-token cross entropy over label tokens, and their count.
 
     Equals ``model(input_ids, attention_mask=..., labels=labels).loss * n`` (transformers
@@ -162,11 +197,11 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     token has a label.
 
     Args:
-        input_ids, attention_mask, labels: int64 (B, T); labels are ``IGNORE`` where untrained.
-        share_prefix: run the leading tokens all rows share (a fixed system prompt, say; up to
-            the first position that predicts a label) once instead of once per row, through a
-            key/value cache repeated over the batch. Same result; only for decoders that take a
-            transformers ``DynamicCache`` and not under activation checkpointing (else ignored).
+        input_ids, attention_mask, labels: int64 (B, T), right-padded for ``pack``; labels are
+            ``IGNORE`` where untrained.
+        pack: run the batch as packed rows (see ``_pack``): the leading tokens all rows share (a
+            fixed system prompt, say) once instead of once per row, and no padding. Same result up
+            to float rounding; used where ``_packable`` allows it, else the padded batch runs.
 
     Returns:
         ``(loss_sum, n)``: a float32 scalar tensor (nats, summed) and an int.
@@ -177,13 +212,13 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     if n == 0:
         return input_ids.new_zeros((), dtype=torch.float32), 0
     if _plain_head(model):
-        shared = _prefix_hidden(model, input_ids, attention_mask, sel) if share_prefix else None
-        if shared is not None:
-            h, P = shared  # positions P..T-1
-            sel, target = sel[:, P:], target[:, P:]
+        packed = _pack(input_ids, attention_mask, sel) if pack and _packable(model, input_ids.shape[1]) else None
+        if packed is not None:
+            h = _packed_hidden(model, packed)[packed.index[:, :-1][sel]]
         else:
-            h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(h[:, :-1][sel])  # (n, V)
+            h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state[:, :-1][sel]
+        logits = model.get_output_embeddings()(h)  # (n, V)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][sel]
     return F.cross_entropy(logits.float(), target[sel], reduction="sum"), n
@@ -201,7 +236,7 @@ def mean_loss(model, examples: list[Example], pad_id: int, batch_size: int = 32)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # little padding
     for s in range(0, len(order), batch_size):
         ids, mask, labels = collate([examples[i] for i in order[s:s + batch_size]], pad_id)
-        loss, n = label_loss(model, ids, mask, labels)
+        loss, n = label_loss(model, ids, mask, labels, pack=True)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return (total / count if count else float("nan")), count
@@ -264,7 +299,7 @@ def train(
         loss_sum = 0.0
         for ids, mask, labels in micro:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, _ = label_loss(model, ids, mask, labels, share_prefix=True)
+                loss, _ = label_loss(model, ids, mask, labels, pack=True)
             (loss / n_all).backward()  # mean over all label tokens of the step
             loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
