@@ -27,19 +27,42 @@ def _single(model, name, ids):
 
 @pytest.mark.parametrize(
     "names",
-    [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None]],
+    [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None],
+     ["b", "a", "b", "b", None, "c.d", "b", "a"]],
 )
-def test_each_row_equals_its_adapter_alone(model, names):
+@pytest.mark.parametrize("grad", [True, False])  # without gradients linear layers take the batched (bmm) path
+def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
+    import lorakit.mixed
+
+    stacked, calls = lorakit.mixed._Holder.stacked, []
+    monkeypatch.setattr(lorakit.mixed._Holder, "stacked", lambda *a: calls.append(a[2]) or stacked(*a))
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
     set_adapter(model, "a")
-    with mixed_batch(model, names):
+    with mixed_batch(model, names), torch.set_grad_enabled(grad):
         out = model(ids).logits
+    # batched wherever a layer sees two or more adapters (different ranks, alphas, rsLoRA: padded exactly)
+    present = set(names) - {None}
+    several = {"a", "b"} <= present or {"b", "c.d"} <= present  # q/v_proj hold a and b, o_proj b and c.d
+    assert bool(calls) == (several and not grad)
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
     assert active_adapters(model) == ["a"]
     torch.testing.assert_close(model(ids).logits, refs["a"] if "a" in refs else _single(model, "a", ids))
+
+
+def test_padded_layout():
+    from lorakit.mixed import plan_rows
+
+    plan = plan_rows(["x", "y", "x", None, "y", "y"])
+    pad = plan.padded(plan.segments)  # x: rows 0, 2; y: rows 1, 4, 5
+    assert pad.shape == (2, 3) and pad.index.tolist() == [0, 2, 0, 1, 4, 5]
+    assert pad.keep.flatten().tolist() == [1, 1, 0, 1, 1, 1]  # the repeat of row 0 adds nothing
+    even = plan_rows(["x", "y", "y", "x"])
+    assert even.padded(even.segments).keep is None
+    skewed = plan_rows(["x"] + ["y"] * 5 + ["z"])  # 3 x 5 padded rows for 7 real: the loop is cheaper
+    assert skewed.padded(skewed.segments) is None
 
 
 def _generate(model, ids, **kw):

@@ -257,12 +257,15 @@ class LoRALayer(nn.Module):
         segments = [seg for seg in plan.segments if seg[0] in self.r]
         if len(segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             self.add_lora_(out, segments[0][0], x)
-            return out
-        if segments:
-            xs = x.index_select(0, plan.perm)  # (M, ..., in), rows grouped by adapter
-            for name, s, e in segments:
-                self.add_lora_(out, name, xs[s:e], rows=plan.perm[s:e])
+        elif segments:
+            self._segments_forward(x, out, plan, tuple(segments))
         return out
+
+    def _segments_forward(self, x: torch.Tensor, out: torch.Tensor, plan, segments) -> None:
+        """Add each segment's bypass to its rows of ``out``: one gather, then a matmul pair per adapter."""
+        xs = x.index_select(0, plan.perm)  # (M, ..., in), rows grouped by adapter
+        for name, s, e in segments:
+            self.add_lora_(out, name, xs[s:e], rows=plan.perm[s:e])
 
 
 class LoRALinear(LoRALayer):
@@ -322,6 +325,26 @@ class LoRALinear(LoRALayer):
             out.add_(delta)
         else:
             out.index_add_(0, rows, delta)
+
+    def _segments_forward(self, x: torch.Tensor, out: torch.Tensor, plan, segments) -> None:
+        """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
+        the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B.
+
+        A fixed handful of ops per layer however many adapters are present; used for inference
+        (no gradients) when padding at most doubles the rows, else the per-adapter loop.
+        """
+        pad = plan.padded(segments) if len(segments) > 1 and not torch.is_grad_enabled() else None
+        if pad is None:
+            return super()._segments_forward(x, out, plan, segments)
+        a_t, b_t = self._row_plan.stacked(self, tuple(name for name, _, _ in segments))  # (k, in, r), (k, r, out)
+        k, length = pad.shape
+        mid = x.shape[1:-1]
+        xs = x.index_select(0, pad.index).reshape(k, -1, self.in_features).to(a_t.dtype)
+        h = torch.bmm(xs, a_t)  # (k, L * T, r)
+        if pad.keep is not None:  # padding rows contribute exactly zero
+            h = h.view(k, length, -1, h.shape[-1]).mul_(pad.keep).view(k, -1, h.shape[-1])
+        delta = torch.bmm(h, b_t).view(k * length, *mid, self.out_features)
+        out.index_add_(0, pad.index, delta.to(out.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"

@@ -1,17 +1,21 @@
 """A different adapter for each row of one batch (S-LoRA / Punica style serving).
 
 The base matmuls run once for the whole batch. The LoRA part groups rows by
-adapter once per forward (a stable sort into contiguous segments, as in SGMV),
-and every LoRA layer then runs one small A/B matmul pair per adapter present on
-its gathered rows. Activations are gathered, never a per-row copy of adapter
-weights (BGMV-style weight gathering is slower on CPU at large row counts).
+adapter once per forward (a stable sort into contiguous segments, as in SGMV).
+A linear LoRA layer then gathers each adapter's rows, padded to the longest
+segment, and runs one batched matmul pair against the adapters' A and B stacked
+once per block (rank-padded with zeros, scaling folded into B), so its op count
+does not grow with the number of adapters; other layer types (and forwards that
+need gradients) run one small A/B matmul pair per adapter. Activations are
+gathered, never a per-row copy of adapter weights (BGMV-style weight gathering
+is slower on CPU at large row counts).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,6 +23,21 @@ from torch import nn
 from .adapters import _is_merged, list_adapters
 from .errors import AdapterNotFoundError, MergeStateError, MixedBatchError
 from .inject import lora_layers
+
+
+@dataclass(frozen=True)
+class Padded:
+    """Segments laid out for a batched matmul: ``shape`` (k adapters, L rows each).
+
+    Attributes:
+        index: int64 (k * L,), batch rows grouped by adapter; a segment shorter than L repeats its
+            first row.
+        keep: float (k, L, 1, 1), 0 at those repeats (their bypass is zeroed), or None if no padding.
+    """
+
+    index: torch.Tensor
+    keep: torch.Tensor | None
+    shape: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,27 @@ class RowPlan:
     perm: torch.Tensor
     segments: tuple[tuple[str, int, int], ...]
     single_full: bool
+    _padded: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def padded(self, segments: tuple[tuple[str, int, int], ...]) -> Padded | None:
+        """The batched layout of ``segments`` (a subset of ``self.segments``), or None when padding
+        every segment to the longest would more than double the rows (the loop is cheaper then)."""
+        if segments not in self._padded:
+            lengths = [e - s for _, s, e in segments]
+            k, length = len(segments), max(lengths)
+            if k * length > 2 * sum(lengths):
+                self._padded[segments] = None
+            else:
+                index = torch.empty((k, length), dtype=torch.long, device=self.perm.device)
+                for j, (_, s, e) in enumerate(segments):
+                    index[j, : e - s] = self.perm[s:e]
+                    index[j, e - s:] = self.perm[s]
+                keep = None
+                if min(lengths) < length:
+                    steps = torch.arange(length, device=self.perm.device)
+                    keep = (steps < torch.tensor(lengths, device=self.perm.device)[:, None]).float()[..., None, None]
+                self._padded[segments] = Padded(index.flatten(), keep, (k, length))
+        return self._padded[segments]
 
 
 def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -> RowPlan:
@@ -60,6 +100,25 @@ class _Holder:
         self.names = names
         self.plan: RowPlan | None = None
         self._cache: dict[tuple[int, str], RowPlan] = {}
+        self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def stacked(self, layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T (k, in, r_max), (s * B)^T (k, r_max, out))`` of ``layer``'s adapters ``names``, ranks
+        zero-padded to the largest (exact: the extra rank components are 0). Built on first use in the
+        block; the adapters' weights are read then."""
+        key = (id(layer), names)
+        if key not in self._stacks:
+            r_max = max(layer.r[n] for n in names)
+            first = layer.lora_weights(names[0])[0]
+            a_t = first.new_zeros((len(names), layer.in_features, r_max))
+            b_t = first.new_zeros((len(names), r_max, layer.out_features))
+            for j, n in enumerate(names):
+                a, b = layer.lora_weights(n)
+                a_t[j, :, : layer.r[n]] = a.t()
+                b_t[j, : layer.r[n]] = b.t() * layer.scaling[n]
+            self._stacks[key] = (a_t, b_t)
+        return self._stacks[key]
 
     def prepare(self, batch: int, device) -> None:
         n = len(self.names)
