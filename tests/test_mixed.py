@@ -134,3 +134,19 @@ def test_nesting_and_disable_inside_are_refused(model):
     with pytest.raises(MixedBatchError):
         with mixed_batch(model, "ab"):
             pass
+
+
+def test_layers_reading_one_input_share_its_gather(monkeypatch):
+    import lorakit.mixed
+
+    m = tiny_llama()
+    for name in ("a", "b"):
+        inject(m, LoRAConfig(r=2, target_modules="all-linear", init_lora_weights=False), name)
+    gathered, results = lorakit.mixed._Holder.gathered, []
+    monkeypatch.setattr(lorakit.mixed._Holder, "gathered", lambda *a: results.append(gathered(*a)) or results[-1])
+    ids = torch.randint(0, 64, (4, 5))
+    with mixed_batch(m, ["a", "b", "b", "a"]), torch.no_grad():
+        m(ids)
+    layers = m.config.num_hidden_layers
+    # per decoder layer 7 projections, 4 distinct inputs: q/k/v share one, gate/up another
+    assert len(results) == 7 * layers and len({id(x) for x in results}) == 4 * layers

@@ -263,7 +263,7 @@ class LoRALayer(nn.Module):
 
     def _segments_forward(self, x: torch.Tensor, out: torch.Tensor, plan, segments) -> None:
         """Add each segment's bypass to its rows of ``out``: one gather, then a matmul pair per adapter."""
-        xs = x.index_select(0, plan.perm)  # (M, ..., in), rows grouped by adapter
+        xs = self._row_plan.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
         for name, s, e in segments:
             self.add_lora_(out, name, xs[s:e], rows=plan.perm[s:e])
 
@@ -339,7 +339,7 @@ class LoRALinear(LoRALayer):
         a_t, b_t = self._row_plan.stacked(self, tuple(name for name, _, _ in segments))  # (k, in, r), (k, r, out)
         k, length = pad.shape
         mid = x.shape[1:-1]
-        xs = x.index_select(0, pad.index).reshape(k, -1, self.in_features).to(a_t.dtype)
+        xs = self._row_plan.gathered(x, pad.index).reshape(k, -1, self.in_features).to(a_t.dtype)
         h = torch.bmm(xs, a_t)  # (k, L * T, r)
         if pad.keep is not None:  # padding rows contribute exactly zero
             h = h.view(k, length, -1, h.shape[-1]).mul_(pad.keep).view(k, -1, h.shape[-1])

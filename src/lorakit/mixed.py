@@ -101,6 +101,17 @@ class _Holder:
         self.plan: RowPlan | None = None
         self._cache: dict[tuple[int, str], RowPlan] = {}
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gather: tuple | None = None
+
+    def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input
+        (q/k/v read one tensor, gate/up another): the gather is a copy of the whole activation."""
+        hit = self._gather
+        if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] is index:
+            return hit[3]
+        xs = x.index_select(0, index)
+        self._gather = (x, x._version, index, xs)
+        return xs
 
     @torch.no_grad()
     def stacked(self, layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +143,7 @@ class _Holder:
             rep = batch // n  # generate() expands each row in place (repeat_interleave)
             self._cache[key] = plan_rows([x for x in self.names for _ in range(rep)], device)
         self.plan = self._cache[key]
+        self._gather = None
 
 
 def _batch_size(args, kwargs) -> tuple[int, torch.device] | None:
