@@ -142,6 +142,8 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
     token's output is what the padded batch gives it. Returns None when packing saves no tokens or
     the batch is not right-padded.
     """
+    device = input_ids.device
+    input_ids, attention_mask, sel = input_ids.cpu(), attention_mask.cpu(), sel.cpu()  # laid out on the host
     B, T = input_ids.shape
     lens = attention_mask.sum(1)
     if not torch.equal(attention_mask.bool(), torch.arange(T) < lens[:, None]):
@@ -174,7 +176,7 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
     q, k = seg[:, :, None], seg[:, None, :]
     # padding keys match only padding queries, which then see one another: no softmax row is empty
     allowed = (pos[:, None, :] <= pos[:, :, None]) & ((k == -1) | (k == q))
-    return _Packed(ids, pos, allowed[:, None], index)
+    return _Packed(ids.to(device), pos.to(device), allowed[:, None].to(device), index.to(device))
 
 
 def _packed_hidden(model, packed: _Packed) -> torch.Tensor:
@@ -182,7 +184,7 @@ def _packed_hidden(model, packed: _Packed) -> torch.Tensor:
     mask = packed.allowed
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = model.get_input_embeddings().weight.dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     out = model.get_decoder()(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                               use_cache=False)
     return out.last_hidden_state.flatten(0, 1)
