@@ -30,7 +30,7 @@ def _single(model, name, ids):
     [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None],
      ["b", "a", "b", "b", None, "c.d", "b", "a"]],
 )
-@pytest.mark.parametrize("grad", [True, False])  # without gradients linear layers take the batched (bmm) path
+@pytest.mark.parametrize("grad", [True, False, "inference_mode"])  # no gradients: the batched (bmm) path
 def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
     import lorakit.mixed
 
@@ -40,12 +40,13 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
     set_adapter(model, "a")
-    with mixed_batch(model, names), torch.set_grad_enabled(grad):
+    mode = torch.inference_mode() if grad == "inference_mode" else torch.set_grad_enabled(grad)
+    with mixed_batch(model, names), mode:
         out = model(ids).logits
     # batched wherever a layer sees two or more adapters (different ranks, alphas, rsLoRA: padded exactly)
     present = set(names) - {None}
     several = {"a", "b"} <= present or {"b", "c.d"} <= present  # q/v_proj hold a and b, o_proj b and c.d
-    assert bool(calls) == (several and not grad)
+    assert bool(calls) == (several and grad is not True)
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
     assert active_adapters(model) == ["a"]

@@ -106,11 +106,12 @@ class _Holder:
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input
         (q/k/v read one tensor, gate/up another): the gather is a copy of the whole activation."""
+        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         hit = self._gather
-        if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] is index:
+        if hit is not None and hit[0] is x and hit[1] == version and hit[2] is index:
             return hit[3]
         xs = x.index_select(0, index)
-        self._gather = (x, x._version, index, xs)
+        self._gather = (x, version, index, xs)
         return xs
 
     @torch.no_grad()
