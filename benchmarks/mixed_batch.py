@@ -66,6 +66,7 @@ def main(argv=None) -> int:
         per_row = [names[i % k] for i in range(args.rows)]
         fns[f"lorakit mixed {k}"] = ours_mixed(per_row)
         fns[f"PEFT mixed {k}"] = (lambda pr: lambda: theirs(ids, adapter_names=pr))(per_row)
+
     def ours_loop(per_row):  # the lever off: one matmul pair per adapter instead of the batched pair
         run = ours_mixed(per_row)
 

@@ -20,9 +20,10 @@ Validation loss of each is ``lorakit.train.mean_loss`` on the same validation ex
 
 Levers (``--levers``, each an extra lorakit run in the same interleave, identical otherwise):
 ``full-head`` computes the LM head and loss on every position (transformers' loss) instead of
-only at label positions, and the whole prompt per row; ``no-pack`` runs every row's
-padded batch instead of packed rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass as ``out + (B(A x)) * s`` (a separate
-multiply and add) instead of one in-place scaled accumulate; ``eager`` uses eager attention
+only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
+rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
+as ``out + (B(A x)) * s`` (a full-size multiply and add) instead of scaling the rank-r activations
+and accumulating in place; ``eager`` uses eager attention
 instead of SDPA. Length batching is used by both tools (same batches), so its effect is reported
 as the padding it saves against random batches of the same examples.
 """
