@@ -130,6 +130,7 @@ def test_packed_rows_split_at_max_tokens():
 
     old, T.PACK_TOKENS = T.PACK_TOKENS, 14  # label_loss packs with the module default
     try:
+        assert T._pack(ids, mask, labels[:, 1:] != IGNORE).input_ids.shape == (2, 14)
         _assert_same_loss_and_grads(model, batch)
     finally:
         T.PACK_TOKENS = old

@@ -134,7 +134,7 @@ class _Packed:
 
 
 def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tensor,
-          max_tokens: int = PACK_TOKENS) -> _Packed | None:
+          max_tokens: int | None = None) -> _Packed | None:
     """Lay a right-padded batch out as G packed rows of at most ``max_tokens`` tokens (longer rows alone).
 
     Each packed row holds the batch's common prefix once, then the rest of each of its rows, padding
@@ -142,6 +142,7 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
     token's output is what the padded batch gives it. Returns None when packing saves no tokens or
     the batch is not right-padded.
     """
+    max_tokens = PACK_TOKENS if max_tokens is None else max_tokens  # read at call time
     device = input_ids.device
     input_ids, attention_mask, sel = input_ids.cpu(), attention_mask.cpu(), sel.cpu()  # laid out on the host
     B, T = input_ids.shape
