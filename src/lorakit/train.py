@@ -150,17 +150,16 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
     if not torch.equal(attention_mask.bool(), torch.arange(T) < lens[:, None]):
         return None
     P = max(0, _shared_prefix_len(input_ids, attention_mask, sel))
-    groups, size = [[]], P
+    groups, sizes = [[]], [P]  # batch rows of each packed row, and its token count
     for b, n in enumerate((lens - P).tolist()):
-        if groups[-1] and size + n > max_tokens:
+        if groups[-1] and sizes[-1] + n > max_tokens:
             groups.append([])
-            size = P
+            sizes.append(P)
         groups[-1].append(b)
-        size += n
-    N = max(P + int((lens[g] - P).sum()) for g in groups)
-    if len(groups) * N >= B * T:
+        sizes[-1] += n
+    G, N = len(groups), max(sizes)
+    if G * N >= B * T:
         return None
-    G = len(groups)
     ids = input_ids.new_zeros((G, N))
     pos = torch.zeros((G, N), dtype=torch.long)
     seg = torch.full((G, N), -2)  # -1: the shared prefix, b: batch row b, -2: padding
@@ -170,10 +169,11 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
         o = P
         for b in rows:
             L = int(lens[b])
-            ids[g, o:o + L - P], pos[g, o:o + L - P], seg[g, o:o + L - P] = input_ids[b, P:L], torch.arange(P, L), b
+            dst = slice(o, o + L - P)  # row b's tokens after the prefix
+            ids[g, dst], pos[g, dst], seg[g, dst] = input_ids[b, P:L], torch.arange(P, L), b
             index[b, :P] = g * N + torch.arange(P)
-            index[b, P:L] = g * N + torch.arange(o, o + L - P)
-            o += L - P
+            index[b, P:L] = g * N + torch.arange(dst.start, dst.stop)
+            o = dst.stop
     q, k = seg[:, :, None], seg[:, None, :]
     # padding keys match only padding queries, which then see one another: no softmax row is empty
     allowed = (pos[:, None, :] <= pos[:, :, None]) & ((k == -1) | (k == q))
