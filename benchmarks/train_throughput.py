@@ -7,7 +7,8 @@
 Both tools train r=8, lora_alpha=16, dropout 0 on the seven projections from the same initial
 adapter (lorakit's init, loaded into the PEFT model), on the default G2P data built with the same
 functions as ``lorakit train``, in the order of ``lorakit.train._batch_stream`` (Trainer gets the
-same examples as a flat list under a sequential sampler), with AdamW and the same LambdaLR schedule,
+same examples as a flat list under a sequential sampler), with fused AdamW (Trainer's default optimizer
+for torch >= 2.8; lorakit's too) and the same LambdaLR schedule,
 gradient clipping at 1.0, float32, no evaluation or saving during training.
 
 The runs are interleaved step by step in one process (each lorakit variant runs in a thread that
@@ -23,9 +24,11 @@ Levers (``--levers``, each an extra lorakit run in the same interleave, identica
 only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
 rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
 as ``out + (B(A x)) * s`` (a full-size multiply and add) instead of scaling the rank-r activations
-and accumulating in place; ``eager`` uses eager attention
-instead of SDPA. Length batching is used by both tools (same batches), so its effect is reported
-as the padding it saves against random batches of the same examples.
+and accumulating in place; ``unstacked`` runs each layer's A matmul on its own instead of one
+stacked matmul for the layers that read one input (q/k/v, gate/up; ``lorakit.layers.SharedInput``);
+``eager`` uses eager attention instead of SDPA. Length batching is used by both tools (same
+batches), so its effect is reported as the padding it saves against random batches of the same
+examples.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ class Variant:
             self.patch["add_lora_"] = LoRALayer.add_lora_  # lora_output (B(A x)) * s, then out.add_
         if name == "eager":
             _set_attn(model, "eager")
+        if name == "unstacked":
+            for _, layer in lorakit.lora_layers(model):
+                layer.shared_input = None
         self.error = None
         total = cfg.total_steps(len(train_ex))
 
@@ -159,13 +165,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
-    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack")
+    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, unstacked")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     args = ap.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     if args.no_label_head and "full-head" not in levers:
         levers.append("full-head")
-    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack"}
+    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack", "unstacked"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
 
@@ -208,8 +214,9 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t_load
 
     variants = [Variant(n, models[n], train_ex, cfg, pad_id) for n in names]
+    # what Trainer's default optim ("adamw_torch_fused" for torch >= 2.8) builds; passed in to share the schedule
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+                            weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LT.lr_lambda(cfg.warmup, args.steps))
 
     class SequentialTrainer(Trainer):

@@ -110,11 +110,26 @@ def test_packed_loss_equals_label_loss(with_pad, attn):
     sel = labels[:, 1:] != IGNORE
     assert _shared_prefix_len(ids, mask, sel) >= 6  # there is a prefix to share
     packed = _pack(ids, mask, sel)
-    # one packed row: the 6 shared tokens once, then each row's other tokens; no padding
-    assert packed.input_ids.shape == (1, 6 + int((mask.sum(1) - 6).sum()))
+    # one packed row: the 6 shared tokens once, then each row's other tokens but its last (which
+    # predicts nothing); no padding
+    assert packed.input_ids.shape == (1, 6 + int((mask.sum(1) - 7).sum()))
     assert packed.position_ids[0].tolist() == list(range(6)) + [
-        t for n in mask.sum(1).tolist() for t in range(6, n)]
+        t for n in mask.sum(1).tolist() for t in range(6, n - 1)]
     _assert_same_loss_and_grads(model, batch)
+
+
+def test_packing_leaves_out_unscored_tail():
+    from lorakit.train import _pack
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
+    ids, mask, labels = _prefix_batch()
+    labels[0, 9:] = IGNORE  # row 0 (11 tokens): only token 8 is scored, so positions 8.. are not needed
+    labels[2, 6:] = IGNORE  # row 2: no label at all
+    packed = _pack(ids, mask, labels[:, 1:] != IGNORE)
+    # the prefix, row 0 up to position 7 (it predicts token 8), row 1 up to its next-to-last, row 2 nothing
+    assert packed.position_ids[0].tolist() == list(range(6)) + [6, 7] + list(range(6, 14))
+    _assert_same_loss_and_grads(model, (ids, mask, labels))
 
 
 def test_packed_rows_split_at_max_tokens():
@@ -124,13 +139,13 @@ def test_packed_rows_split_at_max_tokens():
     lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=ALL7, init_lora_weights=False))
     ids, mask, labels = batch = _batch()  # no common prefix: packing only drops the padding
     packed = _pack(ids, mask, labels[:, 1:] != IGNORE, max_tokens=14)
-    assert packed.input_ids.shape == (2, 14)  # rows of 9 + 5 tokens, then 12 (+ 2 padding)
-    assert not packed.allowed[1, 0, :12, 12:].any()  # real tokens never see the padding
+    assert packed.input_ids.shape == (2, 12)  # rows of 8 + 4 tokens (their last dropped), then 11 (+ 1 padding)
+    assert not packed.allowed[1, 0, :11, 11:].any()  # real tokens never see the padding
     import lorakit.train as T
 
     old, T.PACK_TOKENS = T.PACK_TOKENS, 14  # label_loss packs with the module default
     try:
-        assert T._pack(ids, mask, labels[:, 1:] != IGNORE).input_ids.shape == (2, 14)
+        assert T._pack(ids, mask, labels[:, 1:] != IGNORE).input_ids.shape == (2, 12)
         _assert_same_loss_and_grads(model, batch)
     finally:
         T.PACK_TOKENS = old
@@ -145,8 +160,8 @@ def test_packing_falls_back():
     assert _pack(*left[:2], left[2][:, 1:] != IGNORE) is None  # left padding: not packed
     same = collate([Example([1, 2, 3, 4], [IGNORE] * 3 + [4])] * 2, pad_id=0)
     assert _pack(*same[:2], same[2][:, 1:] != IGNORE) is not None  # equal rows: the prefix is shared
-    one = collate([Example([1, 2, 3], [IGNORE, 2, 3])], pad_id=0)
-    assert _pack(*one[:2], one[2][:, 1:] != IGNORE) is None  # nothing to save
+    rows = collate([Example(list(range(i, i + 5)), list(range(i, i + 5))) for i in (1, 6, 11)], pad_id=0)
+    assert _pack(*rows[:2], rows[2][:, 1:] != IGNORE, max_tokens=9) is None  # 2 x 8 tokens: nothing saved
     assert _packable(model, ids.shape[1])
     model.config.sliding_window = 4  # a window shorter than the batch: the custom mask would drop it
     assert not _packable(model, ids.shape[1]) and _packable(model, 4)
