@@ -24,11 +24,9 @@ Levers (``--levers``, each an extra lorakit run in the same interleave, identica
 only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
 rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
 as ``out + (B(A x)) * s`` (a full-size multiply and add) instead of scaling the rank-r activations
-and accumulating in place; ``unstacked`` runs each layer's A matmul on its own instead of one
-stacked matmul for the layers that read one input (q/k/v, gate/up; ``lorakit.layers.SharedInput``);
-``eager`` uses eager attention instead of SDPA. Length batching is used by both tools (same
-batches), so its effect is reported as the padding it saves against random batches of the same
-examples.
+and accumulating in place; ``eager`` uses eager attention instead of SDPA. Length batching is used
+by both tools (same batches), so its effect is reported as the padding it saves against random
+batches of the same examples.
 """
 
 from __future__ import annotations
@@ -109,9 +107,6 @@ class Variant:
             self.patch["add_lora_"] = LoRALayer.add_lora_  # lora_output (B(A x)) * s, then out.add_
         if name == "eager":
             _set_attn(model, "eager")
-        if name == "unstacked":
-            for _, layer in lorakit.lora_layers(model):
-                layer.shared_input = None
         self.error = None
         total = cfg.total_steps(len(train_ex))
 
@@ -165,13 +160,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
-    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, unstacked")
+    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     args = ap.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     if args.no_label_head and "full-head" not in levers:
         levers.append("full-head")
-    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack", "unstacked"}
+    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig
 from .errors import AdapterExistsError, MergeStateError, TargetModuleError
-from .layers import LoRALayer, LoRALinear, share_inputs
+from .layers import LoRALayer, LoRALinear
 from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear, adapter_shapes, base_features, conv1d_type
 from . import modules_to_save as mts
 
@@ -232,7 +232,6 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
             use_rslora=config.use_rslora,
             init_lora_weights=config.init_lora_weights if init_weights else None,
         )
-    share_inputs(parent for _, parent in walk(model))
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}  # a plain dict attribute: state_dict stays unchanged
     model.lora_configs[adapter_name] = config

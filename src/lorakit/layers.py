@@ -83,7 +83,6 @@ class LoRALayer(nn.Module):
     """
 
     adapter_parts = ("lora_A", "lora_B")  # ModuleDict attributes holding per-adapter modules
-    shared_input: SharedInput | None = None  # LoRALinear siblings (q/k/v, gate/up), set by lorakit.inject
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -290,13 +289,6 @@ class LoRALinear(LoRALayer):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
-    def _plain(self, name: str) -> bool:
-        """True when adapter ``name`` runs here as ``s * B(A x)`` on the whole input: active, unmerged,
-        no dropout (each layer draws its own mask), outside a mixed batch."""
-        return (name in self.active_adapters and name not in self.merged_adapters
-                and isinstance(self.lora_dropout[adapter_key(name)], nn.Identity)
-                and (self._row_plan is None or self._row_plan.plan is None))
-
     def _make_adapter(self, key: str, r: int, init_lora_weights: bool | str) -> None:
         kw = dict(device=self.base_layer.weight.device, dtype=self.adapter_dtype)
         a = bare_linear(self.in_features, r, **kw)
@@ -326,10 +318,8 @@ class LoRALinear(LoRALayer):
         # one matmul chain; the scaling multiplies the rank-r activations, the smallest tensor
         # of the chain, in the forward and (as its gradient) in the backward
         key = adapter_key(name)
-        h = self.shared_input.activations(self, name, x) if self.shared_input and rows is None else None
-        if h is None:
-            a = self.lora_A[key].weight
-            h = F.linear(self.lora_dropout[key](x.to(a.dtype)), a) * self.scaling[name]
+        a = self.lora_A[key].weight
+        h = F.linear(self.lora_dropout[key](x.to(a.dtype)), a) * self.scaling[name]
         delta = F.linear(h, self.lora_B[key].weight).to(out.dtype)
         if rows is None:
             out.add_(delta)
@@ -358,72 +348,3 @@ class LoRALinear(LoRALayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
-
-
-# Sibling modules that read one input tensor in the usual transformer code (vLLM packs the same
-# sets into one layer): their A matmuls are stacked by ``SharedInput``.
-SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
-
-
-class SharedInput:
-    """LoRA layers of one parent module that read the same input tensor (attention q/k/v, the MLP's
-    gate/up; ``SHARED_INPUT_NAMES``): the first to see an input computes all of their rank-r
-    activations ``s * A x`` in one matmul against their stacked A, and each takes its slice.
-
-    The same products, stacked: exact, and the same stacking on every forward. What it saves is calls:
-    on CPU a rank-r matmul costs per call, not per FLOP, and stacking q/k/v turns three A matmuls (and
-    their six backward products) into one (two). Sharing is checked at run time (the same tensor
-    object, unchanged); a member given another input (cross-attention's k/v) computes for it anew.
-    """
-
-    def __init__(self, members: list[LoRALinear]) -> None:
-        self.members = members
-        self._x = None  # (input, its version) the slices below were computed from
-        self._h: dict[tuple[int, str], torch.Tensor] = {}  # (member index, adapter) -> s * A x, until taken
-
-    def activations(self, layer: LoRALinear, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s ``s * A x`` for adapter ``name``, shape (..., r), or None when ``layer`` is the only
-        member running ``name`` without dropout (or takes a second slice of one input)."""
-        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
-        i = self.members.index(layer)
-        if self._x is not None and self._x[0] is x and self._x[1] == version:
-            h = self._h.pop((i, name), None)
-            if h is not None:
-                if not self._h:
-                    self._x = None  # every slice taken: hold no activations
-                return h
-            if any(n == name for _, n in self._h):  # this member took its slice of x already
-                return None
-        else:
-            self._x, self._h = None, {}  # slices of an older input, never taken: dropped
-        return self._compute(i, name, x, version)
-
-    def _compute(self, i: int, name: str, x: torch.Tensor, version) -> torch.Tensor | None:
-        dtype = self.members[i].lora_A[adapter_key(name)].weight.dtype
-        run = [j for j, m in enumerate(self.members)
-               if name in m.r and m._plain(name) and m.lora_A[adapter_key(name)].weight.dtype == dtype]
-        if len(run) < 2 or i not in run:
-            return None
-        ms = [self.members[j] for j in run]
-        a = torch.cat([m.lora_A[adapter_key(name)].weight for m in ms])  # (sum of r, in)
-        h = F.linear(x.to(dtype), a)
-        scalings = [m.scaling[name] for m in ms]
-        if len(set(scalings)) == 1:
-            h = h * scalings[0]
-        else:
-            h = h * torch.tensor([s for m, s in zip(ms, scalings) for _ in range(m.r[name])], dtype=dtype,
-                                 device=h.device)
-        self._x = (x, version)
-        self._h.update(zip([(j, name) for j in run], h.split([m.r[name] for m in ms], -1)))
-        return self._h.pop((i, name))
-
-
-def share_inputs(parents) -> None:
-    """Give the ``LoRALinear`` children of each module in ``parents`` named as one of
-    ``SHARED_INPUT_NAMES`` (two or more of a set) a common ``SharedInput``."""
-    for parent in parents:
-        for names in SHARED_INPUT_NAMES:
-            members = [m for n in names if type(m := parent._modules.get(n)) is LoRALinear]
-            shared = SharedInput(members) if len(members) > 1 else None
-            for m in members:
-                m.shared_input = shared
