@@ -24,7 +24,9 @@ Levers (``--levers``, each an extra lorakit run in the same interleave, identica
 only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
 rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
 as ``out + (B(A x)) * s`` (a full-size multiply and add) instead of scaling the rank-r activations
-and accumulating in place; ``eager`` uses eager attention instead of SDPA. Length batching is used
+and accumulating in place; ``eager`` uses eager attention instead of SDPA; ``compile`` is the other
+way round, lorakit with ``TrainConfig(compile=True)`` (``torch.compile`` of each transformer block;
+its first step, excluded as the warm-up, is the compilation and is printed). Length batching is used
 by both tools (same batches), so its effect is reported as the padding it saves against random
 batches of the same examples.
 """
@@ -39,6 +41,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -107,6 +110,8 @@ class Variant:
             self.patch["add_lora_"] = LoRALayer.add_lora_  # lora_output (B(A x)) * s, then out.add_
         if name == "eager":
             _set_attn(model, "eager")
+        if name == "compile":
+            cfg = dataclasses.replace(cfg, compile=True)
         self.error = None
         total = cfg.total_steps(len(train_ex))
 
@@ -160,13 +165,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
-    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack")
+    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, compile")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     args = ap.parse_args(argv)
     levers = [x for x in args.levers.split(",") if x]
     if args.no_label_head and "full-head" not in levers:
         levers.append("full-head")
-    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack"}
+    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack", "compile"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
 
@@ -304,6 +309,14 @@ def main(argv=None) -> int:
           f"{'MET' if ratio >= 1.5 and val_ok else 'NOT MET'} (speed {'ok' if ratio >= 1.5 else 'short'}, "
           f"val loss {'ok' if val_ok else 'off'})")
     for n in levers:
+        if n == "compile":
+            first = tokens[0] / next(v for v in variants if v.name == n).recs[0]["tokens_per_s"]
+            print(f"lever compile on: lorakit {statistics.median(tps[n]):.0f} tokens/s "
+                  f"({statistics.median(tps[n]) / med_p:.3f}x PEFT + Trainer, medians; val loss {val[n]:.4f}), "
+                  f"{statistics.median([a / b for a, b in zip(secs['lorakit'], secs[n])]):.3f}x the eager steps "
+                  f"(paired); first step {first:.0f} s (compilation), {sum(secs[n]) + first:.0f} s for all "
+                  f"{args.steps} steps vs {sum(secs['lorakit']) + tokens[0] / variants[0].recs[0]['tokens_per_s']:.0f} s eager")
+            continue
         print(f"lever {n} off: lorakit {statistics.median(tps[n]):.0f} tokens/s; the lever is worth "
               f"{statistics.median([a / b for a, b in zip(secs[n], secs['lorakit'])]):.3f}x (paired)")
     _, q1l, q3l, _ = _stats(tps["lorakit"])

@@ -176,3 +176,29 @@ def test_packing_falls_back():
     model.eval()
     set_checkpointing(model, False)
     assert abs(float(a.detach()) - float(b.detach())) < 1e-5
+
+
+def test_compiled_blocks_train_like_eager():
+    import copy
+
+    from lorakit.train import blocks
+
+    torch.manual_seed(0)
+    model = lorakit.inject(tiny_llama(), lorakit.LoRAConfig(r=4, lora_alpha=8, target_modules=ALL7))
+    assert blocks(model) == list(model.model.layers)  # the decoder layers, not the 7-projection lists
+    compiled = copy.deepcopy(model)
+    torch.manual_seed(1)
+    ex = [Example(torch.randint(1, 64, (n,)).tolist(), [IGNORE] * 4 + torch.randint(1, 64, (n - 4,)).tolist())
+          for n in (9, 12, 7, 10, 11, 8, 9, 12)]
+    runs = {}
+    for name, m, on in (("eager", model, False), ("compiled", compiled, True)):
+        logs = []
+        train(m, ex, TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup=1, eval_every=2, compile=on), 0,
+              val_examples=ex[:3], on_log=logs.append, progress=False)
+        runs[name] = logs
+        assert all(b._compiled_call_impl is None for b in blocks(m))  # eager again after training
+    for a, b in zip(runs["eager"], runs["compiled"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a.get("val_loss", 0) - b.get("val_loss", 0)) < 1e-5
+    for (n, p), q in zip(model.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
