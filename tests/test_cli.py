@@ -170,6 +170,28 @@ def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize("how", ["flag", "config", "off"])
+def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch, how):
+    import lorakit.train
+
+    seen = []
+
+    def spy(model, train_ex, cfg, *a, **k):
+        seen.append(cfg.compile)
+        raise KeyboardInterrupt  # stop before any step: only the config is checked
+
+    monkeypatch.setattr(lorakit.train, "train", spy)
+    root, model, data = tiny
+    args = ["train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o"]
+    if how == "flag":
+        args.append("--compile")
+    elif how == "config":
+        (tmp_path / "c.yaml").write_text("compile: true\n")
+        args += ["--config", tmp_path / "c.yaml"]
+    code, _, _ = run(capsys, *args)
+    assert code == 130 and seen == [how != "off"]
+
+
 def test_console_script_usage_error():
     exe = Path(sys.executable).with_name("lorakit")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lorakit.cli"]
