@@ -190,15 +190,19 @@ def test_compiled_blocks_train_like_eager():
     torch.manual_seed(1)
     ex = [Example(torch.randint(1, 64, (n,)).tolist(), [IGNORE] * 4 + torch.randint(1, 64, (n - 4,)).tolist())
           for n in (9, 12, 7, 10, 11, 8, 9, 12)]
+    from torch._dynamo.utils import counters
+
     runs = {}
     for name, m, on in (("eager", model, False), ("compiled", compiled, True)):
+        counters.clear()
         logs = []
         train(m, ex, TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup=1, eval_every=2, compile=on), 0,
               val_examples=ex[:3], on_log=logs.append, progress=False)
         runs[name] = logs
+        assert (counters["stats"]["unique_graphs"] > 0) == on  # the blocks ran compiled, or not at all
         assert all(b._compiled_call_impl is None for b in blocks(m))  # eager again after training
     for a, b in zip(runs["eager"], runs["compiled"]):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a.get("val_loss", 0) - b.get("val_loss", 0)) < 1e-5
-    for (n, p), q in zip(model.named_parameters(), compiled.parameters()):
+    for p, q in zip(model.parameters(), compiled.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

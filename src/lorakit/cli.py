@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_const", const=True, help="bfloat16 autocast if the CPU supports it")
     t.add_argument("--gradient-checkpointing", action="store_const", const=True, help="recompute activations")
     t.add_argument("--compile", action="store_const", const=True,
-                   help="torch.compile the transformer blocks: faster steps after a 20-80 s first step")
+                   help="torch.compile the transformer blocks: faster steps after a 15-75 s first step")
     t.add_argument("--eval-every", type=int, help="validation loss every N steps (default 25; 0 = never)")
     t.add_argument("--test-size", type=int, help="built-in task: test words (default 200)")
     t.add_argument("--overwrite", action="store_const", const=True, help="reuse an output folder holding an adapter")

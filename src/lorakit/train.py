@@ -47,8 +47,9 @@ class TrainConfig:
         bf16: bfloat16 autocast for the forward pass (weights stay float32).
         eval_every: validation loss every this many steps (and at the last step); 0 = never.
         compile: ``torch.compile`` each transformer block for the training steps (``compile_blocks``):
-            fewer, fused elementwise kernels; the first step pays the compilation (20-80 s for
-            SmolLM2 on 2 CPU cores), so it pays on long runs.
+            fewer, fused elementwise kernels; the first step pays the compilation (15-75 s for
+            SmolLM2 on 2 CPU cores; once more when a batch first packs into several rows), so it
+            pays on long runs.
     """
 
     steps: int | None = None
