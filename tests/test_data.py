@@ -60,8 +60,17 @@ def test_unknown_mixed_empty_missing(tmp_path):
         D.read_jsonl(tmp_path / "e.jsonl")
     with pytest.raises(FileNotFoundError):
         D.read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="is a folder"):
+        D.read_jsonl(tmp_path)
     with pytest.raises(DataError, match=r":1: 'completion' must be a string"):
         D.read_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": 3}]))
+
+
+def test_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n'.encode())
+    ds = D.read_jsonl(path)
+    assert ds.shape == "prompt-completion" and [r["prompt"] for r in ds.records] == ["a", "c"]
 
 
 def _labelled_text(tok, ex):

@@ -145,14 +145,16 @@ def read_jsonl(path: str | os.PathLike) -> Dataset:
 
     Raises:
         FileNotFoundError: no such file.
-        DataError: invalid JSON (the line number is named), a record of an unknown or
+        DataError: a folder instead of a file, invalid JSON (the line number is named), a record of an unknown or
             different shape, a field of the wrong type, or no records at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; give a .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     records, lines, shape = [], [], None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some Windows editors write one) is skipped
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
