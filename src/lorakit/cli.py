@@ -513,12 +513,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     user = D.read_jsonl(args.data) if args.data else None
     if user is None and meta.get("task") != D.G2P_TASK:
         raise CLIError(f"adapter {args.adapter!r} was not trained on the built-in task; pass --data FILE.jsonl")
+    if user is not None and (args.batch_size < 1 or (args.max_length is not None and args.max_length < 2)):
+        raise UsageError("--batch-size must be >= 1 and --max-length >= 2")  # before the model loads
     _quiet_transformers()
     lm, meta = _load_with_adapter(args.adapter)
     merge(lm.model)
     if user is not None:
-        if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
-            raise UsageError("--batch-size must be >= 1 and --max-length >= 2")
         max_length = args.max_length or meta.get("max_length") or USER_MAX_LENGTH
         ex = D.tokenize_dataset(lm.tokenizer, user, max_length)
         loss, n = mean_loss(lm.model, ex, lm.tokenizer.pad_token_id, args.batch_size)
