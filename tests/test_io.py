@@ -164,3 +164,12 @@ def test_save_is_atomic(saved, monkeypatch):
         save_adapter(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_to_a_file_path_is_refused(saved):
+    model, path = saved
+    target = path.parent / "adapter.safetensors"
+    target.write_bytes(b"keep me")
+    with pytest.raises(NotADirectoryError, match="is a file; save_adapter writes a folder"):
+        save_adapter(model, target)
+    assert target.read_bytes() == b"keep me"

@@ -97,8 +97,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Raises:
         AdapterNotFoundError: no adapter of that name.
+        NotADirectoryError: ``path`` is an existing file (nothing is written).
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{str(path)!r} is a file; save_adapter writes a folder (adapter_config.json, "
+                                 f"{WEIGHTS_NAME})")
     state = adapter_state_dict(model, adapter_name)
     config = _config_dict(model, adapter_name)
     path.mkdir(parents=True, exist_ok=True)
