@@ -310,12 +310,12 @@ def main(argv=None) -> int:
           f"val loss {'ok' if val_ok else 'off'})")
     for n in levers:
         if n == "compile":
-            first = tokens[0] / next(v for v in variants if v.name == n).recs[0]["tokens_per_s"]
+            first = {v.name: tokens[0] / v.recs[0]["tokens_per_s"] for v in variants}  # the warm-up step, s
             print(f"lever compile on: lorakit {statistics.median(tps[n]):.0f} tokens/s "
                   f"({statistics.median(tps[n]) / med_p:.3f}x PEFT + Trainer, medians; val loss {val[n]:.4f}), "
                   f"{statistics.median([a / b for a, b in zip(secs['lorakit'], secs[n])]):.3f}x the eager steps "
-                  f"(paired); first step {first:.0f} s (compilation), {sum(secs[n]) + first:.0f} s for all "
-                  f"{args.steps} steps vs {sum(secs['lorakit']) + tokens[0] / variants[0].recs[0]['tokens_per_s']:.0f} s eager")
+                  f"(paired); first step {first[n]:.0f} s (compilation), {sum(secs[n]) + first[n]:.0f} s for all "
+                  f"{args.steps} steps vs {sum(secs['lorakit']) + first['lorakit']:.0f} s eager")
             continue
         print(f"lever {n} off: lorakit {statistics.median(tps[n]):.0f} tokens/s; the lever is worth "
               f"{statistics.median([a / b for a, b in zip(secs[n], secs['lorakit'])]):.3f}x (paired)")

@@ -197,9 +197,9 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
         return None
     P = max(0, _shared_prefix_len(input_ids, attention_mask, sel))
     last = torch.where(sel, torch.arange(T - 1), -1).amax(1)  # each row's last label-predicting position
-    lens = torch.minimum((last + 1).clamp(min=P), lens)  # the tokens each row needs
+    need = torch.minimum((last + 1).clamp(min=P), lens)  # the tokens each row needs
     groups, sizes = [[]], [P]  # batch rows of each packed row, and its token count
-    for b, n in enumerate((lens - P).tolist()):
+    for b, n in enumerate((need - P).tolist()):
         if groups[-1] and sizes[-1] + n > max_tokens:
             groups.append([])
             sizes.append(P)
@@ -216,7 +216,7 @@ def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, sel: torch.Tens
         ids[g, :P], pos[g, :P], seg[g, :P] = input_ids[rows[0], :P], torch.arange(P), -1
         o = P
         for b in rows:
-            L = int(lens[b])
+            L = int(need[b])
             dst = slice(o, o + L - P)  # row b's tokens after the prefix
             ids[g, dst], pos[g, dst], seg[g, dst] = input_ids[b, P:L], torch.arange(P, L), b
             index[b, :P] = g * N + torch.arange(P)
@@ -341,8 +341,6 @@ def train(
     # validation loss of the untrained adapter: the start of the curve
     val_start = mean_loss(model, val_examples, pad_id)[0] if val_examples and cfg.eval_every else None
     model.train()
-    # with cfg.compile, validation runs eagerly: a no-grad graph would be a second compilation
-    eager = (lambda: torch.compiler.set_stance("force_eager")) if cfg.compile else nullcontext
     tokens_all, seconds_all = 0, 0.0
     bar = tqdm(range(1, total + 1), desc="train", disable=not progress, dynamic_ncols=True)
     with compile_blocks(model, cfg.compile):
@@ -366,7 +364,8 @@ def train(
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
             rec = {"step": step, "loss": loss_sum / n_all, "lr": lr, "tokens_per_s": tokens / dt}
             if val_examples and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-                with eager():
+                # compiled blocks validate eagerly: a no-grad graph would be a second compilation
+                with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
                     rec["val_loss"] = mean_loss(model, val_examples, pad_id)[0]
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_all / seconds_all:.0f}")
             if on_log:
