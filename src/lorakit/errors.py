@@ -1,8 +1,14 @@
-"""Typed exceptions. Each names the module, key, shape or value at fault.
+"""Every lorakit exception, in one hierarchy. Each names the file and line, module, key, shape
+or value at fault.
 
-Every class also derives from the builtin a caller would naturally catch
-(``ValueError`` for bad values, ``KeyError`` for unknown names), so code written
-against plain Python exceptions keeps working.
+Every class also derives from the builtin a caller would naturally catch (``ValueError`` for
+bad values, ``KeyError`` for unknown names, ``RuntimeError`` for a wrong state), so code
+written against plain Python exceptions keeps working. The same fault raises the same class
+wherever it is detected.
+
+Core (``lorakit``): ConfigError, TargetModuleError, AdapterExistsError, AdapterNotFoundError,
+AdapterLoadError, MergeStateError, MixedBatchError.
+App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ class LoRAError(Exception):
         return str(self.args[0]) if self.args else ""
 
 
+# --- core -------------------------------------------------------------------------------------
+
+
 class ConfigError(LoRAError, ValueError):
-    """A ``LoRAConfig`` field or an ``adapter_config.json`` entry is invalid."""
+    """A ``LoRAConfig`` field, an ``adapter_config.json`` entry, an adapter name or another argument is invalid."""
 
 
 class TargetModuleError(LoRAError, ValueError):
@@ -41,3 +50,22 @@ class MergeStateError(LoRAError, RuntimeError):
 
 class MixedBatchError(LoRAError, ValueError):
     """``mixed_batch`` got adapter names that do not fit the batch or the model's state."""
+
+
+# --- app --------------------------------------------------------------------------------------
+
+
+class DataError(LoRAError, ValueError):
+    """A data file is missing, malformed (file and line named), of an unknown record shape, or empty."""
+
+
+class ModelLoadError(LoRAError, ValueError):
+    """A model reference cannot be resolved or loaded (missing path, not in the local cache, ...)."""
+
+
+class UsageError(LoRAError, ValueError):
+    """A bad command-line or config-file value (the CLI exits with status 2)."""
+
+
+class CLIError(LoRAError, ValueError):
+    """A user error detected by the CLI, e.g. an output folder that already holds an adapter (exit status 1)."""
