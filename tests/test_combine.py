@@ -14,13 +14,17 @@ def model():
     return m
 
 
-def _exact(model, weights):
+# scaling of each source adapter, by hand from the fixture's configs: a: 8/4; b (rsLoRA): 5/sqrt(2)
+SCALING = {"a": 8 / 4, "b": 5 / 2 ** 0.5}
+
+
+def _exact(model, weights, scaling=SCALING):
     """Per layer: sum_i w_i s_i B_i A_i in float64."""
     out = {}
     for name, layer in lorakit.lora_layers(model):
         terms = [
-            w * layer.scaling[a] * (layer.lora_weights(a)[1].detach().double() @ layer.lora_weights(a)[0].detach().double())
-            for a, w in weights.items() if a in layer.r
+            w * scaling[a] * (layer.lora_weights(a)[1].detach().double() @ layer.lora_weights(a)[0].detach().double())
+            for a, w in weights.items() if layer.has_adapter(a)
         ]
         if terms:
             out[name] = sum(terms)
@@ -28,7 +32,14 @@ def _exact(model, weights):
 
 
 def _delta(model, name):
-    return {n: l.delta_weight(name).double() for n, l in lorakit.lora_layers(model) if name in l.r}
+    """The new adapter's delta by hand from its stored factors: s B A with s = alpha / r = 1."""
+    out = {}
+    for n, l in lorakit.lora_layers(model):
+        if l.has_adapter(name):
+            a, b = (t.detach().double() for t in l.lora_weights(name))
+            assert l.adapter(name).lora_alpha == l.adapter(name).r  # scaling folded into the factors
+            out[n] = b @ a
+    return out
 
 
 def test_cat_is_exact_with_rslora_and_mixed_alphas(model, tmp_path):
@@ -39,7 +50,7 @@ def test_cat_is_exact_with_rslora_and_mixed_alphas(model, tmp_path):
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7)
     v = model.model.layers[0].self_attn.v_proj
-    assert v.r["ab"] == 6 and model.model.layers[0].self_attn.q_proj.r["ab"] == 4
+    assert v.adapter("ab").r == 6 and model.model.layers[0].self_attn.q_proj.adapter("ab").r == 4
     assert lorakit.active_adapters(model) == ["ab"]
     # per-layer ranks survive a save/load round trip, in lorakit and in PEFT
     save_adapter(model, tmp_path, adapter_name="ab")
@@ -61,7 +72,7 @@ def test_svd_is_the_best_rank_k_approximation(model, k):
         discarded = s[k:].square().sum().sqrt()
         assert errors[n] == pytest.approx((discarded / s.square().sum().sqrt()).item(), rel=1e-6, abs=1e-9)
         assert torch.linalg.norm(got[n] - d) == pytest.approx(discarded.item(), rel=1e-4, abs=1e-6)
-    assert all(l.r["s"] == k for _, l in lorakit.lora_layers(model) if "s" in l.r)
+    assert all(l.adapter("s").r == k for _, l in lorakit.lora_layers(model) if l.has_adapter("s"))
 
 
 def test_linear_only_where_exact(model):
@@ -71,9 +82,9 @@ def test_linear_only_where_exact(model):
     inject(model, LoRAConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "a2")
     with torch.no_grad():
         for _, l in lorakit.lora_layers(model):
-            if "a2" in l.r:
+            if l.has_adapter("a2"):
                 l.lora_weights("a2")[0].copy_(l.lora_weights("a")[0])
-    want = _exact(model, {"a": 2.0, "a2": 3.0})
+    want = _exact(model, {"a": 2.0, "a2": 3.0}, {"a": 8 / 4, "a2": 2 / 4})
     add_weighted_adapter(model, ["a", "a2"], [2.0, 3.0], "lin", "linear")
     for n, d in _delta(model, "lin").items():
         torch.testing.assert_close(d, want[n], rtol=1e-6, atol=1e-7)

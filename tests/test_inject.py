@@ -62,8 +62,8 @@ def test_layers_to_transform_and_patterns(llama):
     inject(llama, cfg)
     assert _wrapped(llama) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     q, v = llama.model.layers[1].self_attn.q_proj, llama.model.layers[1].self_attn.v_proj
-    assert (q.r["default"], q.scaling["default"]) == (4, 3.0)
-    assert (v.r["default"], v.scaling["default"]) == (2, 8.0)
+    assert (q.adapter("default").r, q.adapter("default").scaling) == (4, 12 / 4)
+    assert (v.adapter("default").r, v.adapter("default").scaling) == (2, 16 / 2)
     assert trainable_parameters(llama)[0] == 4 * (32 + 32) + 2 * (32 + 16)
 
 

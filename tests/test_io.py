@@ -50,7 +50,7 @@ def test_files_use_peft_names_and_only_adapter_weights(saved):
     tensors = load_file(path / "adapter_model.safetensors")
     assert len(tensors) == 2 * 3 * 2
     a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-    torch.testing.assert_close(a, model.model.layers[0].self_attn.q_proj.lora_A["default"].weight, rtol=0, atol=0)
+    torch.testing.assert_close(a, model.model.layers[0].self_attn.q_proj.lora_weights("default")[0], rtol=0, atol=0)
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
 
 
@@ -159,7 +159,7 @@ def test_save_is_atomic(saved, monkeypatch):
 
     monkeypatch.setattr("lorakit.io.save_file", boom)
     with torch.no_grad():
-        model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.add_(1)
+        model.model.layers[0].self_attn.q_proj.lora_weights("default")[0].add_(1)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, path)
     assert (path / "adapter_model.safetensors").read_bytes() == before

@@ -5,14 +5,14 @@ import torch
 from torch import nn
 
 from lorakit import LoRALinear
-from lorakit.layers import adapter_key
+from lorakit.adapter import adapter_key
 
 
 def _layer(in_f=5, out_f=3, r=2, alpha=3.0, rslora=False, init=False, bias=True, dropout=0.0):
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(in_f, out_f, bias=bias))
     layer.add_adapter("default", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=init)
-    layer.active_adapters = ["default"]
+    layer.set_adapter("default")
     return layer
 
 
@@ -29,7 +29,7 @@ def _reference(layer, x, s):
 def test_forward_equals_float64_hand_computation(rslora):
     layer = _layer(r=4, alpha=3.0, rslora=rslora)
     s = 3.0 / math.sqrt(4) if rslora else 3.0 / 4
-    assert layer.scaling["default"] == s
+    assert layer.adapter("default").scaling == s
     x = torch.randn(2, 3, 6, 5)  # any leading shape
     out = layer(x)
     assert out.shape == (2, 3, 6, 3)
@@ -77,7 +77,7 @@ def test_bf16_base_gets_float32_adapter_and_bf16_output():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(8, 4).to(torch.bfloat16))
     layer.add_adapter("a", r=2, lora_alpha=2, init_lora_weights=False)
-    layer.active_adapters = ["a"]
+    layer.set_adapter("a")
     assert layer.lora_weights("a")[0].dtype == torch.float32
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 

@@ -52,7 +52,7 @@ def test_unload_merge_gives_plain_modules_with_merged_weights(ids):
     model, original = _adapted()
     out = model(ids).logits
     deltas = {
-        n: layer.scaling["default"] * (layer.lora_weights("default")[1].double() @ layer.lora_weights("default")[0].double())
+        n: 8 / 4 * (layer.lora_weights("default")[1].double() @ layer.lora_weights("default")[0].double())
         for n, layer in lorakit.lora_layers(model)
     }
     plain = unload(model, merge=True)

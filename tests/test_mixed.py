@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import lorakit
 from lorakit import (
     AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
     merge, mixed_batch, set_adapter,
@@ -34,8 +35,8 @@ def _single(model, name, ids):
 def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
     import lorakit.mixed
 
-    stacked, calls = lorakit.mixed._Holder.stacked, []
-    monkeypatch.setattr(lorakit.mixed._Holder, "stacked", lambda *a: calls.append(a[2]) or stacked(*a))
+    stack, calls = lorakit.mixed.stack, []
+    monkeypatch.setattr(lorakit.mixed, "stack", lambda *a: calls.append(a[0]) or stack(*a))
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
@@ -87,9 +88,10 @@ def test_generate_with_per_row_adapters(model, beams):
         assert torch.equal(got[i], want[0]), (i, n)
 
 
-def test_errors_come_before_any_compute(model):
-    calls = []
-    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+def test_errors_come_before_any_adapter_compute(model):
+    calls = []  # a forward hook fires only after its module's forward returned
+    for _, layer in lorakit.lora_layers(model):
+        layer.register_forward_hook(lambda *a: calls.append(1))
     ids = torch.randint(0, 64, (3, 5))
     with pytest.raises(AdapterNotFoundError, match="zz"):
         with mixed_batch(model, ["a", "zz", None]):
@@ -97,6 +99,7 @@ def test_errors_come_before_any_compute(model):
     with pytest.raises(MixedBatchError, match="2 adapter names.*batch size 3"):
         with mixed_batch(model, ["a", "b"]):
             model(ids)
+    assert lorakit.active_adapters(model) == ["c.d"] and model.lora_state.rows is None  # the block left nothing behind
     with pytest.raises(MixedBatchError):
         with mixed_batch(model, []):
             pass
@@ -143,8 +146,8 @@ def test_layers_reading_one_input_share_its_gather(monkeypatch):
     m = tiny_llama()
     for name in ("a", "b"):
         inject(m, LoRAConfig(r=2, target_modules="all-linear", init_lora_weights=False), name)
-    gathered, results = lorakit.mixed._Holder.gathered, []
-    monkeypatch.setattr(lorakit.mixed._Holder, "gathered", lambda *a: results.append(gathered(*a)) or results[-1])
+    gathered, results = lorakit.mixed.RowRouter.gathered, []
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "gathered", lambda *a: results.append(gathered(*a)) or results[-1])
     ids = torch.randint(0, 64, (4, 5))
     with mixed_batch(m, ["a", "b", "b", "a"]), torch.no_grad():
         m(ids)

@@ -2,6 +2,24 @@
 
 Data flow: model -> ``inject`` -> train -> ``save_adapter`` -> ``load_adapter`` /
 ``merge`` / ``unload`` -> serve.
+
+This package is the core and needs only torch and safetensors. Its modules are layered one
+way (each imports only those below it; checked by tests/test_architecture.py)::
+
+    io | combine | mixed        files, adapter arithmetic, per-row adapters
+    adapters                    model-level verbs: set / disable / delete / merge / unload
+    inject                      find targets, wrap modules, add adapters
+    modules_to_save             fully trained module copies
+    tree                        walking the model; its one AdapterState (the active set)
+    layer_types                 Conv1D, Embedding, Conv2d; the type registry
+    layers                      LoRALayer (merge / unmerge / forward), LoRALinear
+    config                      LoRAConfig (PEFT's adapter_config.json)
+    adapter                     the math: scaling, bypass s·B·A·x, delta s·B·A (LoRAAdapter)
+    state                       AdapterState, AdapterModule
+    errors                      every exception
+
+The app (CLI, training, data, evaluation, model loading) lives in ``lorakit.app`` and imports
+the core; the core never imports it.
 """
 
 from .adapters import (
@@ -27,15 +45,20 @@ from .errors import (
     MixedBatchError,
     TargetModuleError,
 )
-from .inject import find_targets, inject, lora_layers
+from .adapter import LoRAAdapter
+from .inject import find_targets, inject
 from .io import load_adapter, read_adapter, save_adapter
+from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear
 from .layers import LoRALayer, LoRALinear
 from .mixed import mixed_batch
+from .modules_to_save import ModulesToSaveWrapper
+from .tree import lora_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoRAConfig",
+    "LoRAAdapter",
     "LoRALayer",
     "LoRALinear",
     "inject",
@@ -63,10 +86,9 @@ __all__ = [
     "MixedBatchError",
     "add_weighted_adapter",
     "mixed_batch",
+    "LoRAConv1D",
+    "LoRAConv2d",
+    "LoRAEmbedding",
+    "TiedLoRALinear",
+    "ModulesToSaveWrapper",
 ]
-
-# --- layer types, modules_to_save (issue 5) ---
-from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear  # noqa: E402
-from .modules_to_save import ModulesToSaveWrapper  # noqa: E402
-
-__all__ += ["LoRAConv1D", "LoRAConv2d", "LoRAEmbedding", "TiedLoRALinear", "ModulesToSaveWrapper"]

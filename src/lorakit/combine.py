@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .adapters import check_adapter_name, list_adapters
+from .adapter import check_adapter_name
 from .config import LoRAConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
-from .inject import inject, lora_layers
+from .errors import AdapterExistsError, ConfigError
+from .inject import inject
 from .layers import LoRALinear
+from .tree import check_known, lora_layers, model_state
 
 COMBINATIONS = ("cat", "svd", "linear")
 
@@ -62,6 +63,19 @@ def add_weighted_adapter(
             or a source layer that is not ``nn.Linear``.
         MergeStateError: adapters are merged.
     """
+    adapters, weights, svd_rank = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B (out x k), A (k x in)), float64
+    errors: dict[str, float] = {}
+    for name, layer in lora_layers(model):
+        present = [(a, w) for a, w in zip(adapters, weights) if layer.has_adapter(a)]
+        if present:
+            factors[name], errors[name] = _combine_layer(name, layer, present, combination_type, svd_rank)
+    _add_factors(model, factors, adapter_name, model_state(model).configs[adapters[0]])
+    return errors
+
+
+def _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank):
+    """Validated ``(adapters, weights, svd_rank)``; raises before anything changes."""
     check_adapter_name(adapter_name)
     if isinstance(adapters, str) or isinstance(weights, (str, int, float)):
         raise ConfigError("adapters and weights must be lists (one weight per adapter)")
@@ -70,13 +84,10 @@ def add_weighted_adapter(
         weights = [float(w) for w in weights]
     except (TypeError, ValueError):
         raise ConfigError(f"weights must be numbers, got {list(weights)!r}") from None
-    known = list_adapters(model)
     if not adapters:
         raise ConfigError("adapters must name at least one adapter")
-    for a in adapters:
-        if a not in known:
-            raise AdapterNotFoundError(f"adapter {a!r} not found; the model has {known}")
-    if adapter_name in known:
+    check_known(model, adapters)
+    if adapter_name in model_state(model).configs:
         raise AdapterExistsError(f"adapter {adapter_name!r} already exists")
     if len(weights) != len(adapters):
         raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters")
@@ -85,42 +96,43 @@ def add_weighted_adapter(
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r}; expected one of {COMBINATIONS}")
     if combination_type == "svd":
-        svd_rank = max(model.lora_configs[a].r for a in adapters) if svd_rank is None else svd_rank
+        configs = model_state(model).configs
+        svd_rank = max(configs[a].r for a in adapters) if svd_rank is None else svd_rank
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
             raise ConfigError(f"svd_rank must be an int >= 1, got {svd_rank!r}")
+    return adapters, weights, svd_rank
 
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (B (out x k), A (k x in)), float64
-    errors: dict[str, float] = {}
-    for name, layer in lora_layers(model):
-        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.r]
-        if not present:
-            continue
-        if not isinstance(layer, LoRALinear):
-            raise ConfigError(f"cannot combine adapters on {name!r}: only nn.Linear adapters are supported")
-        As = [layer.lora_weights(a)[0].detach().double() for a, _ in present]
-        Bs = [layer.lora_weights(a)[1].detach().double() * (w * layer.scaling[a]) for a, w in present]
-        if combination_type == "cat":
-            factors[name], errors[name] = (torch.cat(Bs, 1), torch.cat(As, 0)), 0.0
-        elif combination_type == "linear":
-            if any(not torch.equal(A, As[0]) for A in As[1:]):
-                raise ConfigError(
-                    f"'linear' combination is exact only when all adapters share the same A; they differ on {name!r} "
-                    "(use combination_type='cat' or 'svd')"
-                )
-            factors[name], errors[name] = (sum(Bs), As[0]), 0.0
-        else:
-            factors[name], errors[name] = _truncated_svd(torch.cat(Bs, 1), torch.cat(As, 0), svd_rank)
 
+def _combine_layer(name, layer, present, combination_type, svd_rank):
+    """``((B, A), relative error)`` of one layer's combined delta, in float64."""
+    if not isinstance(layer, LoRALinear):
+        raise ConfigError(f"cannot combine adapters on {name!r}: only nn.Linear adapters are supported")
+    folded = [(layer.adapter(a).folded(torch.float64), w) for a, w in present]  # ((A, s B), w)
+    As = [a for (a, _), _ in folded]
+    Bs = [sb * w for (_, sb), w in folded]
+    if combination_type == "cat":
+        return (torch.cat(Bs, 1), torch.cat(As, 0)), 0.0
+    if combination_type == "linear":
+        if any(not torch.equal(A, As[0]) for A in As[1:]):
+            raise ConfigError(
+                f"'linear' combination is exact only when all adapters share the same A; they differ on {name!r} "
+                "(use combination_type='cat' or 'svd')"
+            )
+        return (sum(Bs), As[0]), 0.0
+    return _truncated_svd(torch.cat(Bs, 1), torch.cat(As, 0), svd_rank)
+
+
+def _add_factors(model, factors, adapter_name, first: LoRAConfig) -> None:
+    """Inject ``adapter_name`` (s = 1: lora_alpha = r per module) holding ``factors``."""
     ranks = {name: B.shape[1] for name, (B, _) in factors.items()}
     r = max(ranks.values())
     odd = {re.escape(n): k for n, k in ranks.items() if k != r}  # full names as PEFT patterns
-    first = model.lora_configs[adapters[0]]
     config = LoRAConfig(
         r=r, lora_alpha=r, lora_dropout=first.lora_dropout, target_modules=list(factors),
         rank_pattern=odd, alpha_pattern=dict(odd), init_lora_weights=False,
         base_model_name_or_path=first.base_model_name_or_path, task_type=first.task_type,
     )
-    inject(model, config, adapter_name)
+    inject(model, config, adapter_name, init_weights=False)
     with torch.no_grad():
         for name, layer in lora_layers(model):
             if name in factors:
@@ -128,7 +140,6 @@ def add_weighted_adapter(
                 a, b = layer.lora_weights(adapter_name)
                 a.copy_(A)
                 b.copy_(B)
-    return errors
 
 
 def _truncated_svd(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapter import scaling
 from .errors import ConfigError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -187,8 +188,7 @@ class LoRAConfig:
 
     def scaling_for(self, module_name: str) -> float:
         """``s = alpha / r`` (Hu et al. 2021) or ``alpha / sqrt(r)`` (rsLoRA) for ``module_name``."""
-        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return scaling(self.rank_for(module_name), self.alpha_for(module_name), self.use_rslora)
 
     # --- PEFT adapter_config.json ------------------------------------------------------
 

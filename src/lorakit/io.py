@@ -4,7 +4,7 @@ A folder holds ``adapter_config.json`` (``LoRAConfig.to_dict``) and
 ``adapter_model.safetensors`` with keys such as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (r x in) and
 ``...lora_B.weight`` (out x r): PEFT's names with the adapter name removed.
-Each layer class names its own parts (``layer_types.peft_tensors``): an
+Each layer class names its own parts (``LoRALayer.peft_suffixes``): an
 embedding saves ``<module>.lora_embedding_A`` (r x num_embeddings) and
 ``<module>.lora_embedding_B`` (dim x r), without ``.weight``, as PEFT does. A
 ``modules_to_save`` copy is saved under the module's own state-dict keys, e.g.
@@ -23,12 +23,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import _apply_active, _is_merged, active_adapters, check_adapter_name, delete_adapter, list_adapters, set_adapter
+from . import modules_to_save as mts
+from .adapter import check_adapter_name
+from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
-from . import modules_to_save as mts
-from .inject import find_targets, inject, lora_layers, set_submodule
-from .layer_types import peft_tensors
+from .inject import find_targets, inject
+from .tree import STATE_ATTR, activate, is_merged, lora_layers, model_state, set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -44,8 +45,8 @@ def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Ten
     """PEFT key -> the live tensor (parameter or buffer) of adapter ``adapter_name``."""
     out = {}
     for name, layer in lora_layers(model):
-        if adapter_name in layer.r:
-            for suffix, t in peft_tensors(layer, adapter_name).items():
+        if layer.has_adapter(adapter_name):
+            for suffix, t in layer.peft_tensors(adapter_name).items():
                 out[_peft_key(name, suffix)] = t
     for key, t in mts.state_for(model, adapter_name).items():
         out[PREFIX + key] = t
@@ -76,7 +77,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
 
 def _config_dict(model: nn.Module, adapter_name: str) -> dict:
-    config: LoRAConfig = model.lora_configs[adapter_name]
+    config: LoRAConfig = model_state(model).configs[adapter_name]
     d = config.to_dict()
     hf_config = getattr(model, "config", None)
     if d.get("base_model_name_or_path") is None and hf_config is not None:
@@ -240,12 +241,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         MergeStateError: adapters are merged (unmerge first).
     """
     check_adapter_name(adapter_name)
-    if _is_merged(model):
+    if is_merged(model):
         raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
     config, tensors = read_adapter(path)
     weights = Path(path) / WEIGHTS_NAME
     existed = adapter_name in list_adapters(model)
-    if existed and _comparable(model.lora_configs[adapter_name]) != _comparable(config):
+    if existed and _comparable(model_state(model).configs[adapter_name]) != _comparable(config):
         raise AdapterLoadError(
             f"adapter {adapter_name!r} already exists with a different config than {str(path)!r}; "
             "delete_adapter it first or load under another name"
@@ -257,6 +258,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     previous_active = active_adapters(model)
     grads = {p: p.requires_grad for p in model.parameters()}
     wrapped_before = {name for name, _ in lora_layers(model)}
+    had_state = hasattr(model, STATE_ATTR)
     try:
         if not existed:
             inject(model, config, adapter_name, init_weights=False)  # every weight is copied in below
@@ -274,7 +276,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             for name, layer in list(lora_layers(model)):
                 if name not in wrapped_before:
                     set_submodule(model, name, layer.base_layer)
-        _apply_active(model, previous_active)
+        activate(model, previous_active)
+        if not had_state:
+            delattr(model, STATE_ATTR)
         for p, g in grads.items():
             p.requires_grad_(g)
         raise

@@ -1,14 +1,17 @@
 """A different adapter for each row of one batch (S-LoRA / Punica style serving).
 
-The base matmuls run once for the whole batch. The LoRA part groups rows by
-adapter once per forward (a stable sort into contiguous segments, as in SGMV).
-A linear LoRA layer then gathers each adapter's rows, padded to the longest
-segment, and runs one batched matmul pair against the adapters' A and B stacked
-once per block (rank-padded with zeros, scaling folded into B), so its op count
-does not grow with the number of adapters; other layer types (and forwards that
-need gradients) run one small A/B matmul pair per adapter. Activations are
-gathered, never a per-row copy of adapter weights (BGMV-style weight gathering
-is slower on CPU at large row counts).
+An add-on to the layers: ``mixed_batch`` installs a ``RowRouter`` as the model state's ``rows``;
+every LoRA layer's forward then hands ``(layer, x, out)`` to ``RowRouter.add_bypass`` instead of
+adding the active adapters. The router reads the batch size from the layer's own input
+(``x.shape[0]``), so nothing is guessed from the model's argument names.
+
+The base matmuls run once for the whole batch. The LoRA part groups rows by adapter once per
+batch size (a stable sort into contiguous segments, as in SGMV). A linear LoRA layer then
+gathers each adapter's rows, padded to the longest segment, and runs one batched matmul pair
+against the adapters' A and B stacked once per block (``adapter.stack``: rank-padded with
+zeros, scaling folded into B), so its op count does not grow with the number of adapters;
+other layer types (and forwards that need gradients) run one small A/B pair per adapter.
+Activations are gathered, never a per-row copy of adapter weights.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import _is_merged, list_adapters
-from .errors import AdapterNotFoundError, MergeStateError, MixedBatchError
-from .inject import lora_layers
+from .adapter import stack, stacked_bypass
+from .errors import MergeStateError, MixedBatchError
+from .tree import attach_state, check_known, is_merged
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,24 @@ class RowPlan:
         """The batched layout of ``segments`` (a subset of ``self.segments``), or None when padding
         every segment to the longest would more than double the rows (the loop is cheaper then)."""
         if segments not in self._padded:
-            lengths = [e - s for _, s, e in segments]
-            k, length = len(segments), max(lengths)
-            if k * length > 2 * sum(lengths):
-                self._padded[segments] = None
-            else:
-                index = torch.empty((k, length), dtype=torch.long, device=self.perm.device)
-                for j, (_, s, e) in enumerate(segments):
-                    index[j, : e - s] = self.perm[s:e]
-                    index[j, e - s:] = self.perm[s]
-                keep = None
-                if min(lengths) < length:
-                    steps = torch.arange(length, device=self.perm.device)
-                    keep = (steps < torch.tensor(lengths, device=self.perm.device)[:, None]).float()[..., None, None]
-                self._padded[segments] = Padded(index.flatten(), keep, (k, length))
+            self._padded[segments] = self._layout(segments)
         return self._padded[segments]
+
+    def _layout(self, segments) -> Padded | None:
+        lengths = [e - s for _, s, e in segments]
+        k, length = len(segments), max(lengths)
+        if k * length > 2 * sum(lengths):
+            return None
+        device = self.perm.device
+        index = torch.empty((k, length), dtype=torch.long, device=device)
+        for j, (_, s, e) in enumerate(segments):
+            index[j, : e - s] = self.perm[s:e]
+            index[j, e - s:] = self.perm[s]
+        keep = None
+        if min(lengths) < length:
+            steps = torch.arange(length, device=device)
+            keep = (steps < torch.tensor(lengths, device=device)[:, None]).float()[..., None, None]
+        return Padded(index.flatten(), keep, (k, length))
 
 
 def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -> RowPlan:
@@ -93,19 +99,75 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -
     return RowPlan(len(names), perm, tuple(segments), single_full)
 
 
-class _Holder:
-    """Shared by all LoRA layers of the model for the duration of ``mixed_batch``."""
+class RowRouter:
+    """Adds each batch row's own adapter in every LoRA layer while ``mixed_batch`` runs.
 
-    def __init__(self, names: list[str | None]):
+    Caches, for the block's lifetime: the row plan per (batch size, device), the stacked
+    factors per (layer, adapters), and the last gathered input (q/k/v read one tensor,
+    gate/up another, so the next layers reuse its gather).
+    """
+
+    def __init__(self, names: list[str | None]) -> None:
         self.names = names
-        self.plan: RowPlan | None = None
-        self._cache: dict[tuple[int, str], RowPlan] = {}
+        self._plans: dict[tuple[int, str], RowPlan] = {}
         self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self._gather: tuple | None = None
 
+    def plan(self, batch: int, device) -> RowPlan:
+        """The row plan for a forward of ``batch`` rows; each name repeats ``batch / len(names)`` times
+        in place, as ``generate`` expands rows for beam search and ``num_return_sequences``.
+
+        Raises:
+            MixedBatchError: ``batch`` is not a multiple of the number of names.
+        """
+        key = (batch, str(device))
+        if key not in self._plans:
+            n = len(self.names)
+            if batch % n:
+                raise MixedBatchError(
+                    f"mixed_batch got {n} adapter names but the forward has batch size {batch} "
+                    f"(expected {n}, or a multiple of it for beam search / num_return_sequences)"
+                )
+            rep = batch // n
+            self._plans[key] = plan_rows([x for x in self.names for _ in range(rep)], device)
+        return self._plans[key]
+
+    def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus, for each row, the bypass of that row's adapter on ``layer`` (Hu et al. 2021 eq. 3)."""
+        plan = self.plan(x.shape[0], x.device)
+        segments = tuple(seg for seg in plan.segments if layer.has_adapter(seg[0]))
+        if len(segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
+            layer.add_bypass_(out, segments[0][0], x)
+        elif segments:
+            pad = None
+            if getattr(layer, "batched", False) and len(segments) > 1 and not torch.is_grad_enabled():
+                pad = plan.padded(segments)
+            if pad is None:
+                xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
+                for name, s, e in segments:
+                    layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
+            else:
+                self._add_batched(layer, x, out, pad, tuple(name for name, _, _ in segments))
+        return out
+
+    def _add_batched(self, layer, x: torch.Tensor, out: torch.Tensor, pad: Padded, names: tuple[str, ...]) -> None:
+        """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
+        the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B."""
+        key = (id(layer), names)
+        if key not in self._stacks:
+            with torch.no_grad():
+                self._stacks[key] = stack([layer.adapter(n) for n in names], layer.adapter_dtype)
+        a_t, b_t = self._stacks[key]  # (k, in, r), (k, r, out)
+        k, length = pad.shape
+        mid = x.shape[1:-1]
+        xs = self.gathered(x, pad.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        keep = None if pad.keep is None else pad.keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
+        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *mid, -1)
+        out.index_add_(0, pad.index, delta.to(out.dtype))
+
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input
-        (q/k/v read one tensor, gate/up another): the gather is a copy of the whole activation."""
+        (the gather is a copy of the whole activation)."""
         version = None if x.is_inference() else x._version  # inference tensors keep no version counter
         hit = self._gather
         if hit is not None and hit[0] is x and hit[1] == version and hit[2] is index:
@@ -114,69 +176,26 @@ class _Holder:
         self._gather = (x, version, index, xs)
         return xs
 
-    @torch.no_grad()
-    def stacked(self, layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T (k, in, r_max), (s * B)^T (k, r_max, out))`` of ``layer``'s adapters ``names``, ranks
-        zero-padded to the largest (exact: the extra rank components are 0). Built on first use in the
-        block; the adapters' weights are read then."""
-        key = (id(layer), names)
-        if key not in self._stacks:
-            r_max = max(layer.r[n] for n in names)
-            first = layer.lora_weights(names[0])[0]
-            a_t = first.new_zeros((len(names), layer.in_features, r_max))
-            b_t = first.new_zeros((len(names), r_max, layer.out_features))
-            for j, n in enumerate(names):
-                a, b = layer.lora_weights(n)
-                a_t[j, :, : layer.r[n]] = a.t()
-                b_t[j, : layer.r[n]] = b.t() * layer.scaling[n]
-            self._stacks[key] = (a_t, b_t)
-        return self._stacks[key]
-
-    def prepare(self, batch: int, device) -> None:
-        n = len(self.names)
-        if batch % n:
-            raise MixedBatchError(
-                f"mixed_batch got {n} adapter names but the forward has batch size {batch} "
-                f"(expected {n}, or a multiple of it for beam search / num_return_sequences)"
-            )
-        key = (batch, str(device))
-        if key not in self._cache:
-            rep = batch // n  # generate() expands each row in place (repeat_interleave)
-            self._cache[key] = plan_rows([x for x in self.names for _ in range(rep)], device)
-        self.plan = self._cache[key]
-        self._gather = None
-
-
-def _batch_size(args, kwargs) -> tuple[int, torch.device] | None:
-    for key in ("input_ids", "inputs_embeds", "pixel_values", "x", "input"):
-        t = kwargs.get(key)
-        if isinstance(t, torch.Tensor):
-            return t.shape[0], t.device
-    for t in args:
-        if isinstance(t, torch.Tensor):
-            return t.shape[0], t.device
-    return None
-
 
 @contextlib.contextmanager
 def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Inside the block, row i of every forward of ``model`` uses adapter ``adapter_names[i]``.
 
-    ``None`` rows get the base model. Row i's output equals the model's output
-    with only that adapter active (Hu et al. 2021 eq. 3 per row). The active set
-    is ignored and left unchanged. Works with transformers ``generate``: when the
-    batch is k times longer (beam search, ``num_return_sequences``), each name is
-    repeated k times in place, as ``generate`` expands rows.
+    ``None`` rows get the base model. Row i's output equals the model's output with only that
+    adapter active (Hu et al. 2021 eq. 3 per row). The active set is ignored and left
+    unchanged. Works with transformers ``generate``: when the batch is k times longer (beam
+    search, ``num_return_sequences``), each name is repeated k times in place, as ``generate``
+    expands rows.
 
     Args:
         model: a model with injected adapters, in eval mode and not merged.
         adapter_names: one entry per batch row, an adapter name or None.
 
     Raises:
-        AdapterNotFoundError: an unknown name (before any compute).
-        MixedBatchError: empty names, model in training mode, or a forward whose
-            batch size is not a multiple of ``len(adapter_names)`` (raised by a
-            pre-forward hook, before any compute).
+        AdapterNotFoundError: an unknown name (on entry, before any compute).
+        MixedBatchError: not a list, empty names, model in training mode, a nested block (on
+            entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
+            (raised by the first LoRA layer, before any adapter compute).
         MergeStateError: adapters are merged.
     """
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
@@ -184,31 +203,16 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     names = list(adapter_names)
     if not names:
         raise MixedBatchError("adapter_names must have one entry per batch row, got an empty list")
-    known = list_adapters(model)
-    for n in names:
-        if n is not None and n not in known:
-            raise AdapterNotFoundError(f"adapter {n!r} in adapter_names not found; the model has {known}")
-    if _is_merged(model):
+    check_known(model, [n for n in names if n is not None])
+    if is_merged(model):
         raise MergeStateError("mixed_batch needs unmerged adapters; call unmerge(model) first")
     if model.training:
         raise MixedBatchError("mixed_batch is for inference; call model.eval() first (dropout would differ per row)")
-    layers = [layer for _, layer in lora_layers(model)]
-    if any(layer._row_plan is not None for layer in layers):
+    state = attach_state(model)
+    if state.rows is not None:
         raise MixedBatchError("mixed_batch blocks cannot be nested")
-    holder = _Holder(names)
-
-    def pre_hook(module, args, kwargs):
-        found = _batch_size(args, kwargs)
-        if found is None:
-            raise MixedBatchError(f"mixed_batch cannot find the batch tensor among the inputs of {type(module).__name__}")
-        holder.prepare(*found)
-
-    handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    for layer in layers:
-        layer._row_plan = holder
+    state.rows = RowRouter(names)
     try:
         yield model
     finally:
-        handle.remove()
-        for layer in layers:
-            layer._row_plan = None
+        state.rows = None

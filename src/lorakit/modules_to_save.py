@@ -13,21 +13,22 @@ In ``adapter_model.safetensors`` a copy is saved under PEFT's names: the module'
 own state-dict keys under ``base_model.model.<module>.``, e.g.
 ``base_model.model.classifier.weight`` (no adapter name, no wrapper segment).
 
-Model-level helpers (``apply_active``, ``delete_adapter``, ``unload``) are what
-``lorakit.adapters`` calls so that the wrappers follow the active set as LoRA
-layers do.
+The wrapper reads the active set from the model's ``AdapterState`` like every LoRA layer,
+so ``set_adapter``, ``delete_adapter`` and ``unload`` treat both alike (``AdapterModule``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from .adapter import adapter_key
 from .errors import AdapterExistsError, AdapterNotFoundError, TargetModuleError
-from .layers import LoRALayer, adapter_key
+from .layers import LoRALayer
+from .state import AdapterModule
+from .tree import adapter_modules, set_submodule
 
 # Heads PEFT adds to modules_to_save by itself for a task type; a PEFT config may
 # list them although the model has only one of them (e.g. "score" for BERT).
@@ -38,27 +39,30 @@ PEFT_TASK_HEADS = {
 }
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(AdapterModule):
     """A module with a frozen original and one fully trainable copy per adapter.
 
     Attributes:
         original_module: the module as it was in the model (frozen, never changed).
-        modules_to_save: ``nn.ModuleDict`` adapter key -> deep copy of the original
-            (all its parameters trainable while the adapter is active).
-        active_adapters: adapters of this wrapper that are active (set by
-            ``apply_active``); the first one's copy runs in forward.
+        modules_to_save: ``nn.ModuleDict`` adapter key -> deep copy of the original (all its
+            parameters trainable while the adapter is active).
 
-    Forward takes and returns exactly what the wrapped module does. Attribute
-    reads that the wrapper does not define (``.weight``, ``.out_features``, ...)
-    go to the module in use, as in PEFT.
+    Forward takes and returns exactly what the wrapped module does, through the copy of the
+    first active adapter that has one, else the original. Attribute reads that the wrapper
+    does not define (``.weight``, ``.out_features``, ...) go to the module in use, as in PEFT.
     """
+
+    unwrap_when_empty = True
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
-        self.adapter_names: list[str] = []
-        self.active_adapters: list[str] = []
+        self._names: list[str] = []
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._names)
 
     def add_adapter(self, name: str) -> None:
         """Add a trainable deep copy of the original for adapter ``name``.
@@ -66,13 +70,13 @@ class ModulesToSaveWrapper(nn.Module):
         Raises:
             AdapterExistsError: this wrapper already has a copy for ``name``.
         """
-        if name in self.adapter_names:
+        if name in self._names:
             raise AdapterExistsError(f"adapter {name!r} already has a modules_to_save copy of this module")
         twin = copy.deepcopy(self.original_module)
         for p in twin.parameters():
             p.requires_grad_(True)
         self.modules_to_save[adapter_key(name)] = twin
-        self.adapter_names.append(name)
+        self._names.append(name)
 
     def delete_adapter(self, name: str) -> None:
         """Drop the copy of adapter ``name``.
@@ -80,24 +84,23 @@ class ModulesToSaveWrapper(nn.Module):
         Raises:
             AdapterNotFoundError: no copy for ``name``.
         """
-        self._check(name)
+        self.copy_for(name)
         del self.modules_to_save[adapter_key(name)]
-        self.adapter_names.remove(name)
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
+        self._names.remove(name)
 
     def copy_for(self, name: str) -> nn.Module:
-        """The trainable copy of adapter ``name``."""
-        self._check(name)
+        """The trainable copy of adapter ``name``.
+
+        Raises:
+            AdapterNotFoundError: no copy for ``name``.
+        """
+        if name not in self._names:
+            raise AdapterNotFoundError(f"adapter {name!r} has no modules_to_save copy here; it has {self._names}")
         return self.modules_to_save[adapter_key(name)]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """All parameters of adapter ``name``'s copy."""
         return list(self.copy_for(name).parameters())
-
-    def _check(self, name: str) -> None:
-        if name not in self.adapter_names:
-            raise AdapterNotFoundError(f"adapter {name!r} has no modules_to_save copy here; it has {self.adapter_names}")
 
     @property
     def module_in_use(self) -> nn.Module:
@@ -105,6 +108,11 @@ class ModulesToSaveWrapper(nn.Module):
         for n in self.active_adapters:
             return self.modules_to_save[adapter_key(n)]
         return self.original_module
+
+    def unwrapped(self, merge: bool) -> nn.Module:
+        """``merge=True``: the copy in use (the trained head of the first active adapter, or the
+        original); False: the original. Parameters keep their ``requires_grad`` flags."""
+        return self.module_in_use if merge else self.original_module
 
     def forward(self, *args, **kwargs):
         return self.module_in_use(*args, **kwargs)
@@ -114,29 +122,12 @@ class ModulesToSaveWrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             # not yet built (deepcopy, unpickling) or a dunder: no forwarding, no recursion
-            if name.startswith("__") or "active_adapters" not in self.__dict__ or name in ("original_module", "modules_to_save"):
+            if name.startswith("__") or "_names" not in self.__dict__ or name in ("original_module", "modules_to_save"):
                 raise
         return getattr(self.module_in_use, name)
 
     def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self.active_adapters}"
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    """Yield ``(qualified_name, wrapper)`` for every ``ModulesToSaveWrapper`` in ``model``."""
-    stack, seen = [("", model)], set()
-    while stack:
-        prefix, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if isinstance(module, ModulesToSaveWrapper):
-            yield prefix, module
-            continue
-        if isinstance(module, LoRALayer):
-            continue
-        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in module._modules.items() if m is not None]
-        stack.extend(reversed(children))
+        return f"adapters={self._names}, active={self.active_adapters}"
 
 
 def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[str]:
@@ -161,7 +152,7 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, (LoRALayer, ModulesToSaveWrapper)):
+        if isinstance(module, AdapterModule):
             skip.append(name + ".")
         hits = [e for e in entries if name == e or name.endswith("." + e)]
         if not hits:
@@ -183,12 +174,6 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    from .inject import set_submodule  # inject.py imports this module
-
-    set_submodule(model, name, new)
-
-
 def add_copies(model: nn.Module, names: list[str], adapter_name: str) -> None:
     """Wrap each module in ``names`` (if not yet wrapped) and give it a copy for ``adapter_name``.
 
@@ -200,49 +185,15 @@ def add_copies(model: nn.Module, names: list[str], adapter_name: str) -> None:
             for p in module.parameters():
                 p.requires_grad_(False)
             module = ModulesToSaveWrapper(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.add_adapter(adapter_name)
-
-
-def apply_active(model: nn.Module, names: list[str], set_grad: bool = True) -> None:
-    """Make every wrapper use the copy of the first of ``names`` it has (hook for ``adapters._apply_active``).
-
-    With ``set_grad`` the copies of adapters in ``names`` get ``requires_grad=True``
-    and all other copies False; the originals stay frozen.
-    """
-    for _, w in wrappers(model):
-        w.active_adapters = [n for n in names if n in w.adapter_names]
-        if set_grad:
-            for n in w.adapter_names:
-                for p in w.adapter_parameters(n):
-                    p.requires_grad_(n in names)
-
-
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Drop adapter ``name``'s copies; a wrapper left with none is replaced by its original."""
-    for wname, w in list(wrappers(model)):
-        if name in w.adapter_names:
-            w.delete_adapter(name)
-            if not w.adapter_names:
-                _set_submodule(model, wname, w.original_module)
-
-
-def unload(model: nn.Module, merge: bool = True) -> None:
-    """Replace every wrapper by a plain module (hook for ``adapters.unload``).
-
-    ``merge=True``: the copy in use (the trained head of the first active adapter,
-    or the original when no adapter of this wrapper is active); ``merge=False``: the
-    original. The result's parameters keep their ``requires_grad`` flags.
-    """
-    for wname, w in list(wrappers(model)):
-        _set_submodule(model, wname, w.module_in_use if merge else w.original_module)
 
 
 def state_for(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """``{module-qualified key: tensor}`` of adapter ``adapter_name``'s copies, e.g. ``"classifier.weight"``."""
     out = {}
-    for wname, w in wrappers(model):
-        if adapter_name in w.adapter_names:
+    for wname, w in adapter_modules(model):
+        if isinstance(w, ModulesToSaveWrapper) and adapter_name in w.adapter_names:
             for k, t in w.copy_for(adapter_name).state_dict().items():
                 out[f"{wname}.{k}"] = t
     return out

@@ -1,0 +1,164 @@
+"""The LoRA math, written once: the scaling, the bypass ``s·B·A·x``, the delta ``s·B·A``, their
+batched (stacked) form, and PEFT's initialisation. One ``LoRAAdapter`` per adapter per layer.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3:
+``h = W x + s·B A x`` with A (r × in), B (out × r) and ``s = lora_alpha / r``; rsLoRA
+(Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
+Thm. 3.2) uses ``s = lora_alpha / sqrt(r)``.
+
+A layer type supplies only how A and B act on its input (``down``, ``up``: a linear map,
+an embedding lookup, a convolution) and how their product is laid out like its weight
+(``product``); forward, merge, mixed batches and ``add_weighted_adapter`` all go through
+the functions here.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """``lora_alpha / r`` (Hu et al. 2021, eq. 3), or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def check_adapter_name(name) -> str:
+    """``name`` if it is a str.
+
+    Raises:
+        ConfigError: any other type (the type and value named).
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"adapter name must be a str, got {type(name).__name__} {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _key(name: str) -> str:
+    if (
+        name and "." not in name and not name.startswith("_x")
+        and not hasattr(nn.ModuleDict, name) and not hasattr(nn.ParameterDict, name)
+    ):
+        return name
+    return "_x" + name.encode().hex()
+
+
+def adapter_key(name: str) -> str:
+    """The ``nn.ModuleDict`` key of adapter ``name``.
+
+    ModuleDict keys cannot contain ``"."``, be empty or shadow a ModuleDict attribute
+    (``"keys"``, ``"update"``, ...), but adapter names may be any string. Such names (and
+    names starting with the escape prefix ``"_x"``) are stored hex-escaped; ordinary names
+    like ``"default"`` stay readable.
+
+    Raises:
+        ConfigError: ``name`` is not a str.
+    """
+    return _key(check_adapter_name(name))
+
+
+def init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights: bool | str | None) -> None:
+    """Initialise A and B in place as PEFT's ``reset_lora_parameters`` does for Linear and Conv.
+
+    True: A Kaiming-uniform (a = sqrt(5): bound 1/sqrt(fan_in)), B zeros, so the adapter
+    starts at the base output; ``"gaussian"``: A ~ N(0, 1/r²) (std 1/r), B zeros; False: both
+    Kaiming-uniform (for tests: a non-zero delta); None: left as allocated (weights are
+    copied in next).
+    """
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+            nn.init.zeros_(b)
+        elif init_lora_weights is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter on one layer: ``lora_A``, ``lora_B``, its dropout and its scaling.
+
+    Attributes:
+        lora_A: Parameter (r, in, ...), e.g. (r, in_features) for a linear layer.
+        lora_B: Parameter (out, r, ...), e.g. (out_features, r).
+        name: the adapter's name.
+        r, lora_alpha, use_rslora: as in ``LoRAConfig``; ``scaling`` = ``scaling(r, lora_alpha, use_rslora)``.
+        lora_dropout: dropout on the bypass input (``nn.Identity`` when p = 0).
+
+    Dtypes: A and B keep the dtype they were created with (float32 for a float16/bfloat16
+    base, so small updates are not lost to rounding); ``bypass`` casts a floating input to it.
+    """
+
+    def __init__(self, name: str, a: torch.Tensor, b: torch.Tensor, r: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.name = name
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = use_rslora
+        self.scaling = scaling(r, lora_alpha, use_rslora)
+
+    def bypass(self, x: torch.Tensor, down: Op, up: Op) -> torch.Tensor:
+        """``s · B(A(dropout(x)))`` in the adapter dtype (Hu et al. 2021, eq. 3).
+
+        The scaling multiplies the rank-r activations, the smallest tensor of the chain, in
+        the forward and (as its gradient) in the backward.
+        """
+        if x.is_floating_point():
+            x = x.to(self.lora_A.dtype)
+        return up(down(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+
+    def folded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, s·B)``: the factors with the scaling folded into B, detached, in ``dtype``
+        (default: the adapter's). ``s·B @ A`` is the delta; stacking and combining use these."""
+        dtype = dtype or self.lora_A.dtype
+        return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype) * self.scaling
+
+    def delta(self, product: Op) -> torch.Tensor:
+        """``s · B A`` in float32, laid out by ``product(B, A)`` like the base weight."""
+        a, sb = self.folded(torch.float32)
+        return product(sb, a)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
+
+
+def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear adapters stacked for a batched bypass: ``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))``.
+
+    Ranks are zero-padded to the largest, which is exact: the extra rank components are 0.
+    """
+    r_max = max(ad.r for ad in adapters)
+    a0, b0 = adapters[0].lora_A, adapters[0].lora_B
+    a_t = a0.new_zeros((len(adapters), a0.shape[1], r_max), dtype=dtype)
+    b_t = b0.new_zeros((len(adapters), r_max, b0.shape[0]), dtype=dtype)
+    for j, ad in enumerate(adapters):
+        a, sb = ad.folded(dtype)
+        a_t[j, :, : ad.r] = a.t()
+        b_t[j, : ad.r] = sb.t()
+    return a_t, b_t
+
+
+def stacked_bypass(xs: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The bypass of k linear adapters at once: ``xs`` (k, M, in) -> (k, M, out), row block j
+    through adapter j (``stack``'s factors, scaling folded). ``keep`` (k, M, 1), if given,
+    zeroes padding rows at rank r (exactly 0 bypass there)."""
+    h = torch.bmm(xs, a_t)  # (k, M, r_max)
+    if keep is not None:
+        h = h.mul_(keep)
+    return torch.bmm(h, b_t)
