@@ -173,3 +173,17 @@ def test_save_to_a_file_path_is_refused(saved):
     with pytest.raises(NotADirectoryError, match="is a file; save_adapter writes a folder"):
         save_adapter(model, target)
     assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("offset, ok", [(0.0, True), (1e-3, False)])
+def test_full_base_weight_copy_in_the_file_must_equal_the_model(saved, ids, offset, ok):
+    """PEFT's save_embedding_layers writes ``<module>.base_layer.weight``: accepted only when it is the model's weight."""
+    model, path = saved
+    key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    _rewrite(path, lambda t: t.update({key: tiny_llama().model.layers[0].self_attn.q_proj.weight.detach() + offset}))
+    target = tiny_llama()
+    if ok:
+        torch.testing.assert_close(load_adapter(target, path)(ids).logits, model(ids).logits, rtol=0, atol=0)
+    else:
+        _assert_refused(target, AdapterLoadError, "full copy of 'model.layers.0.self_attn.q_proj'.*differs",
+                        lambda: load_adapter(target, path))

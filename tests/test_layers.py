@@ -91,3 +91,37 @@ def test_adapter_keys_escape_names_moduledict_cannot_hold():
     for n in names:
         layer.add_adapter(n, r=1, lora_alpha=1)
     assert layer.adapter_names == names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_adapters_one_at_a_time_adds_each_delta_once(dtype):
+    """W + s_a B_a A_a + s_b B_b A_b (by hand, float64) after merge(["a"]) then merge(["b"]); unmerge is bitwise."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(6, 4).to(dtype))
+    layer.add_adapter("a", r=2, lora_alpha=3, init_lora_weights=False)
+    layer.add_adapter("b", r=3, lora_alpha=6, use_rslora=True, init_lora_weights=False)
+    w0 = layer.base_layer.weight.detach().clone()
+    (aa, ba), (ab, bb) = ([t.detach().double() for t in layer.lora_weights(n)] for n in ("a", "b"))
+    want = w0.double() + 3 / 2 * ba @ aa + 6 / math.sqrt(3) * bb @ ab
+    layer.merge(["a"])
+    layer.merge(["b"])
+    layer.merge(["a", "b"])  # both already merged: nothing is added again
+    assert layer.merged_adapters == ["a", "b"]
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: one rounding of the float32 sum
+    torch.testing.assert_close(layer.base_layer.weight.double(), want.to(dtype).double(), rtol=0, atol=tol)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_forward_skips_merged_adapters_and_adds_unmerged_ones():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 3))
+    for name, alpha in (("a", 2.0), ("b", 4.0)):
+        layer.add_adapter(name, r=2, lora_alpha=alpha, init_lora_weights=False)
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(4, 5, dtype=torch.float64)
+    layer.double()
+    (aa, ba), (ab, bb) = ([t.detach() for t in layer.lora_weights(n)] for n in ("a", "b"))
+    want = x @ layer.base_layer.weight.detach().T + layer.base_layer.bias.detach() + 1.0 * x @ aa.T @ ba.T + 2.0 * x @ ab.T @ bb.T
+    layer.merge(["a"])  # a is now in W, b still runs as a bypass
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)

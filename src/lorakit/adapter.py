@@ -128,9 +128,9 @@ class LoRAAdapter(nn.Module):
         dtype = dtype or self.lora_A.dtype
         return self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype) * self.scaling
 
-    def delta(self, product: Op) -> torch.Tensor:
-        """``s · B A`` in float32, laid out by ``product(B, A)`` like the base weight."""
-        a, sb = self.folded(torch.float32)
+    def delta(self, product: Op, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``s · B A`` in ``dtype`` (float32 by default), laid out by ``product(B, A)`` like the base weight."""
+        a, sb = self.folded(dtype)
         return product(sb, a)
 
     def extra_repr(self) -> str:

@@ -119,47 +119,15 @@ class LoRAConfig:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {p!r}")
         self.lora_dropout = float(p)
-        if not isinstance(self.use_rslora, bool):
-            raise ConfigError(f"use_rslora must be True or False, got {self.use_rslora!r}")
-        tm = self.target_modules
-        if isinstance(tm, str):
-            if tm != ALL_LINEAR:
-                try:
-                    re.compile(tm)
-                except re.error as e:
-                    raise ConfigError(f"target_modules regex {tm!r} does not compile: {e}") from None
-        elif isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
-            self.target_modules = sorted(tm) if isinstance(tm, set) else list(tm)
-        else:
-            raise ConfigError(
-                "target_modules must be a non-empty list of module names, a regex string "
-                f"or 'all-linear', got {tm!r}"
-            )
-        lt = self.layers_to_transform
-        if isinstance(lt, int) and not isinstance(lt, bool):
-            lt = self.layers_to_transform = [lt]
-        if lt is not None and not (
-            isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt)
-        ):
-            raise ConfigError(f"layers_to_transform must be a list of block indices >= 0, got {lt!r}")
-        if lt is not None:
-            self.layers_to_transform = list(lt)
-        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
-            raise ConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            for k in getattr(self, name):
-                try:
-                    re.compile(k)
-                except (re.error, TypeError) as e:
-                    raise ConfigError(f"{name} key {k!r} is not a valid regex: {e}") from None
-        lp = self.layers_pattern
-        if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
-            raise ConfigError(f"layers_pattern must be a string or a list of strings, got {lp!r}")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self.target_modules = _check_targets(self.target_modules)
+        self.layers_to_transform = _check_layers(self.layers_to_transform)
+        self._check_patterns()
         for name in ("base_model_name_or_path", "task_type", "revision"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
-        self.rank_pattern = {k: _check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
-        self.alpha_pattern = {k: _check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
@@ -171,8 +139,22 @@ class LoRAConfig:
             if isinstance(ms, str) or not isinstance(ms, (list, tuple)) or not all(isinstance(m, str) and m for m in ms):
                 raise ConfigError(f"modules_to_save must be a list of module names or None, got {ms!r}")
             self.modules_to_save = list(dict.fromkeys(ms)) or None  # PEFT writes duplicates; [] means none
-        if not isinstance(self.fan_in_fan_out, bool):
-            raise ConfigError(f"fan_in_fan_out must be True or False, got {self.fan_in_fan_out!r}")
+
+    def _check_patterns(self) -> None:
+        """``rank_pattern`` / ``alpha_pattern`` (regex keys, valid values) and ``layers_pattern``."""
+        if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
+            raise ConfigError("rank_pattern and alpha_pattern must be dicts of {pattern: value}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            for k in getattr(self, name):
+                try:
+                    re.compile(k)
+                except (re.error, TypeError) as e:
+                    raise ConfigError(f"{name} key {k!r} is not a valid regex: {e}") from None
+        self.rank_pattern = {k: _check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
+        self.alpha_pattern = {k: _check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
+        lp = self.layers_pattern
+        if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
+            raise ConfigError(f"layers_pattern must be a string or a list of strings, got {lp!r}")
 
     # --- per-module values -------------------------------------------------------
 
@@ -234,6 +216,31 @@ class LoRAConfig:
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
         return cls(**kwargs)
+
+
+def _check_targets(tm: Any) -> list[str] | str:
+    if isinstance(tm, str):
+        if tm != ALL_LINEAR:
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ConfigError(f"target_modules regex {tm!r} does not compile: {e}") from None
+        return tm
+    if isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
+        return sorted(tm) if isinstance(tm, set) else list(tm)
+    raise ConfigError(
+        f"target_modules must be a non-empty list of module names, a regex string or 'all-linear', got {tm!r}"
+    )
+
+
+def _check_layers(lt: Any) -> list[int] | None:
+    if isinstance(lt, int) and not isinstance(lt, bool):
+        lt = [lt]
+    if lt is not None and not (
+        isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt)
+    ):
+        raise ConfigError(f"layers_to_transform must be a list of block indices >= 0, got {lt!r}")
+    return None if lt is None else list(lt)
 
 
 def _check_rank(name: str, v: Any) -> int:

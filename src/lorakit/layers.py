@@ -210,17 +210,17 @@ class LoRALayer(AdapterModule):
 
     # --- merge ----------------------------------------------------------------------------
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``s · B A`` of adapter ``name`` in float32, shaped like the base weight."""
-        return self.adapter(name).delta(self._product)
+    def delta_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``s · B A`` of adapter ``name`` in ``dtype`` (float32 by default), shaped like the base weight."""
+        return self.adapter(name).delta(self._product, dtype)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Add the deltas of ``names`` (default: the active adapters) to the base weight.
 
         Already merged adapters are skipped, so merging twice adds nothing twice. The weight
-        becomes ``W + sum of all merged deltas``, formed in float32 from the original W and
-        rounded once to the weight dtype.
+        becomes ``W + sum of all merged deltas``, formed in float32 (float64 for a float64
+        weight) from the original W and rounded once to the weight dtype.
 
         Raises:
             AdapterNotFoundError: a name this layer does not have.
@@ -236,9 +236,10 @@ class LoRALayer(AdapterModule):
         w = self.base_layer.weight
         if self._original_weight is None:
             self._original_weight = w.detach().clone()
-        total = self._original_weight.to(torch.float32, copy=True)
+        acc = torch.promote_types(w.dtype, torch.float32)
+        total = self._original_weight.to(acc, copy=True)
         for n in self.merged_adapters + todo:
-            total += self.delta_weight(n).to(total.device)
+            total += self.delta_weight(n, acc).to(total.device)
         w.copy_(total)
         self.merged_adapters.extend(todo)
 

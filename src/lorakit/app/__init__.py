@@ -1,0 +1,1 @@
+"""The app above the core: CLI, training, data, evaluation, model loading."""
