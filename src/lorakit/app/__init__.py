@@ -1,1 +1,0 @@
-"""The app above the core: CLI, training, data, evaluation, model loading."""
