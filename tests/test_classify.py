@@ -1,4 +1,4 @@
-"""lorakit.classify: the CMUdict syllable task, JSONL checks, and one tiny end-to-end run."""
+"""lorakit.app.classify: the CMUdict syllable task, JSONL checks, and one tiny end-to-end run."""
 
 import json
 import string
@@ -100,3 +100,18 @@ def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
     assert "does not take --steps" in capsys.readouterr().err
     assert main(args) == 1  # the output folder holds an adapter now: a user error, as for the LM job
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_read_records_shares_the_jsonl_reader(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a", "label": 1}\n\n{"text": "b", "label": 2}\n')
+    assert read_records(f) == [{"text": "a", "label": 1}, {"text": "b", "label": 2}]  # BOM and blank line skipped
+    f.write_text('{"text": "a", "label": 1}\n{"text": "b", label: 2}\n')
+    with pytest.raises(DataError, match=r"bom.jsonl:2: invalid JSON: Expecting property name enclosed in double "
+                                        r"quotes \(column 15\)"):
+        read_records(f)
+    with pytest.raises(DataError, match="is a folder"):
+        read_records(tmp_path)
+    f.write_text("\n")
+    with pytest.raises(DataError, match="has no records"):
+        read_records(f)
