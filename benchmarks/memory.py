@@ -5,13 +5,13 @@
 
 Modes (each ``python benchmarks/memory.py --worker MODE`` in a fresh process):
 
-- ``lorakit``: lorakit LoRA (r=8, alpha=16, dropout 0, seven projections), ``lorakit.train.train``.
+- ``lorakit``: lorakit LoRA (r=8, alpha=16, dropout 0, seven projections), ``lorakit.app.loop.train``.
 - ``full``: full fine-tuning of the same model (every parameter trainable), the same ``train()`` loop.
 - ``peft``: PEFT ``get_peft_model`` with the same LoRA config, the same ``train()`` loop (the
   adapter implementation is the only difference).
 - ``peft-trainer``: PEFT + transformers ``Trainer`` (AdamW, same schedule, same batches): the stack.
 
-All train the same batches (``lorakit.train._batch_stream`` order, the G2P data of ``lorakit train``)
+All train the same batches (``lorakit.app.batches.batch_stream`` order, the G2P data of ``lorakit train``)
 in float32. A background thread samples VmRSS from /proc/self/status every 10 ms; the kernel's
 VmHWM (peak RSS), reset after loading through /proc/self/clear_refs, is reported alongside.
 """
@@ -72,7 +72,8 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import lorakit
-    import lorakit.train as LT
+    import lorakit.app.lm_loss as LL
+    import lorakit.app.loop as LT
     from common import SEVEN, base_model
     from lorakit import LoRAConfig
     from train_throughput import LORA, g2p_examples
@@ -81,14 +82,14 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
 
     transformers.logging.set_verbosity_error()
     if kind == "smollm2":
-        from lorakit.models import load_model
+        from lorakit.app.models import load_model
 
         lm = load_model(None)
         model, tok = lm.model, lm.tokenizer
     else:
         from transformers import AutoTokenizer
 
-        from lorakit.models import _gguf_cache_dir, default_gguf
+        from lorakit.app.models import _gguf_cache_dir, default_gguf
 
         tok = AutoTokenizer.from_pretrained(str(_gguf_cache_dir(default_gguf())), local_files_only=True)
         tok.pad_token = tok.pad_token or tok.eos_token
@@ -122,7 +123,7 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
         if mode == "peft-trainer":
             _trainer(model, train_ex, cfg, tok.pad_token_id)
         else:
-            LT.train(net, train_ex, cfg, tok.pad_token_id, None, progress=False)
+            LT.train(net, LL.lm_task(train_ex, tok.pad_token_id, cfg), cfg, progress=False)
     return {"mode": mode, "after_load_kib": after_load, "peak_kib": s.peak, "samples": s.samples,
             "hwm_kib": _status_kib("VmHWM") if hwm_ok else None, "train_s": time.perf_counter() - t,
             "trainable": trainable}
@@ -135,20 +136,20 @@ def _trainer(peft_model, train_ex, cfg, pad_id) -> None:
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
-    import lorakit.train as LT
-    from lorakit import data as D
+    import lorakit.app.loop as LT
+    from lorakit.app import batches as B
 
-    stream = LT._batch_stream(train_ex, cfg.batch_size, cfg.seed)
+    stream = B.batch_stream(train_ex, cfg.batch_size, cfg.seed)
     flat = [e for _ in range(cfg.steps) for e in next(stream)]
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, LT.lr_lambda(cfg.warmup, cfg.steps))
+    sched = LT.schedule(opt, cfg.schedule, cfg.warmup, cfg.steps)
 
     class SequentialTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def collator(examples):
-        ids, mask, labels = D.collate(examples, pad_id)
+        ids, mask, labels = B.collate(examples, pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     args = TrainingArguments(

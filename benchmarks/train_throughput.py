@@ -6,9 +6,9 @@
 
 Both tools train r=8, lora_alpha=16, dropout 0 on the seven projections from the same initial
 adapter (lorakit's init, loaded into the PEFT model), on the default G2P data built with the same
-functions as ``lorakit train``, in the order of ``lorakit.train._batch_stream`` (Trainer gets the
+functions as ``lorakit train``, in the order of ``lorakit.app.batches.batch_stream`` (Trainer gets the
 same examples as a flat list under a sequential sampler), with fused AdamW (Trainer's default optimizer
-for torch >= 2.8; lorakit's too) and the same LambdaLR schedule,
+for torch >= 2.8; lorakit's too) and the same schedule (transformers' cosine with warmup),
 gradient clipping at 1.0, float32, no evaluation or saving during training.
 
 The runs are interleaved step by step in one process (each lorakit variant runs in a thread that
@@ -17,7 +17,7 @@ load drifts of a shared machine hit all alike. Trainer's step time is the wall t
 consecutive ``on_step_end`` callbacks minus the time lent to lorakit, i.e. it includes its data
 loading, callbacks and bookkeeping; lorakit's is the ``tokens_per_s`` its ``train()`` logs (collate +
 forward + backward + clip + AdamW). Tokens are non-padding tokens. The first step is a warm-up.
-Validation loss of each is ``lorakit.train.mean_loss`` on the same validation examples.
+Validation loss of each is ``lorakit.app.lm_loss.mean_loss`` on the same validation examples.
 
 Levers (``--levers``, each an extra lorakit run in the same interleave, identical otherwise):
 ``full-head`` computes the LM head and loss on every position (transformers' loss) instead of
@@ -54,11 +54,14 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
-import lorakit.train as LT  # noqa: E402
+import lorakit.app.lm_loss as LL  # noqa: E402
 from common import SEVEN, base_model, machine  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
-from lorakit import data as D  # noqa: E402
-from lorakit.cli import G2P_MAX_LENGTH, G2P_VALIDATION, TRAIN_DEFAULTS  # noqa: E402
+from lorakit.app import batches as B  # noqa: E402
+from lorakit.app import data as D  # noqa: E402
+from lorakit.app import g2p as G  # noqa: E402
+from lorakit.app import loop as LT  # noqa: E402
+from lorakit.app.options import TrainOptions  # noqa: E402
 from lorakit.layers import LoRALayer, LoRALinear  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
@@ -66,10 +69,10 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
 
 def g2p_examples(tokenizer, steps: int, batch_size: int, seed: int = 0):
     """Training and validation examples exactly as ``lorakit train`` builds them for the built-in task."""
-    split = D.g2p_split(seed, TRAIN_DEFAULTS["test_size"], G2P_VALIDATION)
+    split = G.g2p_split(seed, TrainOptions().test_size, G.G2P_VALIDATION)
     n_words = min(len(split.train), steps * batch_size)  # cmd_train tokenises only the words the run sees
-    train_ex = D.tokenize_dataset(tokenizer, D.g2p_dataset(split.train[:n_words]), G2P_MAX_LENGTH)
-    val_ex = D.tokenize_dataset(tokenizer, D.g2p_dataset(split.validation), G2P_MAX_LENGTH)
+    train_ex = D.tokenize_dataset(tokenizer, G.g2p_dataset(split.train[:n_words]), G.G2P_MAX_LENGTH)
+    val_ex = D.tokenize_dataset(tokenizer, G.g2p_dataset(split.validation), G.G2P_MAX_LENGTH)
     return train_ex, val_ex
 
 
@@ -83,7 +86,7 @@ def full_head_loss(model, input_ids, attention_mask, labels, **kw):
     return loss, n
 
 
-_LABEL_LOSS = LT.label_loss
+_LABEL_LOSS = LL.label_loss
 
 
 def _set_attn(model, impl: str) -> None:
@@ -96,7 +99,7 @@ def _set_attn(model, impl: str) -> None:
 class Variant:
     """One lorakit run in its own thread, advanced one optimizer step at a time."""
 
-    ORIGINAL = {"label_loss": LT.label_loss, "add_lora_": LoRALinear.add_lora_}
+    ORIGINAL = {"label_loss": LL.label_loss, "add_lora_": LoRALinear.add_lora_}
 
     def __init__(self, name: str, model, train_ex, cfg, pad_id):
         self.name, self.model, self.recs = name, model, []
@@ -126,7 +129,7 @@ class Variant:
             self.go.wait()
             self.go.clear()
             try:
-                LT.train(model, train_ex, cfg, pad_id, None, on_log=on_log, progress=False)
+                LT.train(model, LL.lm_task(train_ex, pad_id, cfg), cfg, on_log=on_log, progress=False)
             except BaseException as e:  # surfaced by the main thread
                 self.error = e
             self.done.set()
@@ -136,14 +139,14 @@ class Variant:
 
     def step(self) -> None:
         """Run this variant's next optimizer step (with its patches installed) and wait for it."""
-        LT.label_loss = self.patch.get("label_loss", self.ORIGINAL["label_loss"])
+        LL.label_loss = self.patch.get("label_loss", self.ORIGINAL["label_loss"])
         LoRALinear.add_lora_ = self.patch.get("add_lora_", self.ORIGINAL["add_lora_"])
         try:
             self.go.set()
             self.done.wait()
             self.done.clear()
         finally:
-            LT.label_loss, LoRALinear.add_lora_ = self.ORIGINAL["label_loss"], self.ORIGINAL["add_lora_"]
+            LL.label_loss, LoRALinear.add_lora_ = self.ORIGINAL["label_loss"], self.ORIGINAL["add_lora_"]
         if self.error is not None:
             raise self.error
 
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    ap.add_argument("--batch-size", type=int, default=TrainOptions().batch_size)
     ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, compile")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     args = ap.parse_args(argv)
@@ -182,7 +185,7 @@ def main(argv=None) -> int:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     transformers.logging.set_verbosity_error()
-    from lorakit.models import load_model
+    from lorakit.app.models import load_model
 
     t_load = time.perf_counter()
     lm = load_model(None)
@@ -190,9 +193,10 @@ def main(argv=None) -> int:
     base = lm.model.eval() if args.model == "smollm2" else base_model("small")
     pad_id = tok.pad_token_id
     train_ex, val_ex = g2p_examples(tok, args.steps, args.batch_size)
-    cfg = LT.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=TRAIN_DEFAULTS["lr"],
-                         warmup=TRAIN_DEFAULTS["warmup"], seed=TRAIN_DEFAULTS["seed"])
-    stream = LT._batch_stream(train_ex, cfg.batch_size, cfg.seed)
+    defaults = TrainOptions()
+    cfg = LT.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=defaults.lr, warmup=defaults.warmup,
+                         seed=defaults.seed)
+    stream = B.batch_stream(train_ex, cfg.batch_size, cfg.seed)
     batches = [next(stream) for _ in range(args.steps)]  # exactly what train() will draw
     if any(len(b) != args.batch_size for b in batches):
         raise SystemExit("a partial batch: Trainer's sequential sampler could not reproduce the order")
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
     assert not [k for k in res.missing_keys if "lora_" in k], res.missing_keys
     names = ["lorakit"] + levers
     models = {n: copy.deepcopy(init) for n in names}
-    val_start = LT.mean_loss(init, val_ex, pad_id)[0]
+    val_start = LL.mean_loss(init, val_ex, pad_id)[0]
     del init
     load_s = time.perf_counter() - t_load
 
@@ -217,14 +221,14 @@ def main(argv=None) -> int:
     # what Trainer's default optim ("adamw_torch_fused" for torch >= 2.8) builds; passed in to share the schedule
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, LT.lr_lambda(cfg.warmup, args.steps))
+    sched = LT.schedule(opt, cfg.schedule, cfg.warmup, args.steps)
 
     class SequentialTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     def collator(examples):  # lorakit's padding: right, pad id, attention 0, label IGNORE
-        ids, mask, labels = D.collate(examples, pad_id)
+        ids, mask, labels = B.collate(examples, pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     trainer_times, trainer_losses = [], []
@@ -266,8 +270,8 @@ def main(argv=None) -> int:
     load_avg_after = os.getloadavg()[0]
 
     # same validation function for all; PEFT through its underlying transformers model
-    val = {n: LT.mean_loss(models[n], val_ex, pad_id)[0] for n in names}
-    val["PEFT + Trainer"] = LT.mean_loss(peft_model.base_model.model, val_ex, pad_id)[0]
+    val = {n: LL.mean_loss(models[n], val_ex, pad_id)[0] for n in names}
+    val["PEFT + Trainer"] = LL.mean_loss(peft_model.base_model.model, val_ex, pad_id)[0]
 
     skip = 1  # warm-up step
     tps = {"PEFT + Trainer": [t / s for t, s in zip(tokens[skip:], trainer_times[skip:])]}

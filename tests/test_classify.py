@@ -1,4 +1,4 @@
-"""lorakit.classify: the CMUdict syllable task, JSONL checks, and one tiny end-to-end run."""
+"""lorakit.app.classify: the CMUdict syllable task, JSONL checks, and one tiny end-to-end run."""
 
 import json
 import string
@@ -6,7 +6,8 @@ import string
 import pytest
 import torch
 
-from lorakit.classify import ClassifyDataError, read_records, run_classify, syllable_task, syllables
+from lorakit.app.classify import read_records, run_classify, syllable_task, syllables
+from lorakit.errors import DataError
 
 
 def test_syllables_count_stress_marked_vowels():
@@ -31,11 +32,11 @@ def test_syllable_task_is_balanced_disjoint_and_deterministic():
 def test_read_records_names_file_and_line(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a", "label": 1}\n\n{"text": "b"}\n')
-    with pytest.raises(ClassifyDataError, match=r"d.jsonl:3: 'label' must be an int or a string, got None"):
+    with pytest.raises(DataError, match=r"d.jsonl:3: 'label' must be an int or a string, got None"):
         read_records(f)
     f.write_text('{"text": "a", "label": "x"}\n')
     assert read_records(f) == [{"text": "a", "label": "x"}]
-    with pytest.raises(ClassifyDataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")
 
 
@@ -74,16 +75,16 @@ def test_run_classify_end_to_end_writes_eval_and_a_peft_adapter(tmp_path):
 def test_run_classify_refuses_eval_labels_unseen_in_training(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
     (tmp_path / "e.jsonl").write_text('{"text": "c", "label": 2}\n')
-    with pytest.raises(ClassifyDataError, match=r"eval label\(s\) \[2\] do not occur"):
+    with pytest.raises(DataError, match=r"eval label\(s\) \[2\] do not occur"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
     (tmp_path / "e.jsonl").write_text('{"text": "c", "label": "0"}\n')  # a string label is not the int label
-    with pytest.raises(ClassifyDataError, match=r"\['0'\] do not occur"):
+    with pytest.raises(DataError, match=r"\['0'\] do not occur"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
     assert not (tmp_path / "o").exists()  # nothing written for unusable data
 
 
 def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
-    from lorakit.cli import main
+    from lorakit.app.cli import main
 
     model_dir = tiny_encoder(tmp_path / "enc")
     recs = [{"text": "abba", "label": "a"}, {"text": "zzyz", "label": "z"}] * 8
@@ -97,5 +98,20 @@ def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
     assert "accuracy before" in capsys.readouterr().err
     assert main(["train", "--task", "classify", "--steps", "3", "--model", str(model_dir)]) == 2
     assert "does not take --steps" in capsys.readouterr().err
-    assert main(args) == 2  # the output folder holds an adapter now
+    assert main(args) == 1  # the output folder holds an adapter now: a user error, as for the LM job
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_read_records_shares_the_jsonl_reader(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"text": "a", "label": 1}\n\n{"text": "b", "label": 2}\n')
+    assert read_records(f) == [{"text": "a", "label": 1}, {"text": "b", "label": 2}]  # BOM and blank line skipped
+    f.write_text('{"text": "a", "label": 1}\n{"text": "b", label: 2}\n')
+    with pytest.raises(DataError, match=r"bom.jsonl:2: invalid JSON: Expecting property name enclosed in double "
+                                        r"quotes \(column 15\)"):
+        read_records(f)
+    with pytest.raises(DataError, match="is a folder"):
+        read_records(tmp_path)
+    f.write_text("\n")
+    with pytest.raises(DataError, match="has no records"):
+        read_records(f)

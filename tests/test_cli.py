@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _tiny import G2P_RECORDS, tiny_model_folder, write_jsonl
-from lorakit import cli
+from lorakit.app import cli
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +157,12 @@ def test_other_commands_bad_input(tiny, capsys, tmp_path):
 
 
 def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
-    import lorakit.train
+    import lorakit.app.loop
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lorakit.train, "train", interrupted)
+    monkeypatch.setattr(lorakit.app.loop, "train", interrupted)
     root, model, data = tiny
     code, _, err = run(capsys, "train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o")
     assert code == 130 and "interrupted" in err
@@ -172,15 +172,15 @@ def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("how", ["flag", "config", "off"])
 def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch, how):
-    import lorakit.train
+    import lorakit.app.loop
 
     seen = []
 
-    def spy(model, train_ex, cfg, *a, **k):
+    def spy(model, task, cfg, *a, **k):
         seen.append(cfg.compile)
         raise KeyboardInterrupt  # stop before any step: only the config is checked
 
-    monkeypatch.setattr(lorakit.train, "train", spy)
+    monkeypatch.setattr(lorakit.app.loop, "train", spy)
     root, model, data = tiny
     args = ["train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o"]
     if how == "flag":

@@ -5,8 +5,11 @@ import random
 import pytest
 
 from _tiny import tiny_tokenizer, write_jsonl
-from lorakit import data as D
-from lorakit.data import IGNORE, DataError
+from lorakit.app import batches as B
+from lorakit.app import data as D
+from lorakit.app import g2p
+from lorakit.app.data import IGNORE
+from lorakit.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_unknown_mixed_empty_missing(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="holds no records"):
         D.read_jsonl(tmp_path / "e.jsonl")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="nope.jsonl' does not exist"):
         D.read_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="is a folder"):
         D.read_jsonl(tmp_path)
@@ -122,7 +125,7 @@ def test_max_length(tok):
 def test_length_batches_cover_once_and_pad_little():
     rng = random.Random(0)
     lengths = [rng.randint(5, 40) for _ in range(1000)]
-    batches = D.length_batches(lengths, 8, random.Random(1))
+    batches = B.length_batches(lengths, 8, random.Random(1))
     assert sorted(i for b in batches for i in b) == list(range(1000))
     pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
     assert pad < 0.02 * sum(lengths)
@@ -130,29 +133,29 @@ def test_length_batches_cover_once_and_pad_little():
 
 def test_collate_left_right():
     ex = [D.Example([1, 2, 3], [IGNORE, 2, 3]), D.Example([4], [4])]
-    ids, mask, lab = D.collate(ex, pad_id=0)
+    ids, mask, lab = B.collate(ex, pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert lab.tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
-    ids, mask, _ = D.collate(ex, pad_id=0, left=True)
+    ids, mask, _ = B.collate(ex, pad_id=0, left=True)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_g2p_split_deterministic_disjoint():
-    a, b = D.g2p_split(seed=3, n_test=200, n_validation=32), D.g2p_split(seed=3, n_test=200, n_validation=32)
+    a, b = g2p.g2p_split(seed=3, n_test=200, n_validation=32), g2p.g2p_split(seed=3, n_test=200, n_validation=32)
     assert [w for w, _ in a.test] == [w for w, _ in b.test]
     assert len(a.test) == 200 and len(a.validation) == 32
     train = {w for w, _ in a.train}
     assert not train & {w for w, _ in a.test} and not train & {w for w, _ in a.validation}
     assert len(train) + 232 == len({w for w, _ in a.train + a.test + a.validation})
-    c = D.g2p_split(seed=4, n_test=200, n_validation=32)
+    c = g2p.g2p_split(seed=4, n_test=200, n_validation=32)
     assert [w for w, _ in a.test] != [w for w, _ in c.test]
-    recs = D.g2p_dataset(a.test[:3]).records
+    recs = g2p.g2p_dataset(a.test[:3]).records
     assert recs[0]["prompt"] == a.test[0][0] and recs[0]["completion"] == " ".join(a.test[0][1][0])
 
 
 def test_render_prompt_g2p(tok):
-    text = D.render_prompt(tok, "cat", D.G2P_FORMAT)
-    assert text == f"<|im_start|>system\n{D.G2P_SYSTEM}<|im_end|>\n<|im_start|>user\ncat<|im_end|>\n<|im_start|>assistant\n"
+    text = D.render_prompt(tok, "cat", g2p.G2P_FORMAT)
+    assert text == f"<|im_start|>system\n{g2p.G2P_SYSTEM}<|im_end|>\n<|im_start|>user\ncat<|im_end|>\n<|im_start|>assistant\n"
     assert D.render_prompt(tok, "cat", {"type": "plain"}) == "cat"
     with pytest.raises(DataError):
         D.render_prompt(tok, "cat", {"type": "nope"})

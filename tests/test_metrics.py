@@ -2,7 +2,7 @@
 
 import math
 
-from lorakit.evaluate import edit_distance, g2p_scores, perplexity, phoneme_errors
+from lorakit.app.evaluate import edit_distance, g2p_scores, perplexity, phoneme_errors
 
 
 def test_edit_distance():

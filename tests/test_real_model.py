@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from lorakit import cli
+from lorakit.app import cli
+from lorakit.app.models import DEFAULT_HF_ID
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def test_default_task_few_steps(capsys, tmp_path):
     assert 0 <= ev["after"]["exact_match"] <= 1 and ev["after"]["per"] >= 0
     meta = json.loads((out / "lorakit.json").read_text())
     assert meta["base_model"] == "default" and meta["task"] == "cmudict-g2p"
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == cli.DEFAULT_HF_ID
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == DEFAULT_HF_ID
 
     again = json.loads(run(capsys, "eval", "--adapter", out).strip().splitlines()[-1])
     assert again == ev["after"]  # eval reproduces the after-training numbers exactly

@@ -105,7 +105,7 @@ def evaluate_g2p(model, tokenizer, items, prompt_format: dict, batch_size: int =
     """Greedy-decode each word's pronunciation and score it.
 
     Args:
-        items: ``(word, [pronunciation, ...])`` pairs (see ``data.G2PSplit``).
+        items: ``(word, [pronunciation, ...])`` pairs (see ``g2p.G2PSplit``).
         max_new_tokens: default: the longest reference in tokens + 2.
 
     Returns:

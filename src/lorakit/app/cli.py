@@ -1,0 +1,116 @@
+"""``lorakit`` console script: ``train``, ``eval``, ``generate``, ``merge``, ``info``.
+
+``lorakit train`` with no arguments fine-tunes SmolLM2-135M-Instruct on CMUdict
+grapheme-to-phoneme with LoRA on CPU, evaluates before and after, and saves everything to
+a printed output folder. User errors print one line ``lorakit: error: ...`` and exit 1
+(2 for command-line usage), without a traceback.
+
+Run as ``lorakit``, ``python -m lorakit.app.cli`` or ``python -m lorakit.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lorakit.errors import LoRAError, UsageError
+
+from .cmd_train import cmd_train
+from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
+from .options import add_train_flags
+
+# Never reach a model hub: only local folders and the local cache are used.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "info": cmd_info}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lorakit`` parser; ``train``'s flags come from ``options.TrainOptions``."""
+    p = _Parser(prog="lorakit", description="Train, evaluate, merge and inspect LoRA adapters.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    t = sub.add_parser(
+        "train",
+        help="train a LoRA adapter (no arguments: SmolLM2-135M-Instruct on CMUdict G2P)",
+        description="Train a LoRA adapter. With no arguments: SmolLM2-135M-Instruct on CMUdict "
+        "grapheme-to-phoneme, evaluated before and after. Options default to None and are "
+        "merged as: built-in defaults < --config file < flags.",
+        argument_default=None,
+    )
+    add_train_flags(t)
+
+    e = sub.add_parser("eval", help="evaluate an adapter", description="Built-in task test metrics of an adapter "
+                       "(the after-training numbers), or loss/perplexity on a JSONL file.")
+    e.add_argument("--adapter", required=True, help="adapter folder")
+    e.add_argument("--data", help="JSONL: report loss and perplexity on it")
+    e.add_argument("--max-length", type=int, help="tokens per example (default: the training value)")
+    e.add_argument("--batch-size", type=int, default=32)
+
+    gen = sub.add_parser("generate", help="greedy completion of a prompt",
+                         description="Greedy completion; the last line printed is the completion.")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="adapter folder (knows its base model and prompt format)")
+    src.add_argument("--model", help="model folder (e.g. from 'lorakit merge'), cached id or .gguf")
+    gen.add_argument("--prompt", required=True, help="the prompt, e.g. a bare word for the built-in task")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="use the prompt text as is (no prompt format)")
+
+    m = sub.add_parser("merge", help="merge an adapter into its base and save a transformers checkpoint")
+    m.add_argument("--adapter", required=True, help="adapter folder")
+    m.add_argument("--output", required=True, help="new folder for the merged checkpoint")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+    i = sub.add_parser("info", help="describe an adapter folder")
+    i.add_argument("adapter", help="adapter folder")
+    return p
+
+
+def _reexec_passive() -> None:
+    """Restart the console script with ``OMP_WAIT_POLICY=PASSIVE``.
+
+    PyTorch's OpenMP threads spin between parallel regions by default. On a small, shared
+    CPU (2 cores, other jobs running) a descheduled spinning thread stalls every one of the
+    ~500 small ops of a forward pass: we measured a 20-token SmolLM2 forward at 3 s instead
+    of 0.2 s. The policy is read when OpenMP loads, i.e. when ``import lorakit`` imports
+    torch, before this function can run, hence the re-exec (about a second).
+    """
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "lorakit.app.cli", *sys.argv[1:]], env)
+    except OSError:
+        pass  # keep going with the default policy
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lorakit`` console script. Returns the exit status.
+
+    Exit status: 0 success, 1 user error (one line on stderr), 2 command-line usage error,
+    130 interrupted (Ctrl-C; no adapter is written during training).
+    """
+    if argv is None and "OMP_WAIT_POLICY" not in os.environ:
+        _reexec_passive()
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"lorakit: error: {e}", file=sys.stderr)
+        return 2
+    except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
+        print(f"lorakit: error: {msg}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlorakit: interrupted; no adapter was written by this step", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""``lorakit train``: the causal-LM job (the built-in CMUdict G2P task or the user's JSONL) and
+``--task classify``.
+
+The LM job, in order: options -> data (read before the slow model load, so bad files fail fast)
+-> base model + LoRA -> evaluation before -> ``loop.train`` -> adapter + ``lorakit.json`` ->
+evaluation after (merged) -> ``eval.json``, ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
+from lorakit.errors import CLIError
+
+from . import classify, g2p, loop
+from .console import log, pct, quiet_transformers
+from .data import Dataset, read_jsonl, tokenize_dataset
+from .evaluate import evaluate_g2p, perplexity
+from .files import write_json
+from .lm_loss import lm_task, mean_loss
+from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
+from .options import TrainOptions, train_options
+from .plots import plot_losses
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``lorakit train`` with the merged, validated options. Returns the exit status (0)."""
+    t_start = time.perf_counter()
+    o, given = train_options(args)
+    if o.task == "classify":
+        return train_classify(o, given)
+    return train_lm(o, t_start)
+
+
+def output_folder(o: TrainOptions, name: str, adapter_dir: str = ".") -> Path:
+    """``--output`` or ``runs/<name>-<timestamp>``, refused when it already holds an adapter.
+
+    Raises:
+        CLIError: the folder holds an adapter (and no ``--overwrite``), or the path is not a folder.
+    """
+    out = Path(o.output or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / adapter_dir / "adapter_config.json").exists() and not o.overwrite:
+        raise CLIError(f"output folder {str(out)!r} already holds an adapter (use --overwrite or another --output)")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output {str(out)!r} exists and is not a folder")
+    return out
+
+
+def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
+    """``lorakit train --task classify`` (``classify.run_classify``)."""
+    out = output_folder(o, "classify", "adapter")
+    log(f"output folder: {out}")
+    kw = {k: getattr(o, k) for k in classify.OPTIONS - {"data", "eval_data", "epochs"}}
+    res = classify.run_classify(out, o.data, o.eval_data, model_dir=None if o.model == DEFAULT_MODEL else o.model,
+                                epochs=int(o.epochs), **kw, log=log, progress=o.progress)
+    log(f"accuracy before {res['accuracy_before']:.4f}, after {res['accuracy_after']:.4f} "
+        f"on {res['n_eval']} examples; eval.json and adapter/ in {out}")
+    return 0
+
+
+def _read_data(o: TrainOptions):
+    """``(train Dataset, validation Dataset or None, G2P split or None)``."""
+    if o.builtin:
+        split = g2p.g2p_split(o.seed, o.test_size, g2p.G2P_VALIDATION)
+        # Tokenise only the words the run will see (the full split is 124k words, ~1 min).
+        n_words = len(split.train) if o.steps is None else min(len(split.train), o.steps * o.batch_size * o.grad_accum)
+        return g2p.g2p_dataset(split.train[:n_words]), g2p.g2p_dataset(split.validation), split
+    train_data = read_jsonl(o.data)
+    val_data = read_jsonl(o.eval_data) if o.eval_data else None
+    if val_data is not None and val_data.prompt_format != train_data.prompt_format:
+        raise CLIError(f"--eval-data has shape {val_data.shape!r} but --data has shape {train_data.shape!r}")
+    return train_data, val_data, None
+
+
+def _bf16_supported() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def _model_with_lora(o: TrainOptions):
+    """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``."""
+    import torch
+
+    quiet_transformers()
+    torch.manual_seed(o.seed)
+    lm = load_base(o.model)
+    lcfg = o.lora_config(base_model_name_or_path=DEFAULT_HF_ID if lm.reference == DEFAULT_MODEL else lm.reference)
+    inject(lm.model, lcfg)
+    trainable, total = trainable_parameters(lm.model)
+    return lm, lcfg, trainable, total - trainable
+
+
+def _evaluate(model, tok, data: Dataset, split, val_ex, label: str) -> tuple[dict | None, list | None]:
+    """Test exact match / PER (built-in task) or validation loss (user data) as ``label`` reports it."""
+    t = time.perf_counter()
+    if split is not None:
+        res, preds = evaluate_g2p(model, tok, split.test, data.prompt_format)
+        words = f" on {res['words']} test words" if label == "before" else ""
+        print(f"{label + ':':<7} exact match {pct(res['exact_match'])}, PER {res['per']:.3f}{words} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        return res, preds
+    if not val_ex:
+        return None, None
+    loss, n = mean_loss(model, val_ex, tok.pad_token_id)
+    print(f"{label + ':':<7} eval loss {loss:.4f}, perplexity {perplexity(loss):.2f}", flush=True)
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": n}, None
+
+
+def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: Path) -> tuple[dict, list[dict]]:
+    """``loop.train`` with each step's record appended to ``out/metrics.jsonl``: (summary, records)."""
+    if o.gradient_checkpointing:
+        loop.set_checkpointing(model, True)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+
+        def on_log(rec: dict) -> None:
+            history.append(rec)
+            metrics_file.write(json.dumps(rec) + "\n")
+            metrics_file.flush()
+
+        summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress)
+    if o.gradient_checkpointing:
+        loop.set_checkpointing(model, False)
+    print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s: "
+          f"{summary['tokens_per_s']:.0f} tokens/s", flush=True)
+    return summary, history
+
+
+def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, base_params: int) -> dict:
+    """The adapter's ``lorakit.json``: base model, prompt format, task, sizes and settings."""
+    meta = {
+        "base_model": lm.reference,
+        "prompt_format": data.prompt_format,
+        "data_shape": data.shape,
+        "task": g2p.G2P_TASK if o.builtin else None,
+        "max_length": o.max_length,
+        "base_parameters": base_params,
+        "trainable_parameters": trainable,
+        "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed")}
+        | {"steps": n_steps},
+    }
+    if o.builtin:
+        meta["g2p"] = {"seed": o.seed, "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION}
+    return meta
+
+
+def train_lm(o: TrainOptions, t_start: float) -> int:
+    """The causal-LM job (see the module docstring). Returns 0; the adapter is written only after training."""
+    out = output_folder(o, "g2p" if o.builtin else "lora")
+    train_data, val_data, split = _read_data(o)
+    if o.bf16 and not _bf16_supported():
+        log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
+        o = dataclasses.replace(o, bf16=False)
+    lm, lcfg, trainable, base_params = _model_with_lora(o)
+    model, tok = lm.model, lm.tokenizer
+    print(f"output: {out}")
+    print(f"LoRA r={lcfg.r} alpha={lcfg.lora_alpha:g} on {lcfg.target_modules}: "
+          f"{trainable:,} trainable parameters ({pct(trainable / base_params)} of {base_params:,})", flush=True)
+    train_ex = tokenize_dataset(tok, train_data, o.max_length)
+    val_ex = tokenize_dataset(tok, val_data, o.max_length) if val_data is not None else None
+    tcfg = o.train_config()
+    n_steps = tcfg.total_steps(len(train_ex))
+    print(f"data: {len(train_ex):,} training examples ({train_data.shape}), {n_steps} steps of "
+          f"{tcfg.batch_size}x{tcfg.grad_accum}, max length {o.max_length}", flush=True)
+    results: dict = {}
+    with disable_adapters(model):  # the base model (B = 0 would give the same outputs, slower)
+        results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
+    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out)
+    write_metadata(out, _metadata(o, lm, train_data, n_steps, trainable, base_params))
+    save_adapter(model, out)  # atomic; only after training finished
+    merge(model)  # faster decoding; unmerge restores the weights exactly
+    try:
+        results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after")
+    finally:
+        unmerge(model)
+    if split is not None:
+        results["examples"] = [
+            {"word": w, "reference": [" ".join(p) for p in refs], "before": b, "after": a}
+            for (w, refs), b, a in list(zip(split.test, before_preds, preds))[:10]
+        ]
+    results = {k: v for k, v in results.items() if v is not None}
+    results["train"] = summary
+    results["wall_seconds"] = time.perf_counter() - t_start
+    write_json(out / "eval.json", results)
+    plot_losses(history, out / "loss.png", summary.get("val_loss_start"))
+    print(f"saved adapter, metrics.jsonl, eval.json, loss.png to {out} ({time.perf_counter() - t_start:.0f} s total)")
+    return 0

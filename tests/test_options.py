@@ -1,0 +1,84 @@
+"""``lorakit train`` options: dataclass defaults < task defaults < config file < flags, one validation."""
+
+import argparse
+
+import pytest
+
+from lorakit import LoRAConfig
+from lorakit.app.cli import build_parser
+from lorakit.app.loop import TrainConfig
+from lorakit.app.options import FIELDS, TrainOptions, train_options
+from lorakit.errors import UsageError
+
+
+def parse(*argv) -> tuple[TrainOptions, frozenset]:
+    return train_options(build_parser().parse_args(["train", *map(str, argv)]))
+
+
+def test_every_field_has_a_flag_defaulting_to_none():
+    args = build_parser().parse_args(["train"])
+    assert set(FIELDS) <= set(vars(args))
+    assert all(getattr(args, name) is None for name in FIELDS)
+
+
+def test_defaults_are_the_library_and_job_defaults():
+    o, given = parse()
+    assert given == frozenset()
+    assert (o.r, o.lora_alpha, o.lora_dropout) == (8, 16.0, 0.0)  # LoRAConfig's
+    assert (o.batch_size, o.grad_accum, o.lr, o.warmup, o.eval_every, o.seed) == (8, 1, 2e-3, 10, 25, 0)
+    assert o.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert LoRAConfig().target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the library's stays
+    # the built-in task: 100 steps of 64 tokens
+    assert (o.steps, o.epochs, o.max_length, o.model, o.task, o.progress) == (100, None, 64, "default", "g2p", True)
+    assert TrainConfig().batch_size == o.batch_size and TrainConfig().eval_every == o.eval_every
+
+
+def test_user_data_defaults(tmp_path):
+    o, _ = parse("--data", tmp_path / "d.jsonl")
+    assert (o.steps, o.epochs, o.max_length) == (None, 1.0, 512)
+
+
+def test_precedence_file_then_flags(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("batch-size: 4\nlr: 1e-3\nr: 2\nsteps: 7\nno_progress: true\ntarget_modules: q_proj, v_proj\n")
+    o, given = parse("--config", conf, "--r", 3)
+    assert (o.batch_size, o.lr, o.r, o.steps, o.progress) == (4, 1e-3, 3, 7, False)  # "1e-3" read as a number
+    assert o.target_modules == ["q_proj", "v_proj"]
+    assert given == {"batch_size", "lr", "r", "steps", "progress", "target_modules"}
+    o, _ = parse("--config", conf, "--epochs", 2)  # a flag's --epochs replaces the file's --steps
+    assert (o.steps, o.epochs) == (None, 2.0)
+
+
+def test_json_config_and_errors(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text('{"eval_every": 0, "compile": true}')
+    o, _ = parse("--config", conf)
+    assert o.eval_every == 0 and o.compile is True
+    conf.write_text('{"steps": 2, "epochs": 1}')
+    with pytest.raises(UsageError, match="give --steps or --epochs, not both"):
+        parse("--config", conf)
+    conf.write_text('{"task": "summarise"}')
+    with pytest.raises(UsageError, match="--task must be one of g2p, classify, got 'summarise'"):
+        parse("--config", conf)
+    with pytest.raises(UsageError, match="--warmup must be an integer >= 0, got -1"):
+        parse("--warmup", -1)
+    with pytest.raises(UsageError, match="--eval-data needs --data"):
+        parse("--eval-data", conf)
+
+
+def test_classify_task_defaults_and_refused_options():
+    o, given = parse("--task", "classify")
+    assert given == {"task"}
+    assert (o.epochs, o.batch_size, o.max_length, o.target_modules, o.lr, o.r) == (
+        3, 32, 64, ["query", "key", "value"], 2e-3, 8)
+    o, _ = parse("--task", "classify", "--batch-size", 4, "--epochs", 8)
+    assert (o.epochs, o.batch_size) == (8, 4)
+    with pytest.raises(UsageError, match="--task classify does not take --grad-accum"):
+        parse("--task", "classify", "--grad-accum", 2)
+    with pytest.raises(UsageError, match="--epochs must be a whole number for --task classify, got 1.5"):
+        parse("--task", "classify", "--epochs", 1.5)
+
+
+def test_train_options_without_config_attribute():
+    o, _ = train_options(argparse.Namespace(steps=3))
+    assert o.steps == 3 and o.max_length == 64
