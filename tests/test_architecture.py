@@ -140,3 +140,11 @@ def test_source_files_and_functions_are_small():
                 if n > MAX_FUNCTION_LINES:
                     big_functions.append((f"{f.relative_to(SRC)}:{node.name}", n))
     assert big_files == [] and big_functions == []
+
+
+def test_cli_alias_is_the_app_cli():
+    """``lorakit.cli`` (the console script's old module, ``python -m lorakit.cli``) is the app's CLI."""
+    import lorakit.app.cli
+    import lorakit.cli
+
+    assert lorakit.cli.main is lorakit.app.cli.main
