@@ -115,3 +115,12 @@ def test_read_records_shares_the_jsonl_reader(tmp_path):
     f.write_text("\n")
     with pytest.raises(DataError, match="has no records"):
         read_records(f)
+
+
+@pytest.mark.parametrize("n, epochs, batch, steps, warmup", [(400, 2, 4, 200, 10), (16, 1, 4, 4, 1), (1000, 3, 32, 96, 4)])
+def test_classify_schedule_warms_up_over_five_percent_of_the_steps(n, epochs, batch, steps, warmup):
+    """steps = epochs * ceil(n / batch); warmup = max(1, steps // 20) (by hand); linear decay, no clipping."""
+    from lorakit.app.classify import train_config
+
+    cfg = train_config(epochs, batch, 0.01, 0, n)
+    assert (cfg.total_steps(n), cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.lr) == (steps, warmup, "linear", None, 0.01)

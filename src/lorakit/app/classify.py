@@ -243,8 +243,9 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
         DataError: bad data (see ``read_records``, ``load_data``).
         ConfigError: bad LoRA or training settings, or a missing encoder package.
     """
-    tcfg = train_config(epochs, batch_size, lr, seed)
+    train_config(epochs, batch_size, lr, seed, 1)  # bad settings fail before any data or model is read
     task, train_recs, test, labels = load_data(train_file, eval_file, n_train, n_test, seed)
+    tcfg = train_config(epochs, batch_size, lr, seed, len(train_recs))
     out = _output_folder(out_dir, None if train_file else (train_recs, test))
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
@@ -257,7 +258,6 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     acc_before = accuracy(model, tokenizer, test, label2id, max_length=max_length)
     eval_seconds = time.perf_counter() - t0
     log(f"accuracy before training: {acc_before:.4f}")
-    tcfg.warmup = max(1, tcfg.total_steps(len(train_recs)) // 20)  # 5% of the steps
     summary = train(model, classify_task(train_recs, tokenizer, label2id, batch_size, max_length, seed), tcfg,
                     on_log=_epoch_logger(math.ceil(len(train_recs) / batch_size), epochs, log), progress=progress)
     acc_after = accuracy(model, tokenizer, test, label2id, max_length=max_length)
@@ -277,8 +277,9 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     return result
 
 
-def train_config(epochs: int, batch_size: int, lr: float | None, seed: int) -> TrainConfig:
-    """The loop's settings for classification: linear schedule, no clipping, no validation.
+def train_config(epochs: int, batch_size: int, lr: float | None, seed: int, n_examples: int) -> TrainConfig:
+    """The loop's settings for classification on ``n_examples`` records: linear warmup over the
+    first 5% of the steps (at least one), then linear decay to 0; no clipping, no validation.
 
     Raises:
         ConfigError: epochs or batch_size < 1, or lr <= 0.
@@ -287,6 +288,7 @@ def train_config(epochs: int, batch_size: int, lr: float | None, seed: int) -> T
                        eval_every=0, **({"lr": lr} if lr is not None else {}))
     if epochs < 1 or batch_size < 1 or not tcfg.lr > 0:
         raise ConfigError(f"epochs, batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {tcfg.lr}")
+    tcfg.warmup = max(1, tcfg.total_steps(n_examples) // 20)
     return tcfg
 
 
