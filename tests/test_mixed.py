@@ -35,8 +35,8 @@ def _single(model, name, ids):
 def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
     import lorakit.mixed
 
-    stack, calls = lorakit.mixed.stack, []
-    monkeypatch.setattr(lorakit.mixed, "stack", lambda *a: calls.append(a[0]) or stack(*a))
+    batched, calls = lorakit.mixed.RowRouter._add_batched, []
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_batched", lambda *a: calls.append(a[3]) or batched(*a))
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
@@ -154,3 +154,37 @@ def test_layers_reading_one_input_share_its_gather(monkeypatch):
     layers = m.config.num_hidden_layers
     # per decoder layer 7 projections, 4 distinct inputs: q/k/v share one, gate/up another
     assert len(results) == 7 * layers and len({id(x) for x in results}) == 4 * layers
+
+
+def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatch):
+    """A new mix of resident adapters reuses each layer's AdapterBank (no restacking); an in-place change of an
+    adapter's factors (an optimizer step, a reload) rewrites its slot; a new adapter restacks that layer once."""
+    import lorakit.adapter
+
+    stack, stacks = lorakit.adapter.stack, []
+    monkeypatch.setattr(lorakit.adapter, "stack", lambda *a: stacks.append(1) or stack(*a))
+    torch.manual_seed(5)
+    ids = torch.randint(0, 64, (4, 6))
+
+    def check(names):
+        refs = {n: _single(model, n, ids) for n in set(names)}
+        with mixed_batch(model, names), torch.no_grad():
+            out = model(ids).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+    check(["a", "b", "c.d", None])
+    built = len(stacks)
+    assert built == 3 * model.config.num_hidden_layers  # q/v_proj (a, b) and o_proj (b, c.d) of each block
+    check(["b", "a", None, "b"])  # other mixes of the same adapters
+    check(["c.d", "b", "b", "c.d"])
+    assert len(stacks) == built
+    with torch.no_grad():  # what an optimizer step does: the factors change in place
+        for _, layer in lorakit.lora_layers(model):
+            if layer.has_adapter("b"):
+                layer.lora_weights("b")[1].add_(0.05)
+    check(["a", "b", "b", "a"])
+    assert len(stacks) == built  # slots rewritten, nothing restacked
+    inject(model, LoRAConfig(r=5, lora_alpha=3, target_modules=["q_proj"], init_lora_weights=False), "new")
+    check(["new", "a", "b", "new"])
+    assert len(stacks) == built + model.config.num_hidden_layers  # q_proj of each block, once

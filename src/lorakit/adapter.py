@@ -24,6 +24,7 @@ from torch import nn
 from .errors import ConfigError
 
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+UpAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
 
 def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -112,15 +113,29 @@ class LoRAAdapter(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = scaling(r, lora_alpha, use_rslora)
 
+    def _down(self, x: torch.Tensor, down: Op) -> torch.Tensor:
+        """``A(dropout(x))``: (..., r) in the adapter dtype (a floating input is cast to it)."""
+        if x.is_floating_point():
+            x = x.to(self.lora_A.dtype)
+        if self.lora_dropout.__class__ is not nn.Identity:  # skip the module call when p = 0
+            x = self.lora_dropout(x)
+        return down(x, self.lora_A)
+
     def bypass(self, x: torch.Tensor, down: Op, up: Op) -> torch.Tensor:
         """``s · B(A(dropout(x)))`` in the adapter dtype (Hu et al. 2021, eq. 3).
 
         The scaling multiplies the rank-r activations, the smallest tensor of the chain, in
         the forward and (as its gradient) in the backward.
         """
-        if x.is_floating_point():
-            x = x.to(self.lora_A.dtype)
-        return up(down(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+        return up(self._down(x, down) * self.scaling, self.lora_B)
+
+    def add_bypass_(self, out: torch.Tensor, x: torch.Tensor, down: Op, up_add: UpAdd) -> None:
+        """``out += s · B(A(dropout(x)))`` in place: ``bypass`` with its last product fused into the
+        sum, ``up_add(out, h, B, s)`` (for a linear layer one ``addmm_`` with ``alpha = s``).
+
+        In place is safe under autograd: the base op's backward never needs its output.
+        """
+        up_add(out, self._down(x, down), self.lora_B, self.scaling)
 
     def folded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, s·B)``: the factors with the scaling folded into B, detached, in ``dtype``
@@ -162,3 +177,57 @@ def stacked_bypass(xs: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
     if keep is not None:
         h = h.mul_(keep)
     return torch.bmm(h, b_t)
+
+
+class AdapterBank:
+    """Every adapter of one linear layer stacked once, for per-row adapters (S-LoRA's resident pool).
+
+    Attributes:
+        a_t: (S, in, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
+        b_t: (S, r_max, out) = ``(s·B)^T``, the scaling folded in.
+        slots: adapter name -> its index along S.
+
+    ``sync`` keeps it current at the cost of an int comparison: it restacks only when the layer's
+    set of adapters changed (``version``, bumped by add / delete), and rewrites one slot when that
+    adapter's factors changed in place since (a load, an optimizer step: the Parameters' version
+    counters). The bank costs one more copy of the adapters' weights.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.a_t: torch.Tensor | None = None
+        self.b_t: torch.Tensor | None = None
+        self._version = -1
+        self._stamps: dict[str, tuple] = {}
+
+    @staticmethod
+    def _stamp(ad: LoRAAdapter) -> tuple:
+        return id(ad.lora_A), ad.lora_A._version, id(ad.lora_B), ad.lora_B._version, ad.scaling, ad.lora_A.device
+
+    @torch.no_grad()
+    def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
+        """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
+
+        Raises:
+            KeyError: a name the layer does not hold.
+        """
+        if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
+            self.a_t, self.b_t = stack(adapters, dtype)
+            self.slots = {ad.name: j for j, ad in enumerate(adapters)}
+            self._stamps = {ad.name: self._stamp(ad) for ad in adapters}
+            self._version = version
+            return
+        for n in names:
+            j = self.slots[n]
+            ad = adapters[j]
+            stamp = self._stamp(ad)
+            if stamp != self._stamps[n]:
+                a, sb = ad.folded(dtype)
+                self.a_t[j].zero_()[:, : ad.r] = a.t()
+                self.b_t[j].zero_()[: ad.r] = sb.t()
+                self._stamps[n] = stamp
+
+    def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T, (s·B)^T)`` of ``names`` only, (k, in, r_max) and (k, r_max, out): one copy each."""
+        idx = torch.tensor([self.slots[n] for n in names], device=self.a_t.device)
+        return self.a_t.index_select(0, idx), self.b_t.index_select(0, idx)

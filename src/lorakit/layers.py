@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import LoRAAdapter, adapter_key, init_factors
+from .adapter import AdapterBank, LoRAAdapter, adapter_key, init_factors
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
 
@@ -56,6 +56,8 @@ class LoRALayer(AdapterModule):
         self.merged_adapters: list[str] = []
         self._original_weight: torch.Tensor | None = None
         self._shared_weight: nn.Parameter | None = None
+        self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
+        self._bank: AdapterBank | None = None  # built on first use by a mixed batch
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
@@ -92,6 +94,13 @@ class LoRALayer(AdapterModule):
 
     def _up(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(h, b)
+
+    def _up_add(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float) -> None:
+        """``out += s · _up(h, b)``; one ``addmm_`` where ``_up`` is a linear map and the dtypes agree."""
+        if out.dtype == h.dtype == b.dtype and out.is_contiguous() and self._up.__func__ is LoRALayer._up:
+            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
+        else:
+            out.add_((self._up(h, b) * s).to(out.dtype))
 
     def _product(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return b @ a
@@ -143,6 +152,7 @@ class LoRALayer(AdapterModule):
         self._init(a, b, r, init_lora_weights)
         dropout = lora_dropout if self.supports_dropout else 0.0
         self.adapters[adapter_key(name)] = ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora)
+        self._adapters_version += 1
         return ad
 
     def delete_adapter(self, name: str) -> None:
@@ -156,6 +166,7 @@ class LoRALayer(AdapterModule):
         if name in self.merged_adapters:
             raise MergeStateError(f"adapter {name!r} is merged; unmerge before deleting it")
         del self.adapters[adapter_key(name)]
+        self._adapters_version += 1
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         ad = self.adapter(name)
@@ -191,21 +202,28 @@ class LoRALayer(AdapterModule):
 
         In place is safe under autograd: the base op's backward never needs its output.
         """
-        delta = self.bypass(name, x).to(out.dtype)
         if rows is None:
-            out.add_(delta)
+            self.adapter(name).add_bypass_(out, x, self._down, self._up_add)
         else:
-            out.index_add_(0, rows, delta)
+            out.index_add_(0, rows, self.bypass(name, x).to(out.dtype))
+
+    def bank(self, names: list[str]) -> AdapterBank:
+        """Every adapter of this layer stacked (``AdapterBank``), with the slots of ``names`` current."""
+        if self._bank is None:
+            self._bank = AdapterBank()
+        self._bank.sync(list(self.adapters.values()), self._adapters_version, names, self.adapter_dtype)
+        return self._bank
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         state = self.lora_state
         if state.rows is not None:  # mixed batch: the router adds each row's adapter
             return state.rows.add_bypass(self, x, out)
+        adapters = self.adapters._modules
         for name in state.active:
-            key = adapter_key(name)
-            if key in self.adapters and name not in self.merged_adapters:
-                self.add_bypass_(out, name, x)
+            ad = adapters.get(adapter_key(name))
+            if ad is not None and name not in self.merged_adapters:
+                ad.add_bypass_(out, x, self._down, self._up_add)
         return out
 
     # --- merge ----------------------------------------------------------------------------
@@ -264,6 +282,7 @@ class LoRALayer(AdapterModule):
         super()._apply(fn, recurse)
         if self._original_weight is not None:
             self._original_weight = fn(self._original_weight)
+        self._bank = None  # restacked on the new device / dtype when next needed
         return self
 
     def extra_repr(self) -> str:

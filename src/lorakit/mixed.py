@@ -8,8 +8,9 @@ adding the active adapters. The router reads the batch size from the layer's own
 The base matmuls run once for the whole batch. The LoRA part groups rows by adapter once per
 batch size (a stable sort into contiguous segments, as in SGMV). A linear LoRA layer then
 gathers each adapter's rows, padded to the longest segment, and runs one batched matmul pair
-against the adapters' A and B stacked once per block (``adapter.stack``: rank-padded with
-zeros, scaling folded into B), so its op count does not grow with the number of adapters;
+against the adapters' A and B taken from the layer's ``AdapterBank`` (every resident adapter
+stacked once, rank-padded with zeros, scaling folded into B; restacked only when an adapter is
+added, deleted or changed), so its op count does not grow with the number of adapters;
 other layer types (and forwards that need gradients) run one small A/B pair per adapter.
 Activations are gathered, never a per-row copy of adapter weights.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import stack, stacked_bypass
+from .adapter import stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .tree import attach_state, check_known, is_merged
 
@@ -99,18 +100,37 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -
     return RowPlan(len(names), perm, tuple(segments), single_full)
 
 
+class _Route:
+    """How one layer adds the bypasses of one row plan: the segments of adapters it holds and,
+    for a batched (linear) layer, those adapters' factors gathered from its ``AdapterBank``."""
+
+    __slots__ = ("segments", "names", "pad", "a_t", "b_t")
+
+    def __init__(self, layer, plan: RowPlan) -> None:
+        self.segments = tuple(seg for seg in plan.segments if layer.has_adapter(seg[0]))
+        self.names = tuple(name for name, _, _ in self.segments)
+        self.pad = self.a_t = self.b_t = None
+        if getattr(layer, "batched", False) and len(self.segments) > 1:
+            self.pad = plan.padded(self.segments)
+            if self.pad is not None:
+                with torch.no_grad():
+                    self.a_t, self.b_t = layer.bank(list(self.names)).gather(self.names)
+
+
 class RowRouter:
     """Adds each batch row's own adapter in every LoRA layer while ``mixed_batch`` runs.
 
-    Caches, for the block's lifetime: the row plan per (batch size, device), the stacked
-    factors per (layer, adapters), and the last gathered input (q/k/v read one tensor,
-    gate/up another, so the next layers reuse its gather).
+    Caches for the block's lifetime: the row plan per (batch size, device); per layer and plan a
+    ``_Route`` (the adapters it holds, their factors gathered once from the layer's resident
+    ``AdapterBank``); the last gathered input (q/k/v read one tensor, gate/up another, so the next
+    layers reuse its gather). Decoding steps of one ``generate`` share one plan and one route per
+    layer: nothing is sorted or stacked per step.
     """
 
     def __init__(self, names: list[str | None]) -> None:
         self.names = names
         self._plans: dict[tuple[int, str], RowPlan] = {}
-        self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._routes: dict[tuple[int, int], _Route] = {}
         self._gather: tuple | None = None
 
     def plan(self, batch: int, device) -> RowPlan:
@@ -135,29 +155,26 @@ class RowRouter:
     def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus, for each row, the bypass of that row's adapter on ``layer`` (Hu et al. 2021 eq. 3)."""
         plan = self.plan(x.shape[0], x.device)
-        segments = tuple(seg for seg in plan.segments if layer.has_adapter(seg[0]))
-        if len(segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
-            layer.add_bypass_(out, segments[0][0], x)
-        elif segments:
-            pad = None
-            if getattr(layer, "batched", False) and len(segments) > 1 and not torch.is_grad_enabled():
-                pad = plan.padded(segments)
-            if pad is None:
-                xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
-                for name, s, e in segments:
-                    layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
-            else:
-                self._add_batched(layer, x, out, pad, tuple(name for name, _, _ in segments))
+        key = (id(layer), id(plan))
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = _Route(layer, plan)
+        if not route.segments:
+            return out
+        if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
+            layer.add_bypass_(out, route.names[0], x)
+        elif route.pad is not None and not torch.is_grad_enabled():
+            self._add_batched(x, out, route)
+        else:  # one small A/B pair per adapter on its rows (other layer types, or gradients needed)
+            xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
+            for name, s, e in route.segments:
+                layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
         return out
 
-    def _add_batched(self, layer, x: torch.Tensor, out: torch.Tensor, pad: Padded, names: tuple[str, ...]) -> None:
+    def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
         the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B."""
-        key = (id(layer), names)
-        if key not in self._stacks:
-            with torch.no_grad():
-                self._stacks[key] = stack([layer.adapter(n) for n in names], layer.adapter_dtype)
-        a_t, b_t = self._stacks[key]  # (k, in, r), (k, r, out)
+        pad, a_t, b_t = route.pad, route.a_t, route.b_t  # (k, in, r), (k, r, out)
         k, length = pad.shape
         mid = x.shape[1:-1]
         xs = self.gathered(x, pad.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
