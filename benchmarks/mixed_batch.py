@@ -10,11 +10,15 @@ repeats; prints medians, spreads and ratios. Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import os
+import random
+import statistics
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the lorakit CLI: no spinning threads on shared cores
 import torch  # noqa: E402
@@ -34,7 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per row in the decoding timing")
     ap.add_argument("--resident", type=int, default=100, help="adapters resident for the set_adapter timing")
+    ap.add_argument("--sections", default="forward,decode,io",
+                    help="comma list: forward (32 x 64 forwards, generation vs PEFT), decode (decoding steps, first "
+                         "step after a mix change, generation, with 16/64/256 adapters resident), io (load, switch)")
+    ap.add_argument("--decode-resident", default="16,64,256", help="resident adapter counts for the decode section")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
     from peft import PeftModel
 
     counts = [1, 4, 16, 32]
@@ -53,6 +62,18 @@ def main(argv=None) -> int:
     ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
     print(f"# mixed_batch.py --model {args.model}: {args.rows} rows x {args.tokens} tokens, "
           f"r=8 on 7 projections; {machine()}")
+
+    if "forward" in sections:
+        forward_section(args, base, ours, theirs, names, ids, counts)
+    if "decode" in sections:
+        decode_section(args, base, ours, theirs, names)
+    if "io" in sections:
+        io_section(args, ours, theirs, names, tmp)
+    return 0
+
+
+def forward_section(args, base, ours, theirs, names, ids, counts) -> None:
+    """32 x 64 forwards with 1/4/16/32 adapters per batch, and generation of 32 rows over 16 adapters."""
 
     def ours_mixed(per_row):
         def run():
@@ -117,7 +138,91 @@ def main(argv=None) -> int:
         print(f"| {label} | {t:.3f} | {sp:.3f} | {args.rows * new / t:.0f} | {t / gen['base'][0]:.3f} |")
     print(f"| PEFT / lorakit | {gen['PEFT mixed 16'][0] / gen['lorakit mixed 16'][0]:.2f}x | | | |")
     notes.append(spread_note("generate, lorakit vs PEFT mixed 16", gen["lorakit mixed 16"], gen["PEFT mixed 16"]))
+    for note in notes:
+        if note:
+            print(note)
 
+
+def _decode_steps(model, prompt, repeats, blocks):
+    """Median and half-spread (s) of one decoding step (rows x 1 token, KV cache of the prompt).
+
+    ``blocks()`` yields, per repeat, ``(prefill_ctx, step_ctx)``: the prefill runs untimed inside the
+    first context, the timed step inside the second (the same block for a warmed step, a new block
+    for the first step after a change of mix)."""
+    times = []
+    for prefill_ctx, step_ctx in itertools.islice(blocks(), repeats + 1):
+        with prefill_ctx:
+            out = model(prompt, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        with step_ctx:
+            t = time.perf_counter()
+            model(nxt, cache=out.cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+    times = times[1:]  # the first repeat warms up
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def decode_section(args, base, ours, theirs, names) -> None:
+    """Per-row adapters while decoding, with 16 adapters in a 32-row batch and 16/64/256 resident."""
+    rng = random.Random(0)
+    prompt = torch.randint(1, base.config.vocab_size, (args.rows, 4), generator=torch.Generator().manual_seed(2))
+    gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    print(f"\n## decode: {args.rows} rows, 16 adapters in the batch (row i: adapter i mod 16), 4-token prompt")
+    print("\n| resident | base step s | warmed mixed step / base | first step after a new mix / base "
+          "| generate lorakit / base | generate PEFT / lorakit | prefill mixed 16 / one adapter |")
+    print("|---|---|---|---|---|---|---|")
+    for resident in [int(r) for r in args.decode_resident.split(",")]:
+        while len(lorakit.list_adapters(ours)) < resident:
+            lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False),
+                           f"extra{len(lorakit.list_adapters(ours))}")
+        pool = lorakit.list_adapters(ours)[:resident]
+        mix = pool[:16]
+        rows = [mix[i % 16] for i in range(args.rows)]
+
+        def new_mix():  # 16 adapters drawn from the resident ones, a new draw each time
+            drawn = rng.sample(pool, 16)
+            return [drawn[i % 16] for i in range(args.rows)]
+
+        with torch.inference_mode():
+            t_base = _decode_steps(base, prompt, args.repeats * 3,
+                                   lambda: itertools.repeat((contextlib.nullcontext(), contextlib.nullcontext())))
+
+            def same_block():
+                while True:
+                    with lorakit.mixed_batch(ours, rows) as m:
+                        block = contextlib.nullcontext(m)
+                        yield block, block
+
+            t_warm = _decode_steps(ours, prompt, args.repeats * 3, same_block)
+            fresh = lambda: ((lorakit.mixed_batch(ours, new_mix()), lorakit.mixed_batch(ours, new_mix())) for _ in itertools.count())
+            t_first = _decode_steps(ours, prompt, args.repeats * 3, fresh)
+
+            def ours_generate():
+                with lorakit.mixed_batch(ours, rows):
+                    ours.generate(prompt, **gen_kw)
+
+            gens = {"base": lambda: base.generate(prompt, **gen_kw), "lorakit": ours_generate}
+            if resident == 16:
+                gens["PEFT"] = lambda: theirs.generate(input_ids=prompt, adapter_names=rows, **gen_kw)
+            gen = interleaved(gens, args.repeats)
+            ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
+
+            def ours_prefill():
+                with lorakit.mixed_batch(ours, rows):
+                    ours(ids)
+
+            lorakit.set_adapter(ours, mix[0])
+            pre = interleaved({"mixed": ours_prefill, "one": lambda: ours(ids)}, args.repeats)
+        peft_ratio = f"{gen['PEFT'][0] / gen['lorakit'][0]:.2f}x" if "PEFT" in gen else "-"
+        print(f"| {resident} | {t_base[0]:.4f} ± {t_base[1]:.4f} | {t_warm[0] / t_base[0]:.3f} (± {t_warm[1]:.4f} s) "
+              f"| {t_first[0] / t_base[0]:.3f} (± {t_first[1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
+              f"({gen['lorakit'][0]:.2f} vs {gen['base'][0]:.2f} s) | {peft_ratio} | {pre['mixed'][0] / pre['one'][0]:.3f} |",
+              flush=True)
+
+
+def io_section(args, ours, theirs, names, tmp) -> None:
+    """Load one adapter from disk + activate; set_adapter with many adapters resident."""
+    notes = []
     # Load one adapter from disk and activate it (fresh names each time, as a server would).
     src = os.path.join(tmp, names[0])
     counter = itertools.count()
@@ -154,7 +259,6 @@ def main(argv=None) -> int:
     for note in notes:
         if note:
             print(note)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,12 +31,16 @@ def _single(model, name, ids):
     [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None],
      ["b", "a", "b", "b", None, "c.d", "b", "a"]],
 )
-@pytest.mark.parametrize("grad", [True, False, "inference_mode"])  # no gradients: the batched (bmm) path
-def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
+@pytest.mark.parametrize("grad", [True, False, "inference_mode"])  # no gradients: a batched path
+@pytest.mark.parametrize("dense_work", [0, 10 ** 9])  # padded segments (bmm) where they fit / always dense
+def test_each_row_equals_its_adapter_alone(model, names, grad, dense_work, monkeypatch):
     import lorakit.mixed
 
-    batched, calls = lorakit.mixed.RowRouter._add_batched, []
-    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_batched", lambda *a: calls.append(a[3]) or batched(*a))
+    calls = []
+    for path in ("_add_batched", "_add_dense"):
+        fn = getattr(lorakit.mixed.RowRouter, path)
+        monkeypatch.setattr(lorakit.mixed.RowRouter, path, (lambda f, p: lambda *a: calls.append(p) or f(*a))(fn, path))
+    monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", dense_work)
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
@@ -48,6 +52,8 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, monkeypatch):
     present = set(names) - {None}
     several = {"a", "b"} <= present or {"b", "c.d"} <= present  # q/v_proj hold a and b, o_proj b and c.d
     assert bool(calls) == (several and grad is not True)
+    if calls and dense_work:
+        assert set(calls) == {"_add_dense"}
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
     assert active_adapters(model) == ["a"]
@@ -146,6 +152,7 @@ def test_layers_reading_one_input_share_its_gather(monkeypatch):
     m = tiny_llama()
     for name in ("a", "b"):
         inject(m, LoRAConfig(r=2, target_modules="all-linear", init_lora_weights=False), name)
+    monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", 0)  # the padded-segment path, which gathers rows
     gathered, results = lorakit.mixed.RowRouter.gathered, []
     monkeypatch.setattr(lorakit.mixed.RowRouter, "gathered", lambda *a: results.append(gathered(*a)) or results[-1])
     ids = torch.randint(0, 64, (4, 5))

@@ -100,21 +100,33 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -
     return RowPlan(len(names), perm, tuple(segments), single_full)
 
 
+# A batched layer computes every present adapter for every row (two dense matmuls, a mask keeping
+# each row's own adapter) while rows x tokens x adapters stays within this: decoding steps, where a
+# few dense ops beat a gather, two small bmms and a scatter; above it, the padded segments.
+DENSE_WORK = 1024
+
+
 class _Route:
-    """How one layer adds the bypasses of one row plan: the segments of adapters it holds and,
-    for a batched (linear) layer, those adapters' factors gathered from its ``AdapterBank``."""
+    """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
+    a batched (linear) layer, those adapters' factors gathered once from its ``AdapterBank``:
+    ``a_t`` (k, in, r), ``b_t`` (k, r, out) for padded segments; ``a_cat`` (in, k·r), ``b_cat``
+    (k·r, out) and ``mask`` (N, 1, k·r), 1 on each row's own adapter, for the dense form."""
 
-    __slots__ = ("segments", "names", "pad", "a_t", "b_t")
+    __slots__ = ("segments", "names", "pad", "a_t", "b_t", "a_cat", "b_cat", "mask")
 
-    def __init__(self, layer, plan: RowPlan) -> None:
+    def __init__(self, layer, plan: RowPlan, masks) -> None:
         self.segments = tuple(seg for seg in plan.segments if layer.has_adapter(seg[0]))
         self.names = tuple(name for name, _, _ in self.segments)
-        self.pad = self.a_t = self.b_t = None
+        self.pad = self.a_t = self.b_t = self.a_cat = self.b_cat = self.mask = None
         if getattr(layer, "batched", False) and len(self.segments) > 1:
             self.pad = plan.padded(self.segments)
-            if self.pad is not None:
-                with torch.no_grad():
-                    self.a_t, self.b_t = layer.bank(list(self.names)).gather(self.names)
+            with torch.no_grad():
+                a_cols, self.b_t = layer.bank(list(self.names)).gather(self.names)  # (in, k, r), (k, r, out)
+                n_in, k, r = a_cols.shape
+                self.a_t = a_cols.permute(1, 0, 2)  # (k, in, r) view, for the padded segments
+                self.a_cat = a_cols.view(n_in, k * r)
+                self.b_cat = self.b_t.view(k * r, -1)
+                self.mask = masks(self.names, r, a_cols.dtype, a_cols.device)
 
 
 class RowRouter:
@@ -131,6 +143,7 @@ class RowRouter:
         self.names = names
         self._plans: dict[tuple[int, str], RowPlan] = {}
         self._routes: dict[tuple[int, int], _Route] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
         self._gather: tuple | None = None
 
     def plan(self, batch: int, device) -> RowPlan:
@@ -148,8 +161,7 @@ class RowRouter:
                     f"mixed_batch got {n} adapter names but the forward has batch size {batch} "
                     f"(expected {n}, or a multiple of it for beam search / num_return_sequences)"
                 )
-            rep = batch // n
-            self._plans[key] = plan_rows([x for x in self.names for _ in range(rep)], device)
+            self._plans[key] = plan_rows(self._row_names(batch), device)
         return self._plans[key]
 
     def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -158,11 +170,15 @@ class RowRouter:
         key = (id(layer), id(plan))
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = _Route(layer, plan)
+            route = self._routes[key] = _Route(layer, plan, lambda *a: self._mask(plan, *a))
         if not route.segments:
             return out
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             layer.add_bypass_(out, route.names[0], x)
+        elif route.mask is not None and not torch.is_grad_enabled() and (
+            x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK or route.pad is None
+        ) and out.dtype == route.a_cat.dtype and out.is_contiguous():
+            self._add_dense(x, out, route)
         elif route.pad is not None and not torch.is_grad_enabled():
             self._add_batched(x, out, route)
         else:  # one small A/B pair per adapter on its rows (other layer types, or gradients needed)
@@ -170,6 +186,31 @@ class RowRouter:
             for name, s, e in route.segments:
                 layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
         return out
+
+    def _mask(self, plan: RowPlan, names: tuple, r: int, dtype, device) -> torch.Tensor:
+        """(N, 1, k·r): 1 on the r columns of each row's own adapter among ``names``; shared by every
+        layer that holds the same adapters."""
+        key = (id(plan), names, r, dtype, str(device))
+        if key not in self._masks:
+            slot = {n: j for j, n in enumerate(names)}
+            rows = self._row_names(plan.rows)
+            cols = torch.tensor([slot.get(n, len(names)) for n in rows], device=device)
+            mask = torch.nn.functional.one_hot(cols, len(names) + 1)[:, : len(names)].to(dtype)  # None rows: all 0
+            self._masks[key] = mask[:, None, :, None].expand(-1, 1, -1, r).reshape(plan.rows, 1, len(names) * r)
+        return self._masks[key]
+
+    def _row_names(self, batch: int) -> list:
+        rep = batch // len(self.names)
+        return [x for x in self.names for _ in range(rep)]
+
+    def _add_dense(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
+        """Every present adapter for every row, masked to each row's own (BGMV-style, without
+        per-row weight copies): ``out += ((x A_cat) * mask) B_cat``, three dense ops. Exact: the
+        masked products are exactly 0."""
+        n = x.shape[0]
+        h = torch.matmul(x.reshape(n, -1, x.shape[-1]).to(route.a_cat.dtype), route.a_cat)  # (N, T, k·r)
+        h.mul_(route.mask)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), route.b_cat)
 
     def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
