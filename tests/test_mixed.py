@@ -78,7 +78,11 @@ def _generate(model, ids, **kw):
 
 
 @pytest.mark.parametrize("beams", [1, 2])
-def test_generate_with_per_row_adapters(model, beams):
+@pytest.mark.parametrize("dense_work", [0, 10 ** 9])
+def test_generate_with_per_row_adapters(model, beams, dense_work, monkeypatch):
+    import lorakit.mixed
+
+    monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", dense_work)
     torch.manual_seed(4)
     ids = torch.randint(1, 64, (3, 4))
     names = ["b", None, "a"]
