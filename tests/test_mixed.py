@@ -41,6 +41,7 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, dense_work, monke
         fn = getattr(lorakit.mixed.RowRouter, path)
         monkeypatch.setattr(lorakit.mixed.RowRouter, path, (lambda f, p: lambda *a: calls.append(p) or f(*a))(fn, path))
     monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", dense_work)
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", dense_work)
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
@@ -83,6 +84,7 @@ def test_generate_with_per_row_adapters(model, beams, dense_work, monkeypatch):
     import lorakit.mixed
 
     monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", dense_work)
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", dense_work)
     torch.manual_seed(4)
     ids = torch.randint(1, 64, (3, 4))
     names = ["b", None, "a"]

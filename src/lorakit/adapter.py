@@ -206,13 +206,16 @@ class AdapterBank:
     def _stamp(ad: LoRAAdapter) -> tuple:
         return id(ad.lora_A), ad.lora_A._version, id(ad.lora_B), ad.lora_B._version, ad.scaling, ad.lora_A.device
 
-    @torch.no_grad()
     def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
         """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
 
         Raises:
             KeyError: a name the layer does not hold.
         """
+        with torch.no_grad():  # a block, not a decorator: mutation testing (mutmut) skips decorated functions
+            self._sync(adapters, version, names, dtype)
+
+    def _sync(self, adapters, version, names, dtype) -> None:
         if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
             self.a_t, self.b_t = stack(adapters, dtype)
             self.slots = {ad.name: j for j, ad in enumerate(adapters)}

@@ -232,7 +232,6 @@ class LoRALayer(AdapterModule):
         """``s · B A`` of adapter ``name`` in ``dtype`` (float32 by default), shaped like the base weight."""
         return self.adapter(name).delta(self._product, dtype)
 
-    @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
         """Add the deltas of ``names`` (default: the active adapters) to the base weight.
 
@@ -249,23 +248,24 @@ class LoRALayer(AdapterModule):
             self.adapter(n)
         if not todo:
             return
-        if self.tied_with and self._shared_weight is None:
-            self._untie()
-        w = self.base_layer.weight
-        if self._original_weight is None:
-            self._original_weight = w.detach().clone()
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = self._original_weight.to(acc, copy=True)
-        for n in self.merged_adapters + todo:
-            total += self.delta_weight(n, acc).to(total.device)
-        w.copy_(total)
+        with torch.no_grad():  # a block, not a decorator: mutation testing (mutmut) skips decorated functions
+            if self.tied_with and self._shared_weight is None:
+                self._untie()
+            w = self.base_layer.weight
+            if self._original_weight is None:
+                self._original_weight = w.detach().clone()
+            acc = torch.promote_types(w.dtype, torch.float32)
+            total = self._original_weight.to(acc, copy=True)
+            for n in self.merged_adapters + todo:
+                total += self.delta_weight(n, acc).to(total.device)
+            w.copy_(total)
         self.merged_adapters.extend(todo)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the original base weight bit for bit (and its tie); a no-op when nothing is merged."""
-        if self._original_weight is not None:
-            self.base_layer.weight.copy_(self._original_weight)
+        with torch.no_grad():
+            if self._original_weight is not None:
+                self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged_adapters = []
         if self._shared_weight is not None:  # tie back: the base module gets the shared Parameter again

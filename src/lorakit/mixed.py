@@ -37,11 +37,15 @@ class Padded:
         index: int64 (k * L,), batch rows grouped by adapter; a segment shorter than L repeats its
             first row.
         keep: float (k, L, 1, 1), 0 at those repeats (their bypass is zeroed), or None if no padding.
+        inverse: int64 (N,) with ``index[inverse] = arange(N)`` when ``index`` is a permutation of
+            all N rows (no padding, no base-only rows), else None: the results then go back to
+            their rows with one gather instead of a scatter.
     """
 
     index: torch.Tensor
     keep: torch.Tensor | None
     shape: tuple[int, int]
+    inverse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class RowPlan:
         if min(lengths) < length:
             steps = torch.arange(length, device=device)
             keep = (steps < torch.tensor(lengths, device=device)[:, None]).float()[..., None, None]
-        return Padded(index.flatten(), keep, (k, length))
+        index = index.flatten()
+        inverse = torch.argsort(index) if keep is None and len(index) == self.rows else None
+        return Padded(index, keep, (k, length), inverse)
 
 
 def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -> RowPlan:
@@ -101,8 +107,11 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -
 
 
 # A batched layer computes every present adapter for every row (two dense matmuls, a mask keeping
-# each row's own adapter) while rows x tokens x adapters stays within this: decoding steps, where a
-# few dense ops beat a gather, two small bmms and a scatter; above it, the padded segments.
+# each row's own adapter) while the adapters' stacked columns (k·r) stay within DENSE_COLUMNS and
+# rows x tokens x adapters within DENSE_WORK: there a few dense ops beat a gather, two small bmms
+# and a scatter; otherwise the padded segments (measured on 2 CPU cores, SmolLM2 shapes: dense is
+# 20 us per layer at k·r = 16, 42 us at 64; segments about 45 us).
+DENSE_COLUMNS = 32
 DENSE_WORK = 1024
 
 
@@ -176,7 +185,7 @@ class RowRouter:
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             layer.add_bypass_(out, route.names[0], x)
         elif route.mask is not None and not torch.is_grad_enabled() and (
-            x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK or route.pad is None
+            route.pad is None or (route.a_cat.shape[1] <= DENSE_COLUMNS and x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK)
         ) and out.dtype == route.a_cat.dtype and out.is_contiguous():
             self._add_dense(x, out, route)
         elif route.pad is not None and not torch.is_grad_enabled():
@@ -220,8 +229,11 @@ class RowRouter:
         mid = x.shape[1:-1]
         xs = self.gathered(x, pad.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
         keep = None if pad.keep is None else pad.keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
-        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *mid, -1)
-        out.index_add_(0, pad.index, delta.to(out.dtype))
+        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *mid, -1).to(out.dtype)
+        if pad.inverse is not None:  # a gather: on CPU far cheaper than index_add_'s scatter
+            out.add_(delta.index_select(0, pad.inverse))
+        else:
+            out.index_add_(0, pad.index, delta)
 
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input
