@@ -143,23 +143,32 @@ def forward_section(args, base, ours, theirs, names, ids, counts) -> None:
             print(note)
 
 
-def _decode_steps(model, prompt, repeats, blocks):
-    """Median and half-spread (s) of one decoding step (rows x 1 token, KV cache of the prompt).
+def _decode_step(model, prompt, prefill_ctx, step_ctx) -> float:
+    """Seconds of one decoding step (rows x 1 token on the KV cache of ``prompt``): the prefill runs
+    untimed inside ``prefill_ctx``, the timed step inside ``step_ctx`` (the same block for a warmed
+    step, a new block for the first step after a change of mix)."""
+    with prefill_ctx:
+        out = model(prompt, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    with step_ctx:
+        t = time.perf_counter()
+        model(nxt, cache=out.cache, use_cache=True)
+        return time.perf_counter() - t
 
-    ``blocks()`` yields, per repeat, ``(prefill_ctx, step_ctx)``: the prefill runs untimed inside the
-    first context, the timed step inside the second (the same block for a warmed step, a new block
-    for the first step after a change of mix)."""
-    times = []
-    for prefill_ctx, step_ctx in itertools.islice(blocks(), repeats + 1):
-        with prefill_ctx:
-            out = model(prompt, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        with step_ctx:
-            t = time.perf_counter()
-            model(nxt, cache=out.cache, use_cache=True)
-            times.append(time.perf_counter() - t)
-    times = times[1:]  # the first repeat warms up
-    return statistics.median(times), (max(times) - min(times)) / 2
+
+def _decode_timings(base, ours, prompt, rows, new_mix, repeats) -> dict[str, tuple[float, float]]:
+    """Base step, warmed mixed step and first step after a new mix, interleaved; (median, half-spread)."""
+    null = contextlib.nullcontext
+    times = {"base": [], "warm": [], "first": []}
+    for i in range(repeats + 1):
+        t_base = _decode_step(base, prompt, null(), null())
+        with lorakit.mixed_batch(ours, rows):  # prefill and step in one block
+            t_warm = _decode_step(ours, prompt, null(), null())
+        t_first = _decode_step(ours, prompt, lorakit.mixed_batch(ours, new_mix()), lorakit.mixed_batch(ours, new_mix()))
+        if i:  # the first round warms up
+            for k, t in zip(times, (t_base, t_warm, t_first)):
+                times[k].append(t)
+    return {k: (statistics.median(v), (max(v) - min(v)) / 2) for k, v in times.items()}
 
 
 def decode_section(args, base, ours, theirs, names) -> None:
@@ -183,39 +192,27 @@ def decode_section(args, base, ours, theirs, names) -> None:
             drawn = rng.sample(pool, 16)
             return [drawn[i % 16] for i in range(args.rows)]
 
+        def ours_generate():
+            with lorakit.mixed_batch(ours, rows):
+                ours.generate(prompt, **gen_kw)
+
+        def ours_prefill():
+            with lorakit.mixed_batch(ours, rows):
+                ours(ids)
+
         with torch.inference_mode():
-            t_base = _decode_steps(base, prompt, args.repeats * 3,
-                                   lambda: itertools.repeat((contextlib.nullcontext(), contextlib.nullcontext())))
-
-            def same_block():
-                while True:
-                    with lorakit.mixed_batch(ours, rows) as m:
-                        block = contextlib.nullcontext(m)
-                        yield block, block
-
-            t_warm = _decode_steps(ours, prompt, args.repeats * 3, same_block)
-            fresh = lambda: ((lorakit.mixed_batch(ours, new_mix()), lorakit.mixed_batch(ours, new_mix())) for _ in itertools.count())
-            t_first = _decode_steps(ours, prompt, args.repeats * 3, fresh)
-
-            def ours_generate():
-                with lorakit.mixed_batch(ours, rows):
-                    ours.generate(prompt, **gen_kw)
-
+            steps = _decode_timings(base, ours, prompt, rows, new_mix, args.repeats * 3)
             gens = {"base": lambda: base.generate(prompt, **gen_kw), "lorakit": ours_generate}
             if resident == 16:
                 gens["PEFT"] = lambda: theirs.generate(input_ids=prompt, adapter_names=rows, **gen_kw)
             gen = interleaved(gens, args.repeats)
             ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
-
-            def ours_prefill():
-                with lorakit.mixed_batch(ours, rows):
-                    ours(ids)
-
             lorakit.set_adapter(ours, mix[0])
             pre = interleaved({"mixed": ours_prefill, "one": lambda: ours(ids)}, args.repeats)
+        b = steps["base"][0]
         peft_ratio = f"{gen['PEFT'][0] / gen['lorakit'][0]:.2f}x" if "PEFT" in gen else "-"
-        print(f"| {resident} | {t_base[0]:.4f} ± {t_base[1]:.4f} | {t_warm[0] / t_base[0]:.3f} (± {t_warm[1]:.4f} s) "
-              f"| {t_first[0] / t_base[0]:.3f} (± {t_first[1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
+        print(f"| {resident} | {b:.4f} ± {steps['base'][1]:.4f} | {steps['warm'][0] / b:.3f} (± {steps['warm'][1]:.4f} s) "
+              f"| {steps['first'][0] / b:.3f} (± {steps['first'][1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
               f"({gen['lorakit'][0]:.2f} vs {gen['base'][0]:.2f} s) | {peft_ratio} | {pre['mixed'][0] / pre['one'][0]:.3f} |",
               flush=True)
 

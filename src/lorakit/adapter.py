@@ -153,19 +153,17 @@ class LoRAAdapter(nn.Module):
 
 
 def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear adapters stacked for batched bypasses: ``(A^T (in, k, r_max), (s·B)^T (k, r_max, out))``.
+    """Linear adapters stacked for batched bypasses: ``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))``.
 
-    Ranks are zero-padded to the largest, which is exact: the extra rank components are 0. A^T is
-    laid out (in, k, r_max) so that any subset of adapters, gathered along dim 1, is one
-    contiguous (in, k·r_max) matrix: all of them applied to an input in one matmul.
+    Ranks are zero-padded to the largest, which is exact: the extra rank components are 0.
     """
     r_max = max(ad.r for ad in adapters)
     a0, b0 = adapters[0].lora_A, adapters[0].lora_B
-    a_t = a0.new_zeros((a0.shape[1], len(adapters), r_max), dtype=dtype)
+    a_t = a0.new_zeros((len(adapters), a0.shape[1], r_max), dtype=dtype)
     b_t = b0.new_zeros((len(adapters), r_max, b0.shape[0]), dtype=dtype)
     for j, ad in enumerate(adapters):
         a, sb = ad.folded(dtype)
-        a_t[:, j, : ad.r] = a.t()
+        a_t[j, :, : ad.r] = a.t()
         b_t[j, : ad.r] = sb.t()
     return a_t, b_t
 
@@ -185,7 +183,7 @@ class AdapterBank:
     """Every adapter of one linear layer stacked once, for per-row adapters (S-LoRA's resident pool).
 
     Attributes:
-        a_t: (in, S, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
+        a_t: (S, in, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
         b_t: (S, r_max, out) = ``(s·B)^T``, the scaling folded in.
         slots: adapter name -> its index along S.
 
@@ -204,7 +202,9 @@ class AdapterBank:
 
     @staticmethod
     def _stamp(ad: LoRAAdapter) -> tuple:
-        return id(ad.lora_A), ad.lora_A._version, id(ad.lora_B), ad.lora_B._version, ad.scaling, ad.lora_A.device
+        p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
+        a, b = p["lora_A"], p["lora_B"]
+        return id(a), a._version, id(b), b._version, ad.scaling
 
     def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
         """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
@@ -228,11 +228,11 @@ class AdapterBank:
             stamp = self._stamp(ad)
             if stamp != self._stamps[n]:
                 a, sb = ad.folded(dtype)
-                self.a_t[:, j].zero_()[:, : ad.r] = a.t()
+                self.a_t[j].zero_()[:, : ad.r] = a.t()
                 self.b_t[j].zero_()[: ad.r] = sb.t()
                 self._stamps[n] = stamp
 
     def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T, (s·B)^T)`` of ``names`` only, (in, k, r_max) and (k, r_max, out): one copy each."""
+        """``(A^T, (s·B)^T)`` of ``names`` only, (k, in, r_max) and (k, r_max, out): one copy each."""
         idx = torch.tensor([self.slots[n] for n in names], device=self.a_t.device)
-        return self.a_t.index_select(1, idx), self.b_t.index_select(0, idx)
+        return self.a_t.index_select(0, idx), self.b_t.index_select(0, idx)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import stacked_bypass
+from .adapter import adapter_key, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .tree import attach_state, check_known, is_merged
 
@@ -124,18 +124,19 @@ class _Route:
     __slots__ = ("segments", "names", "pad", "a_t", "b_t", "a_cat", "b_cat", "mask")
 
     def __init__(self, layer, plan: RowPlan, masks) -> None:
-        self.segments = tuple(seg for seg in plan.segments if layer.has_adapter(seg[0]))
+        held = layer.adapters._modules
+        self.segments = tuple(seg for seg in plan.segments if adapter_key(seg[0]) in held)
         self.names = tuple(name for name, _, _ in self.segments)
         self.pad = self.a_t = self.b_t = self.a_cat = self.b_cat = self.mask = None
         if getattr(layer, "batched", False) and len(self.segments) > 1:
             self.pad = plan.padded(self.segments)
             with torch.no_grad():
-                a_cols, self.b_t = layer.bank(list(self.names)).gather(self.names)  # (in, k, r), (k, r, out)
-                n_in, k, r = a_cols.shape
-                self.a_t = a_cols.permute(1, 0, 2)  # (k, in, r) view, for the padded segments
-                self.a_cat = a_cols.view(n_in, k * r)
-                self.b_cat = self.b_t.view(k * r, -1)
-                self.mask = masks(self.names, r, a_cols.dtype, a_cols.device)
+                self.a_t, self.b_t = layer.bank(list(self.names)).gather(self.names)  # (k, in, r), (k, r, out)
+                k, n_in, r = self.a_t.shape
+                if k * r <= DENSE_COLUMNS:
+                    self.a_cat = self.a_t.permute(1, 0, 2).reshape(n_in, k * r)
+                    self.b_cat = self.b_t.view(k * r, -1)
+                    self.mask = masks(self.names, r, self.a_t.dtype, self.a_t.device)
 
 
 class RowRouter:
@@ -185,7 +186,7 @@ class RowRouter:
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             layer.add_bypass_(out, route.names[0], x)
         elif route.mask is not None and not torch.is_grad_enabled() and (
-            route.pad is None or (route.a_cat.shape[1] <= DENSE_COLUMNS and x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK)
+            route.pad is None or x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK
         ) and out.dtype == route.a_cat.dtype and out.is_contiguous():
             self._add_dense(x, out, route)
         elif route.pad is not None and not torch.is_grad_enabled():
