@@ -107,6 +107,7 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self._dropout = lora_dropout > 0
         self.name = name
         self.r = r
         self.lora_alpha = float(lora_alpha)
@@ -115,11 +116,12 @@ class LoRAAdapter(nn.Module):
 
     def _down(self, x: torch.Tensor, down: Op) -> torch.Tensor:
         """``A(dropout(x))``: (..., r) in the adapter dtype (a floating input is cast to it)."""
-        if x.is_floating_point():
-            x = x.to(self.lora_A.dtype)
-        if self.lora_dropout.__class__ is not nn.Identity:  # skip the module call when p = 0
+        a = self._parameters["lora_A"]  # the hot path of every forward: no nn.Module.__getattr__
+        if x.dtype is not a.dtype and x.is_floating_point():
+            x = x.to(a.dtype)
+        if self._dropout:  # the module is not even called when p = 0
             x = self.lora_dropout(x)
-        return down(x, self.lora_A)
+        return down(x, a)
 
     def bypass(self, x: torch.Tensor, down: Op, up: Op) -> torch.Tensor:
         """``s · B(A(dropout(x)))`` in the adapter dtype (Hu et al. 2021, eq. 3).
@@ -135,7 +137,7 @@ class LoRAAdapter(nn.Module):
 
         In place is safe under autograd: the base op's backward never needs its output.
         """
-        up_add(out, self._down(x, down), self.lora_B, self.scaling)
+        up_add(out, self._down(x, down), self._parameters["lora_B"], self.scaling)
 
     def folded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, s·B)``: the factors with the scaling folded into B, detached, in ``dtype``

@@ -150,6 +150,7 @@ class LoRAConv2d(LoRALayer):
     """
 
     base_type = nn.Conv2d
+    linear_up = False
 
     @staticmethod
     def check_base(base_layer: nn.Conv2d, name: str) -> None:

@@ -43,6 +43,7 @@ class LoRALayer(AdapterModule):
     base_type: type = nn.Module
     peft_suffixes = ("lora_A.weight", "lora_B.weight")  # file keys of A and B under the module's name
     supports_dropout = True
+    linear_up = True  # _up is F.linear, so _up_add may fuse it into one addmm_
     tied_with: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -97,7 +98,7 @@ class LoRALayer(AdapterModule):
 
     def _up_add(self, out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: float) -> None:
         """``out += s · _up(h, b)``; one ``addmm_`` where ``_up`` is a linear map and the dtypes agree."""
-        if out.dtype == h.dtype == b.dtype and out.is_contiguous() and self._up.__func__ is LoRALayer._up:
+        if self.linear_up and out.dtype is h.dtype is b.dtype and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=s)
         else:
             out.add_((self._up(h, b) * s).to(out.dtype))
