@@ -23,8 +23,8 @@ Levers (``--levers``, each an extra lorakit run in the same interleave, identica
 ``full-head`` computes the LM head and loss on every position (transformers' loss) instead of
 only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
 rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
-as ``out + (B(A x)) * s`` (a full-size multiply and add) instead of scaling the rank-r activations
-and accumulating in place; ``eager`` uses eager attention instead of SDPA; ``compile`` is the other
+as ``out.add_(B(s·A x))`` (a separate B product, then an add) instead of one ``addmm_`` into the
+base output; ``eager`` uses eager attention instead of SDPA; ``compile`` is the other
 way round, lorakit with ``TrainConfig(compile=True)`` (``torch.compile`` of each transformer block;
 its first step, excluded as the warm-up, is the compilation and is printed). Length batching is used
 by both tools (same batches), so its effect is reported as the padding it saves against random
@@ -62,7 +62,7 @@ from lorakit.app import data as D  # noqa: E402
 from lorakit.app import g2p as G  # noqa: E402
 from lorakit.app import loop as LT  # noqa: E402
 from lorakit.app.options import TrainOptions  # noqa: E402
-from lorakit.layers import LoRALayer, LoRALinear  # noqa: E402
+from lorakit.layers import LoRALayer  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
 
@@ -99,7 +99,7 @@ def _set_attn(model, impl: str) -> None:
 class Variant:
     """One lorakit run in its own thread, advanced one optimizer step at a time."""
 
-    ORIGINAL = {"label_loss": LL.label_loss, "add_lora_": LoRALinear.add_lora_}
+    ORIGINAL = {"label_loss": LL.label_loss, "linear_up": LoRALayer.linear_up}
 
     def __init__(self, name: str, model, train_ex, cfg, pad_id):
         self.name, self.model, self.recs = name, model, []
@@ -110,7 +110,7 @@ class Variant:
         if name == "no-pack":  # label_loss on the padded batch
             self.patch["label_loss"] = lambda m, i, a, lab, **kw: _LABEL_LOSS(m, i, a, lab)
         if name == "unfused":
-            self.patch["add_lora_"] = LoRALayer.add_lora_  # lora_output (B(A x)) * s, then out.add_
+            self.patch["linear_up"] = False  # LoRALayer._up_add's generic branch: F.linear, then add_
         if name == "eager":
             _set_attn(model, "eager")
         if name == "compile":
@@ -140,13 +140,13 @@ class Variant:
     def step(self) -> None:
         """Run this variant's next optimizer step (with its patches installed) and wait for it."""
         LL.label_loss = self.patch.get("label_loss", self.ORIGINAL["label_loss"])
-        LoRALinear.add_lora_ = self.patch.get("add_lora_", self.ORIGINAL["add_lora_"])
+        LoRALayer.linear_up = self.patch.get("linear_up", self.ORIGINAL["linear_up"])
         try:
             self.go.set()
             self.done.wait()
             self.done.clear()
         finally:
-            LL.label_loss, LoRALinear.add_lora_ = self.ORIGINAL["label_loss"], self.ORIGINAL["add_lora_"]
+            LL.label_loss, LoRALayer.linear_up = self.ORIGINAL["label_loss"], self.ORIGINAL["linear_up"]
         if self.error is not None:
             raise self.error
 
