@@ -186,9 +186,13 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
         for i, n in enumerate(names):
             torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
 
+    gather, gathers = lorakit.adapter.AdapterBank.gather, []
+    monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: gathers.append(1) or gather(*a))
     check(["a", "b", "c.d", None])
     built = len(stacks)
     assert built == 3 * model.config.num_hidden_layers  # q/v_proj (a, b) and o_proj (b, c.d) of each block
+    check(["c.d", None, "b", "a"])  # the same set of adapters on other rows: nothing gathered again
+    assert len(gathers) == built
     check(["b", "a", None, "b"])  # other mixes of the same adapters
     check(["c.d", "b", "b", "c.d"])
     assert len(stacks) == built

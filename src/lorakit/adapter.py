@@ -200,6 +200,7 @@ class AdapterBank:
         self.a_t: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None
         self._version = -1
+        self.generation = 0  # bumped whenever a slot changes (restack or rewrite)
         self._stamps: dict[str, tuple] = {}
 
     @staticmethod
@@ -223,6 +224,7 @@ class AdapterBank:
             self.slots = {ad.name: j for j, ad in enumerate(adapters)}
             self._stamps = {ad.name: self._stamp(ad) for ad in adapters}
             self._version = version
+            self.generation += 1
             return
         for n in names:
             j = self.slots[n]
@@ -233,6 +235,7 @@ class AdapterBank:
                 self.a_t[j].zero_()[:, : ad.r] = a.t()
                 self.b_t[j].zero_()[: ad.r] = sb.t()
                 self._stamps[n] = stamp
+                self.generation += 1
 
     def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T, (s·B)^T)`` of ``names`` only, (k, in, r_max) and (k, r_max, out): one copy each."""

@@ -59,6 +59,7 @@ class LoRALayer(AdapterModule):
         self._shared_weight: nn.Parameter | None = None
         self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
+        self._hot: tuple | None = None  # (names, bank generation, A^T, (s·B)^T) of the last mix
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
@@ -215,6 +216,15 @@ class LoRALayer(AdapterModule):
         self._bank.sync(list(self.adapters.values()), self._adapters_version, names, self.adapter_dtype)
         return self._bank
 
+    def stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))`` of ``names``, gathered from the bank; the
+        last gather is kept, so the next mix of the same adapters (in the same order) costs nothing."""
+        bank = self.bank(list(names))
+        hot = self._hot
+        if hot is None or hot[0] != names or hot[1] != bank.generation:
+            self._hot = hot = (names, bank.generation, *bank.gather(names))
+        return hot[2], hot[3]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         state = self.lora_state
@@ -283,7 +293,7 @@ class LoRALayer(AdapterModule):
         super()._apply(fn, recurse)
         if self._original_weight is not None:
             self._original_weight = fn(self._original_weight)
-        self._bank = None  # restacked on the new device / dtype when next needed
+        self._bank = self._hot = None  # restacked on the new device / dtype when next needed
         return self
 
     def extra_repr(self) -> str:

@@ -91,12 +91,20 @@ class RowPlan:
         return Padded(index, keep, (k, length), inverse)
 
 
-def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu") -> RowPlan:
-    """Group row indices by adapter name (None rows get the base model only)."""
+def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
+              rank: dict[str, int] | None = None) -> RowPlan:
+    """Group row indices by adapter name (None rows get the base model only).
+
+    Segments come in the order of ``rank`` (adapter -> position, e.g. injection order) when given,
+    else in order of first appearance; with ``rank``, every mix of one set of adapters lists them
+    in the same order, so layers can reuse the factors they gathered for that set.
+    """
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
         if n is not None:
             groups.setdefault(n, []).append(i)
+    if rank is not None:
+        groups = dict(sorted(groups.items(), key=lambda item: rank[item[0]]))
     order, segments = [], []
     for n, idx in groups.items():
         segments.append((n, len(order), len(order) + len(idx)))
@@ -131,7 +139,7 @@ class _Route:
         if getattr(layer, "batched", False) and len(self.segments) > 1:
             self.pad = plan.padded(self.segments)
             with torch.no_grad():
-                self.a_t, self.b_t = layer.bank(list(self.names)).gather(self.names)  # (k, in, r), (k, r, out)
+                self.a_t, self.b_t = layer.stacked(self.names)  # (k, in, r), (k, r, out)
                 k, n_in, r = self.a_t.shape
                 if k * r <= DENSE_COLUMNS:
                     self.a_cat = self.a_t.permute(1, 0, 2).reshape(n_in, k * r)
@@ -143,14 +151,15 @@ class RowRouter:
     """Adds each batch row's own adapter in every LoRA layer while ``mixed_batch`` runs.
 
     Caches for the block's lifetime: the row plan per (batch size, device); per layer and plan a
-    ``_Route`` (the adapters it holds, their factors gathered once from the layer's resident
-    ``AdapterBank``); the last gathered input (q/k/v read one tensor, gate/up another, so the next
+    ``_Route`` (the adapters it holds, their factors gathered from the layer's resident
+    ``AdapterBank``, which the layer keeps for the next block with the same set of adapters); the last gathered input (q/k/v read one tensor, gate/up another, so the next
     layers reuse its gather). Decoding steps of one ``generate`` share one plan and one route per
     layer: nothing is sorted or stacked per step.
     """
 
-    def __init__(self, names: list[str | None]) -> None:
+    def __init__(self, names: list[str | None], rank: dict[str, int] | None = None) -> None:
         self.names = names
+        self.rank = rank  # adapter -> position: segments of one set of adapters always in one order
         self._plans: dict[tuple[int, str], RowPlan] = {}
         self._routes: dict[tuple[int, int], _Route] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -171,7 +180,7 @@ class RowRouter:
                     f"mixed_batch got {n} adapter names but the forward has batch size {batch} "
                     f"(expected {n}, or a multiple of it for beam search / num_return_sequences)"
                 )
-            self._plans[key] = plan_rows(self._row_names(batch), device)
+            self._plans[key] = plan_rows(self._row_names(batch), device, self.rank)
         return self._plans[key]
 
     def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -282,7 +291,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     state = attach_state(model)
     if state.rows is not None:
         raise MixedBatchError("mixed_batch blocks cannot be nested")
-    state.rows = RowRouter(names)
+    state.rows = RowRouter(names, {n: i for i, n in enumerate(state.configs)})
     try:
         yield model
     finally:
