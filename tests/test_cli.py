@@ -128,7 +128,8 @@ def _bad(tmp_path, name, text):
         (lambda t, m: ["--lr", "inf"], 2, "--lr must be a finite number > 0"),
         (lambda t, m: ["--r", 0], 2, "r must be an int >= 1"),
         (lambda t, m: ["--lora-dropout", 1], 2, "lora_dropout must be"),
-        (lambda t, m: ["--data", t / "bin.jsonl"], 1, "codec can't decode"),
+        (lambda t, m: ["--data", t / "bin.jsonl"], 1, r"bin.jsonl:1: the file is UTF-16; save it as UTF-8"),
+        (lambda t, m: ["--data", _bad(t, "l1.jsonl", "")], 1, r"l1.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"),
     ],
 )
 def test_train_bad_input(tiny, capsys, tmp_path, make_args, code, pattern):
@@ -136,6 +137,8 @@ def test_train_bad_input(tiny, capsys, tmp_path, make_args, code, pattern):
     args = ["train", "--model", model, "--data", data, "--steps", 1, "--output", tmp_path / "o", "--no-progress"]
     args += [str(a) for a in make_args(tmp_path, model)]
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00not utf-8\n")
+    if (tmp_path / "l1.jsonl").exists():  # line 2 holds a Latin-1 byte: 'caf\xe9'
+        (tmp_path / "l1.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
     got, _, err = run(capsys, *args)
     assert got == code
     import re

@@ -205,3 +205,17 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
     inject(model, LoRAConfig(r=5, lora_alpha=3, target_modules=["q_proj"], init_lora_weights=False), "new")
     check(["new", "a", "b", "new"])
     assert len(stacks) == built + model.config.num_hidden_layers  # q_proj of each block, once
+
+
+def test_changing_adapters_inside_a_block_or_a_batchless_input_is_refused(model):
+    ids = torch.randint(0, 64, (2, 5))
+    with mixed_batch(model, ["a", "b"]):
+        with pytest.raises(MixedBatchError, match="delete adapter 'b' inside mixed_batch"):
+            lorakit.delete_adapter(model, "b")
+        with pytest.raises(MixedBatchError, match="inside mixed_batch"):
+            inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), "late")
+    assert lorakit.list_adapters(model) == ["a", "b", "c.d"]
+    layer = model.model.layers[0].self_attn.q_proj
+    with mixed_batch(model, ["a", "b"]):
+        with pytest.raises(MixedBatchError, match=r"batch dimension; a layer got shape \[32\]"):
+            layer(torch.randn(32))

@@ -83,8 +83,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     Raises:
         AdapterNotFoundError: unknown name.
         MergeStateError: the adapter is merged (unmerge first).
+        MixedBatchError: called inside ``mixed_batch``.
     """
     check_known(model, [name])
+    if model_state(model).rows is not None:
+        raise MixedBatchError(f"cannot delete adapter {name!r} inside mixed_batch")
     if any(name in layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for mname, module in list(adapter_modules(model)):

@@ -11,11 +11,11 @@ from torch import nn
 from . import modules_to_save as mts
 from .adapter import check_adapter_name
 from .config import ALL_LINEAR, LoRAConfig
-from .errors import AdapterExistsError, MergeStateError, TargetModuleError
+from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatchError, TargetModuleError
 from .layer_types import LoRAConv1D, LoRALinear, conv1d_type, lora_class_for, lora_classes
 from .layers import LoRALayer
 from .state import AdapterModule
-from .tree import activate, adapter_modules, attach_state, is_merged, set_submodule, walk
+from .tree import activate, adapter_modules, attach_state, is_merged, model_state, set_submodule, walk
 
 
 @dataclass(frozen=True)
@@ -137,13 +137,12 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
     """
     saved = mts.find_modules_to_save(model, config, adapter_name) if config.modules_to_save else []
     matcher = _Matcher(model, config, saved)
-    classes = lora_classes()
     targets: list[Target] = []
     linear_names: list[str] = []
     for name, module in walk(model):  # never enters lorakit's modules: their children are ours
         if not name:
             continue
-        if type(_base(module)) in classes:
+        if isinstance(_base(module), matcher.linear_types):
             linear_names.append(name)
         if matcher(name, _base(module)):
             targets.append(_target(name, module, config, adapter_name, matcher))
@@ -203,13 +202,19 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         the same ``model`` object.
 
     Raises:
-        ConfigError: ``adapter_name`` is not a str.
+        ConfigError: ``adapter_name`` is not a str, or ``model`` / ``config`` of the wrong type.
+        MixedBatchError: called inside ``mixed_batch``.
         TargetModuleError, AdapterExistsError: see ``find_targets``.
         MergeStateError: adapters are merged (unmerge first).
     """
     check_adapter_name(adapter_name)
+    if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
+        raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
+                          f"{type(config).__name__}")
     if is_merged(model):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
+    if model_state(model).rows is not None:
+        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
     targets = find_targets(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
     conv1d = conv1d_type()

@@ -185,6 +185,8 @@ class RowRouter:
 
     def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus, for each row, the bypass of that row's adapter on ``layer`` (Hu et al. 2021 eq. 3)."""
+        if x.dim() < 2:
+            raise MixedBatchError(f"mixed_batch needs inputs with a batch dimension; a layer got shape {list(x.shape)}")
         plan = self.plan(x.shape[0], x.device)
         key = (id(layer), id(plan))
         route = self._routes.get(key)

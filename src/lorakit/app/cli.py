@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nlorakit: interrupted; no adapter was written by this step", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # the core alone is installed: the CLI needs the app's packages
+        print(f"lorakit: error: the CLI needs the package {e.name!r}; pip install 'lorakit[app]'", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

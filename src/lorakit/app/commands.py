@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorakit import merge, read_adapter, unload
 from lorakit.config import ALL_LINEAR
-from lorakit.errors import CLIError, UsageError
+from lorakit.errors import AdapterLoadError, CLIError, UsageError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_file_size
 
 from . import g2p
@@ -98,7 +98,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Describe an adapter folder: base model, task, prompt format, r, alpha, targets, parameters, size."""
     if not Path(args.adapter).is_dir():
-        raise FileNotFoundError(f"adapter folder {args.adapter!r} does not exist")
+        raise AdapterLoadError(f"adapter folder {args.adapter!r} does not exist")
     config, tensors = read_adapter(args.adapter)
     meta = read_metadata(args.adapter)
     trainable = sum(t.numel() for t in tensors.values())

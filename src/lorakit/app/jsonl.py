@@ -19,9 +19,8 @@ def read_objects(path: str | os.PathLike) -> list[tuple[int, object]]:
     """``(line number, value)`` for each non-blank line of a JSONL file (lines count from 1).
 
     Raises:
-        DataError: the path is a folder or does not exist, or a line is not valid JSON (file and
-            line named).
-        UnicodeDecodeError: the file is not UTF-8.
+        DataError: the path is a folder or does not exist, a line is not UTF-8 (UTF-16 files are
+            named as such) or not valid JSON (file and line named).
     """
     path = Path(path)
     if path.is_dir():
@@ -29,8 +28,14 @@ def read_objects(path: str | os.PathLike) -> list[tuple[int, object]]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
     out = []
-    with open(path, encoding="utf-8-sig") as f:  # utf-8-sig: a leading byte-order mark is dropped
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(f"{path}:1: the file is UTF-16; save it as UTF-8")
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading byte-order mark is dropped
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from lorakit import load_adapter, read_adapter
-from lorakit.errors import ModelLoadError
+from lorakit.errors import AdapterLoadError, ModelLoadError
 
 from .console import log
 from .files import write_folder, write_json
@@ -123,7 +125,7 @@ def _load_gguf(gguf: Path, use_cache: bool = True):
     if use_cache and (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
         try:
             return _load_folder(str(cached))
-        except (OSError, ValueError):
+        except (OSError, ValueError, SafetensorError):
             shutil.rmtree(cached, ignore_errors=True)  # a damaged cache entry: rebuild it
     folder, name = str(gguf.parent), gguf.name
     try:
@@ -182,7 +184,7 @@ def load_model(reference: str | os.PathLike | None = None, use_cache: bool = Tru
             ref = str(p.resolve())
             try:
                 model, tok = _load_folder(ref)
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, SafetensorError) as e:
                 raise ModelLoadError(f"cannot load model folder {ref!r}: {e}") from None
         elif p.exists():
             raise ModelLoadError(f"model path {ref!r} is not a folder or a .gguf file")
@@ -241,12 +243,12 @@ def adapter_meta(adapter: str) -> tuple[dict, str]:
     """``(lorakit.json, base model reference)`` of an adapter folder, checked before any model loads.
 
     Raises:
-        FileNotFoundError: no such folder.
+        AdapterLoadError: no such folder (or see ``lorakit.read_adapter``).
         AdapterLoadError: the adapter files are missing or invalid.
         ModelLoadError: the adapter does not name its base model.
     """
     if not Path(adapter).is_dir():
-        raise FileNotFoundError(f"adapter folder {adapter!r} does not exist")
+        raise AdapterLoadError(f"adapter folder {adapter!r} does not exist")
     config, _ = read_adapter(adapter)
     meta = read_metadata(adapter)
     base = meta.get("base_model") or config.base_model_name_or_path

@@ -136,14 +136,14 @@ def read_config_file(path: str) -> dict:
     """Options from a YAML or JSON file (keys are field names, ``-`` or ``_``).
 
     Raises:
-        FileNotFoundError: no such file.
+        UsageError: no such file.
         UsageError: not valid YAML/JSON, not a mapping, or an unknown key.
     """
     import yaml
 
     f = Path(path)
     if not f.is_file():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise UsageError(f"config file {path!r} does not exist")
     kind = "JSON" if f.suffix == ".json" else "YAML"
     try:
         d = json.loads(f.read_text()) if kind == "JSON" else yaml.safe_load(f.read_text())
@@ -172,7 +172,7 @@ def train_options(args: argparse.Namespace) -> tuple[TrainOptions, frozenset[str
 
     Raises:
         UsageError: an unknown config key or an invalid value (named).
-        FileNotFoundError: the config file does not exist.
+        UsageError: the config file does not exist.
     """
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
