@@ -472,3 +472,80 @@ def test_config_round_trips_peft_gpt2_and_seq_cls_configs(tmp_path):
     model = gpt2()
     lorakit.inject(model, LoRAConfig(r=2, target_modules=["c_attn"]))
     assert model.lora_state.configs["default"].fan_in_fan_out is True
+
+
+# --- layer types on their own ----------------------------------------------------------------------
+
+
+def test_conv1d_wrapper_refuses_any_other_module():
+    with pytest.raises(TypeError, match="Conv1D"):
+        LoRAConv1D(nn.Linear(4, 12))  # transformers is loaded here, so Conv1D is known
+
+
+def test_registry_without_transformers(monkeypatch):
+    """In a process that never imported transformers there is no Conv1D: the registry has the three torch types."""
+    import sys
+
+    from lorakit import LoRALinear, layer_types
+
+    monkeypatch.delitem(sys.modules, "transformers.pytorch_utils")
+    monkeypatch.setattr(layer_types, "LORA_CLASSES", {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d})
+    assert layer_types.conv1d_type() is None
+    assert layer_types.lora_classes() == {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding, nn.Conv2d: LoRAConv2d}
+    assert layer_types.lora_class_for(nn.Linear(2, 2)) is LoRALinear
+    assert layer_types.lora_class_for(nn.Linear(2, 2), tied=True) is TiedLoRALinear
+    with pytest.raises(TypeError, match="Conv1D"):
+        LoRAConv1D(nn.Linear(4, 12))
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_embedding_init_replays_peft_draws(init):
+    """PEFT's Embedding init: True or "gaussian": A zeros, B ~ N(0, 1); False: A then B ~ N(0, 1)."""
+    layer = LoRAEmbedding(nn.Embedding(10, 4))
+    torch.manual_seed(5)
+    layer.add_adapter("a", r=2, lora_alpha=2.0, init_lora_weights=init)
+    a, b = layer.lora_weights("a")
+    torch.manual_seed(5)
+    want_a = torch.zeros(2, 10) if init is not False else torch.empty(2, 10).normal_(0.0, 1.0)
+    want_b = torch.empty(4, 2).normal_(0.0, 1.0)
+    assert torch.equal(a, want_a) and torch.equal(b, want_b)
+
+
+def test_embedding_bypass_renormalises_a_like_the_base_with_max_norm_and_norm_type():
+    """F.embedding with max_norm rescales each looked-up row to norm <= max_norm (norm_type's p-norm), in A^T too."""
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4, max_norm=0.5, norm_type=1.0).double()
+    layer = LoRAEmbedding(base)
+    layer.add_adapter("a", r=2, lora_alpha=3.0, init_lora_weights=False)
+    layer.set_adapter("a")
+    w0 = base.weight.detach().clone()
+    a0, b0 = (t.detach().clone() for t in layer.lora_weights("a"))
+    x = torch.tensor([[1, 4, 4], [9, 0, 2]])
+
+    def renorm(rows):  # torch's embedding_renorm_: scale by max_norm / (norm + 1e-7) where norm > max_norm
+        n = rows.abs().sum(-1, keepdim=True)  # p = 1
+        return torch.where(n > 0.5, rows * (0.5 / (n + 1e-7)), rows)
+
+    assert (a0.T[x].abs().sum(-1) > 0.5).any()  # the renormalisation changes some rows of A^T
+    want = renorm(w0[x]) + 1.5 * renorm(a0.T[x]) @ b0.T
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)
+
+
+def test_embedding_bypass_gradient_skips_padding_and_scales_by_frequency():
+    """padding_idx gets no gradient; scale_grad_by_freq divides each row's gradient by its count in the batch."""
+    torch.manual_seed(0)
+    base = nn.Embedding(10, 4, padding_idx=0, scale_grad_by_freq=True).double()
+    layer = LoRAEmbedding(base)
+    layer.add_adapter("a", r=2, lora_alpha=3.0, init_lora_weights=False)
+    layer.set_adapter("a")
+    x = torch.tensor([[0, 3, 3, 5], [3, 0, 7, 5]])
+    g = torch.randn(2, 4, 4, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    a, b = layer.lora_weights("a")
+    # d loss / d A^T[i] = sum over positions p with x_p = i of s * g_p @ B, divided by count(i); none for padding 0
+    flat_x, flat_g = x.reshape(-1), g.reshape(-1, 4)
+    want = torch.zeros(10, 2, dtype=torch.float64)
+    for i in (3, 5, 7):
+        hits = flat_x == i
+        want[i] = 1.5 * (flat_g[hits] @ b.detach()).sum(0) / hits.sum()
+    torch.testing.assert_close(a.grad, want.T, rtol=0, atol=1e-12)

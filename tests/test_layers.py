@@ -125,3 +125,128 @@ def test_forward_skips_merged_adapters_and_adds_unmerged_ones():
     want = x @ layer.base_layer.weight.detach().T + layer.base_layer.bias.detach() + 1.0 * x @ aa.T @ ba.T + 2.0 * x @ ab.T @ bb.T
     layer.merge(["a"])  # a is now in W, b still runs as a bypass
     torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)
+
+
+def test_delta_weight_is_float32_by_default_and_float64_on_request():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 3).double())
+    layer.add_adapter("a", r=2, lora_alpha=3.0, init_lora_weights=False)
+    A, B = (t.detach() for t in layer.lora_weights("a"))  # float64, like the base weight
+    want = 3.0 / 2 * B @ A
+    d32, d64 = layer.delta_weight("a"), layer.delta_weight("a", torch.float64)
+    assert d32.dtype == torch.float32 and d64.dtype == torch.float64
+    torch.testing.assert_close(d32.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(d64, want, rtol=0, atol=1e-14)
+
+
+def test_factors_are_created_on_the_base_weights_device():
+    layer = LoRALinear(nn.Linear(5, 3, device="meta"))  # "meta": a device other than the default one, on any machine
+    layer.add_adapter("a", r=2, lora_alpha=2.0)
+    a, b = layer.lora_weights("a")
+    assert a.device.type == "meta" and b.device.type == "meta"
+
+
+def test_embedding_adapter_has_no_dropout_on_token_ids():
+    """lora_dropout is ignored on an Embedding (PEFT neither applies it): training output = W[x] + s A^T[x] B^T."""
+    from lorakit import LoRAEmbedding
+
+    torch.manual_seed(0)
+    layer = LoRAEmbedding(nn.Embedding(10, 4).double())
+    layer.add_adapter("a", r=2, lora_alpha=3.0, lora_dropout=0.5, init_lora_weights=False)
+    layer.set_adapter("a")
+    layer.train()
+    a, b = (t.detach() for t in layer.lora_weights("a"))
+    x = torch.tensor([[1, 4, 4], [9, 0, 2]])
+    want = layer.base_layer.weight.detach()[x] + 1.5 * (a.T[x] @ b.T)
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-12)
+
+
+def test_add_bypass_to_rows_of_a_bf16_output():
+    """The float32 bypass is cast to the output dtype, then added to the given rows only."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 4).to(torch.bfloat16))
+    layer.add_adapter("a", r=2, lora_alpha=4.0, init_lora_weights=False)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    out = torch.zeros(3, 4, dtype=torch.bfloat16)
+    layer.add_bypass_(out, "a", x, rows=torch.tensor([2, 0]))
+    A, B = (t.detach().double() for t in layer.lora_weights("a"))  # float32 factors
+    want = 2.0 * x.double() @ A.T @ B.T
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out[2].double(), want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out[0].double(), want[1], rtol=1e-2, atol=1e-2)
+    assert torch.count_nonzero(out[1]) == 0
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x, scale=1.0, *, shift=0.0):
+        return super().forward(x) * scale + shift
+
+
+class _LoRAScaled(LoRALinear):  # a LoRALayer subclass for a base whose forward takes more than x
+    base_type = _ScaledLinear
+
+
+def test_forward_passes_extra_arguments_to_the_base_layer():
+    torch.manual_seed(0)
+    layer = _LoRAScaled(_ScaledLinear(5, 3).double())
+    layer.add_adapter("a", r=2, lora_alpha=2.0, init_lora_weights=False)
+    layer.set_adapter("a")
+    x = torch.randn(4, 5, dtype=torch.float64)
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    A, B = (t.detach() for t in layer.lora_weights("a"))
+    want = (x @ W.T + b) * 3.0 + 0.5 + 1.0 * x @ A.T @ B.T
+    torch.testing.assert_close(layer(x, 3.0, shift=0.5), want, rtol=0, atol=1e-12)
+
+
+def _tied_head(requires_grad=True):
+    """A TiedLoRALinear head sharing its weight with an embedding (what inject builds for GPT-2's lm_head)."""
+    from lorakit import TiedLoRALinear
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+    head.weight = emb.weight
+    emb.weight.requires_grad_(requires_grad)
+    layer = TiedLoRALinear(head)
+    layer.tied_with = ("emb",)
+    layer.add_adapter("a", r=2, lora_alpha=2.0, init_lora_weights=False)
+    layer.set_adapter("a")
+    return emb, layer
+
+
+def test_merge_of_a_frozen_tied_weight_keeps_it_frozen():
+    emb, layer = _tied_head(requires_grad=False)
+    layer.merge()
+    assert layer.base_layer.weight is not emb.weight
+    assert layer.base_layer.weight.requires_grad is False
+
+
+def test_unwrapped_merged_module_is_no_longer_restored_by_its_old_wrapper():
+    """After unwrapped(merge=True) the merged weight is the module's weight: unmerge on the old wrapper neither
+    restores W nor re-ties it to the embedding."""
+    emb, layer = _tied_head()
+    w0 = emb.weight.detach().clone()
+    A, B = (t.detach() for t in layer.lora_weights("a"))
+    want = w0 + 1.0 * B @ A
+    base = layer.unwrapped(merge=True)
+    layer.unmerge()
+    assert base.weight is not emb.weight and torch.equal(emb.weight, w0)
+    torch.testing.assert_close(base.weight.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_unmerge_after_moving_the_merged_layer_restores_the_original():
+    layer = _layer()
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    layer.double()  # the kept original follows the move
+    layer.unmerge()
+    assert layer.base_layer.weight.dtype == torch.float64
+    assert torch.equal(layer.base_layer.weight, w0.double())
+
+
+def test_to_empty_without_recurse_leaves_the_submodules_alone():
+    layer = _layer()
+    tensors = [layer.base_layer.weight, *layer.lora_weights("default")]
+    before = [(t.data_ptr(), t.detach().clone()) for t in tensors]
+    layer.to_empty(device="cpu", recurse=False)  # nn.Module semantics: only this module's own tensors
+    after = [layer.base_layer.weight, *layer.lora_weights("default")]
+    assert all(t.data_ptr() == p and torch.equal(t, v) for t, (p, v) in zip(after, before))
