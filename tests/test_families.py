@@ -549,3 +549,19 @@ def test_embedding_bypass_gradient_skips_padding_and_scales_by_frequency():
         hits = flat_x == i
         want[i] = 1.5 * (flat_g[hits] @ b.detach()).sum(0) / hits.sum()
     torch.testing.assert_close(a.grad, want.T, rtol=0, atol=1e-12)
+
+
+def test_sparse_embedding_trains_its_adapter():
+    """A sparse base embedding keeps its sparse forward; the adapter's gradient is dense: for s = 2 / 2,
+    dL/dA[:, t] = s * B^T summed over the positions holding token t (L = sum of outputs), by hand."""
+    torch.manual_seed(0)
+    layer = LoRAEmbedding(nn.Embedding(6, 3, sparse=True).double())
+    layer.add_adapter("a", r=2, lora_alpha=2.0, init_lora_weights=False)
+    layer.set_adapter("a")
+    x = torch.tensor([[1, 4, 4]])
+    layer(x).sum().backward()
+    a, b = layer.lora_weights("a")
+    want = torch.zeros_like(a)
+    for t in x.flatten().tolist():
+        want[:, t] += 1.0 * b.detach().sum(0)
+    torch.testing.assert_close(a.grad, want, rtol=0, atol=1e-12)

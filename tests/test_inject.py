@@ -97,3 +97,12 @@ def test_matching_never_reaches_lora_submodules(llama):
     assert sorted(layers) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert all(isinstance(m.base_layer, torch.nn.Linear) and not isinstance(m.base_layer, LoRALayer) for m in layers.values())
     assert all(m.adapter_names == ["default", "second"] for m in layers.values())
+
+
+def test_an_adapter_name_is_unique_in_the_model_even_on_other_layers(llama):
+    inject(llama, LoRAConfig(r=4, target_modules=["q_proj"]), "a")
+    before = {n: p.clone() for n, p in llama.state_dict().items()}
+    with pytest.raises(AdapterExistsError, match="'a' already exists in the model"):
+        inject(llama, LoRAConfig(r=2, target_modules=["k_proj"]), "a")
+    assert llama.lora_state.configs["a"].r == 4
+    assert llama.state_dict().keys() == before.keys()

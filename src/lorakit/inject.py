@@ -204,7 +204,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     Raises:
         ConfigError: ``adapter_name`` is not a str, or ``model`` / ``config`` of the wrong type.
         MixedBatchError: called inside ``mixed_batch``.
-        TargetModuleError, AdapterExistsError: see ``find_targets``.
+        AdapterExistsError: the model already has an adapter ``adapter_name`` (on any layer).
+        TargetModuleError: see ``find_targets``.
         MergeStateError: adapters are merged (unmerge first).
     """
     check_adapter_name(adapter_name)
@@ -215,6 +216,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     if model_state(model).rows is not None:
         raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
+    if adapter_name in model_state(model).configs:
+        raise AdapterExistsError(f"adapter {adapter_name!r} already exists in the model; delete_adapter it first "
+                                 "or choose another name")
     targets = find_targets(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
     conv1d = conv1d_type()

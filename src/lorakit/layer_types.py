@@ -92,7 +92,9 @@ class LoRAEmbedding(LoRALayer):
         forward(x) = base_layer(x) + s · F.embedding(x, A.T) @ B.T     # (..., embedding_dim)
 
     where ``F.embedding`` uses the base layer's ``padding_idx``, ``max_norm``, ``norm_type``,
-    ``scale_grad_by_freq`` and ``sparse``, as PEFT does. No dropout on token ids (PEFT neither).
+    and ``scale_grad_by_freq``; the bypass's own gradient is dense even when the base layer is
+    ``sparse`` (a sparse gradient of the transposed A cannot be formed; PEFT fails there). No
+    dropout on token ids (PEFT neither).
     The merged delta is ``s·(B @ A).T``, shape (num_embeddings, embedding_dim). With ``max_norm``
     set the base layer renormalises rows inside forward, so merged and unmerged outputs differ
     (as in PEFT).
@@ -125,7 +127,7 @@ class LoRAEmbedding(LoRALayer):
         base = self.base_layer
         return F.embedding(  # (..., r)
             x, a.T, padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+            scale_grad_by_freq=base.scale_grad_by_freq,
         )
 
     _product = staticmethod(_transposed)
