@@ -65,10 +65,10 @@ def main(argv=None) -> int:
 
     if "forward" in sections:
         forward_section(args, base, ours, theirs, names, ids, counts)
+    if "io" in sections:  # before decode, which makes up to 256 adapters resident
+        io_section(args, ours, theirs, names, tmp)
     if "decode" in sections:
         decode_section(args, base, ours, theirs, names)
-    if "io" in sections:
-        io_section(args, ours, theirs, names, tmp)
     return 0
 
 

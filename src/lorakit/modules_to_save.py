@@ -28,7 +28,7 @@ from .adapter import adapter_key
 from .errors import AdapterExistsError, AdapterNotFoundError, TargetModuleError
 from .layers import LoRALayer
 from .state import AdapterModule
-from .tree import adapter_modules, set_submodule
+from .tree import adapter_modules, set_submodule, walk
 
 # Heads PEFT adds to modules_to_save by itself for a task type; a PEFT config may
 # list them although the model has only one of them (e.g. "score" for BERT).
@@ -149,11 +149,9 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
     found: list[str] = []
     used: set[str] = set()
     skip: list[str] = []  # prefixes whose submodules never match
-    for name, module in model.named_modules():
+    for name, module in walk(model):  # never enters lorakit's modules: their copies and adapters never match
         if not name or any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, AdapterModule):
-            skip.append(name + ".")
         hits = [e for e in entries if name == e or name.endswith("." + e)]
         if not hits:
             continue

@@ -58,6 +58,10 @@ class AdapterModule(nn.Module):
         held = self.adapter_names
         return [n for n in self.lora_state.active if n in held]
 
+    def has_adapter(self, name: str) -> bool:
+        """True if this module holds a part of adapter ``name``."""
+        return name in self.adapter_names
+
     def set_adapter(self, names: str | list[str]) -> None:
         """Make ``names`` the active set of the state this module shares (its model's, once injected)."""
         self.lora_state.active = [names] if isinstance(names, str) else list(dict.fromkeys(names))

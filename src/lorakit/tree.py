@@ -110,8 +110,7 @@ def activate(model: nn.Module, names: list[str], set_grad: bool = True) -> None:
     if not set_grad:
         return
     for _, module in adapter_modules(model):
-        held = module.adapter_names
         for n in touched:
-            if n in held:
+            if module.has_adapter(n):  # O(1) on a LoRA layer, however many adapters it holds
                 for p in module.adapter_parameters(n):
                     p.requires_grad_(n in names)
