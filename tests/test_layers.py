@@ -250,3 +250,21 @@ def test_to_empty_without_recurse_leaves_the_submodules_alone():
     layer.to_empty(device="cpu", recurse=False)  # nn.Module semantics: only this module's own tensors
     after = [layer.base_layer.weight, *layer.lora_weights("default")]
     assert all(t.data_ptr() == p and torch.equal(t, v) for t, (p, v) in zip(after, before))
+
+
+def test_half_precision_merge_rounds_the_sum_once():
+    """float16 W = 1, two deltas of 3e-4 each (by hand): rounding once gives 1 + 2^-10 (the nearest
+    float16 to 1.0006); rounding after each add would leave 1.0 (1.0003 rounds down)."""
+    layer = LoRALinear(nn.Linear(1, 1, bias=False).half())
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(1.0)
+    for name in ("a", "b"):
+        layer.add_adapter(name, r=1, lora_alpha=1, init_lora_weights=False)  # s = 1
+        a, b = layer.lora_weights(name)
+        with torch.no_grad():
+            a.fill_(3e-4)
+            b.fill_(1.0)
+    layer.merge(["a", "b"])
+    assert layer.base_layer.weight.item() == 1 + 2 ** -10
+    layer.unmerge()
+    assert layer.base_layer.weight.item() == 1.0

@@ -219,3 +219,26 @@ def test_changing_adapters_inside_a_block_or_a_batchless_input_is_refused(model)
     with mixed_batch(model, ["a", "b"]):
         with pytest.raises(MixedBatchError, match=r"batch dimension; a layer got shape \[32\]"):
             layer(torch.randn(32))
+
+
+def test_bank_restacked_for_a_new_adapter_also_takes_in_place_changes(model):
+    """Between two blocks an adapter trains in place and another one arrives on the same layers: the
+    rows of the changed adapter follow its new factors."""
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (4, 6))
+
+    def rows_equal_alone(names):
+        refs = {n: _single(model, n, ids) for n in set(names) - {None}}
+        with mixed_batch(model, names), torch.no_grad():
+            out = model(ids).logits
+        for i, n in enumerate(names):
+            if n is not None:
+                torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+    rows_equal_alone(["a", "b", "b", "a"])
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            if layer.has_adapter("a"):
+                layer.lora_weights("a")[1].mul_(-2.0)
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "e")
+    rows_equal_alone(["a", "b", "b", "a"])
