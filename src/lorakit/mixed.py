@@ -6,13 +6,16 @@ adding the active adapters. The router reads the batch size from the layer's own
 (``x.shape[0]``), so nothing is guessed from the model's argument names.
 
 The base matmuls run once for the whole batch. The LoRA part groups rows by adapter once per
-batch size (a stable sort into contiguous segments, as in SGMV). A linear LoRA layer then
-gathers each adapter's rows, padded to the longest segment, and runs one batched matmul pair
-against the adapters' A and B taken from the layer's ``AdapterBank`` (every resident adapter
-stacked once, rank-padded with zeros, scaling folded into B; restacked only when an adapter is
-added, deleted or changed), so its op count does not grow with the number of adapters;
-other layer types (and forwards that need gradients) run one small A/B pair per adapter.
-Activations are gathered, never a per-row copy of adapter weights.
+batch size (a stable sort into contiguous segments, as in SGMV, in injection order). A linear
+LoRA layer takes the factors of the mix's adapters from its ``AdapterBank`` (every resident
+adapter stacked once, rank-padded with zeros, scaling folded into B; restacked only when an
+adapter is added or deleted, a slot rewritten when one changes in place) and keeps them for the
+next mix of the same set. It then either gathers each adapter's rows, padded to the longest
+segment, and runs one batched matmul pair (``adapter.stacked_bypass``), or, for decoding-sized
+forwards of a small mix, runs all of the mix's adapters on every row in two dense matmuls masked
+to each row's own (``DENSE_COLUMNS``, ``DENSE_WORK``). Either way its op count does not grow with
+the number of adapters. Other layer types (and forwards that need gradients) run one small A/B
+pair per adapter. Activations are gathered, never a per-row copy of adapter weights.
 """
 
 from __future__ import annotations
