@@ -201,13 +201,13 @@ class AdapterBank:
         self.b_t: torch.Tensor | None = None
         self._version = -1
         self.generation = 0  # bumped whenever a slot changes (restack or rewrite)
-        self._stamps: dict[str, tuple] = {}
+        self._seen: list[tuple] = []  # per slot: (A, A._version, B, B._version, scaling) when stacked
 
     @staticmethod
     def _stamp(ad: LoRAAdapter) -> tuple:
         p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
         a, b = p["lora_A"], p["lora_B"]
-        return id(a), a._version, id(b), b._version, ad.scaling
+        return a, a._version, b, b._version, ad.scaling
 
     def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
         """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
@@ -222,19 +222,20 @@ class AdapterBank:
         if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
             self.a_t, self.b_t = stack(adapters, dtype)
             self.slots = {ad.name: j for j, ad in enumerate(adapters)}
-            self._stamps = {ad.name: self._stamp(ad) for ad in adapters}
+            self._seen = [self._stamp(ad) for ad in adapters]
             self._version = version
             self.generation += 1
             return
-        for n in names:
+        for n in names:  # once per layer and new mix: kept to plain comparisons
             j = self.slots[n]
             ad = adapters[j]
-            stamp = self._stamp(ad)
-            if stamp != self._stamps[n]:
+            a, va, b, vb, s = self._seen[j]
+            p = ad._parameters
+            if p["lora_A"] is not a or a._version != va or p["lora_B"] is not b or b._version != vb or ad.scaling != s:
                 a, sb = ad.folded(dtype)
                 self.a_t[j].zero_()[:, : ad.r] = a.t()
                 self.b_t[j].zero_()[: ad.r] = sb.t()
-                self._stamps[n] = stamp
+                self._seen[j] = self._stamp(ad)
                 self.generation += 1
 
     def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

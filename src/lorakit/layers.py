@@ -60,6 +60,7 @@ class LoRALayer(AdapterModule):
         self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
         self._hot: tuple | None = None  # (names, bank generation, A^T, (s·B)^T) of the last mix
+        self._held: tuple | None = None  # (adapters version, segments, segments held) of the last mix
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
@@ -215,6 +216,16 @@ class LoRALayer(AdapterModule):
             self._bank = AdapterBank()
         self._bank.sync(list(self.adapters.values()), self._adapters_version, names, self.adapter_dtype)
         return self._bank
+
+    def held_segments(self, segments: tuple) -> tuple:
+        """The ``(name, start, end)`` segments of adapters this layer holds; the last answer is kept,
+        so the next mix with the same segments (same adapters, same row counts) costs one comparison."""
+        seen = self._held
+        if seen is None or seen[0] != self._adapters_version or seen[1] != segments:
+            held = self.adapters._modules
+            self._held = seen = (self._adapters_version, segments,
+                                 tuple(seg for seg in segments if adapter_key(seg[0]) in held))
+        return seen[2]
 
     def stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))`` of ``names``, gathered from the bank; the

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import adapter_key, stacked_bypass
+from .adapter import stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .tree import attach_state, check_known, is_merged
 
@@ -135,8 +135,7 @@ class _Route:
     __slots__ = ("segments", "names", "pad", "a_t", "b_t", "a_cat", "b_cat", "mask")
 
     def __init__(self, layer, plan: RowPlan, masks) -> None:
-        held = layer.adapters._modules
-        self.segments = tuple(seg for seg in plan.segments if adapter_key(seg[0]) in held)
+        self.segments = layer.held_segments(plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
         self.pad = self.a_t = self.b_t = self.a_cat = self.b_cat = self.mask = None
         if getattr(layer, "batched", False) and len(self.segments) > 1:
