@@ -2,7 +2,8 @@
 
 import pytest
 
-from lorakit.app.files import write_folder, write_json
+from lorakit.app.files import write_folder
+from lorakit.io import write_json
 
 
 def test_write_json(tmp_path):

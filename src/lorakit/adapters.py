@@ -91,7 +91,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if any(name in layer.merged_adapters for _, layer in lora_layers(model)):
         raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for mname, module in list(adapter_modules(model)):
-        if name in module.adapter_names:
+        if module.has_adapter(name):
             module.delete_adapter(name)
             if module.unwrap_when_empty and not module.adapter_names:
                 set_submodule(model, mname, module.unwrapped(merge=False))

@@ -69,6 +69,17 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+def write_json(path: Path, obj, sort_keys: bool = False) -> None:
+    """Write ``obj`` as indented JSON with a trailing newline, atomically (``write_atomic``)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
+            f.write("\n")
+
+    write_atomic(Path(path), write)
+
+
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (CPU, contiguous copies)."""
     if adapter_name not in list_adapters(model):
@@ -108,13 +119,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     config = _config_dict(model, adapter_name)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    write_atomic(path / CONFIG_NAME, write_json)
+    write_json(path / CONFIG_NAME, config, sort_keys=True)
     return path
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
 from lorakit.errors import CLIError
+from lorakit.io import write_json
 
 from . import classify, g2p, loop
 from .console import log, pct, quiet_transformers
 from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
-from .files import write_json
 from .lm_loss import lm_task, mean_loss
 from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
 from .options import TrainOptions, train_options

@@ -1,28 +1,14 @@
-"""Atomic writes of the app's outputs: a JSON file, and a whole folder (merged checkpoint,
-dequantised GGUF cache). Files go through ``lorakit.io.write_atomic``; a folder is built in a
-temporary sibling and renamed into place, so readers see the old folder or the new one, never half."""
+"""Atomic write of a whole folder (merged checkpoint, dequantised GGUF cache): built in a temporary
+sibling and renamed into place, so readers see the old folder or the new one, never half. Single
+files go through ``lorakit.io.write_atomic`` and ``lorakit.io.write_json``."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
-
-from lorakit.io import write_atomic
-
-
-def write_json(path: str | os.PathLike, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON (trailing newline), atomically."""
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
-
-    write_atomic(Path(path), write)
 
 
 def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace: bool = False) -> None:
