@@ -181,6 +181,19 @@ def stacked_bypass(xs: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor,
     return torch.bmm(h, b_t)
 
 
+def masked_bypass_(out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, mask: torch.Tensor,
+                   b_cat: torch.Tensor) -> None:
+    """The bypasses of k linear adapters on every row, each row keeping only its own:
+    ``out += ((x A_cat) * mask) B_cat`` with ``a_cat`` (in, k·r_max) and ``b_cat`` (k·r_max, out)
+    (``stack``'s factors side by side, scaling folded), ``mask`` (N, 1, k·r_max) 1 on the columns
+    of row n's adapter. Exact: the masked products are 0. ``x`` (N, ..., in), ``out`` (N, ..., out),
+    contiguous, in the factors' dtype."""
+    n = x.shape[0]
+    h = torch.matmul(x.reshape(n, -1, x.shape[-1]), a_cat)  # (N, T, k·r)
+    h.mul_(mask)
+    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_cat)
+
+
 class AdapterBank:
     """Every adapter of one linear layer stacked once, for per-row adapters (S-LoRA's resident pool).
 

@@ -17,10 +17,10 @@ from torch import nn
 
 from .adapter import check_adapter_name
 from .config import LoRAConfig
-from .errors import AdapterExistsError, ConfigError
+from .errors import ConfigError
 from .inject import inject
 from .layers import LoRALinear
-from .tree import check_known, lora_layers, model_state
+from .tree import check_known, check_new, lora_layers, model_state
 
 COMBINATIONS = ("cat", "svd", "linear")
 
@@ -87,8 +87,7 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
     if not adapters:
         raise ConfigError("adapters must name at least one adapter")
     check_known(model, adapters)
-    if adapter_name in model_state(model).configs:
-        raise AdapterExistsError(f"adapter {adapter_name!r} already exists")
+    check_new(model, adapter_name)
     if len(weights) != len(adapters):
         raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters")
     if not all(math.isfinite(w) for w in weights):

@@ -15,7 +15,7 @@ from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatch
 from .layer_types import LoRAConv1D, LoRALinear, conv1d_type, lora_class_for, lora_classes
 from .layers import LoRALayer
 from .state import AdapterModule
-from .tree import activate, adapter_modules, attach_state, is_merged, model_state, set_submodule, walk
+from .tree import activate, adapter_modules, attach_state, check_new, is_merged, model_state, set_submodule, walk
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class _Matcher:
             self.used.update(entries)
         return hit
 
-    def check_all_used(self, model: nn.Module, linear_names: list[str]) -> None:
+    def check_all_used(self, linear_names: list[str]) -> None:
         if not isinstance(self.tm, list):
             return
         missing = [e for e in self.tm if e not in self.used]
@@ -146,7 +146,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
             linear_names.append(name)
         if matcher(name, _base(module)):
             targets.append(_target(name, module, config, adapter_name, matcher))
-    matcher.check_all_used(model, linear_names)
+    matcher.check_all_used(linear_names)
     if not targets:
         raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in {type(model).__name__}")
     return targets
@@ -216,9 +216,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     if model_state(model).rows is not None:
         raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
-    if adapter_name in model_state(model).configs:
-        raise AdapterExistsError(f"adapter {adapter_name!r} already exists in the model; delete_adapter it first "
-                                 "or choose another name")
+    check_new(model, adapter_name)
     targets = find_targets(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
     conv1d = conv1d_type()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import stacked_bypass
+from .adapter import masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .tree import attach_state, check_known, is_merged
 
@@ -227,13 +227,9 @@ class RowRouter:
         return [x for x in self.names for _ in range(rep)]
 
     def _add_dense(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
-        """Every present adapter for every row, masked to each row's own (BGMV-style, without
-        per-row weight copies): ``out += ((x A_cat) * mask) B_cat``, three dense ops. Exact: the
-        masked products are exactly 0."""
-        n = x.shape[0]
-        h = torch.matmul(x.reshape(n, -1, x.shape[-1]).to(route.a_cat.dtype), route.a_cat)  # (N, T, k·r)
-        h.mul_(route.mask)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), route.b_cat)
+        """Every adapter of the mix on every row, masked to each row's own (BGMV-style, without
+        per-row weight copies): three dense ops (``adapter.masked_bypass_``)."""
+        masked_bypass_(out, x.to(route.a_cat.dtype), route.a_cat, route.mask, route.b_cat)
 
     def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to

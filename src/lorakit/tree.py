@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import AdapterNotFoundError, ConfigError
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
 from .adapter import check_adapter_name
 from .layers import LoRALayer
 from .state import AdapterModule, AdapterState
@@ -95,6 +95,13 @@ def check_known(model: nn.Module, names: list[str]) -> None:
     for n in names:
         if n not in known:
             raise AdapterNotFoundError(f"adapter {n!r} not found; the model has {known}")
+
+
+def check_new(model: nn.Module, name: str) -> None:
+    """Raise ``AdapterExistsError`` if the model already has an adapter ``name`` (on any layer)."""
+    if name in model_state(model).configs:
+        raise AdapterExistsError(f"adapter {name!r} already exists in the model; delete_adapter it first "
+                                 "or choose another name")
 
 
 def activate(model: nn.Module, names: list[str], set_grad: bool = True) -> None:
