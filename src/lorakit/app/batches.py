@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from .data import IGNORE, Example
 
 
@@ -32,8 +34,6 @@ def collate(examples: list[Example], pad_id: int, left: bool = False):
         ``(input_ids, attention_mask, labels)``: int64 tensors of shape (B, T_max); padding
         has attention 0 and label ``IGNORE``; ``left=True`` pads on the left (generation).
     """
-    import torch
-
     T = max(len(e) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)

@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
 from lorakit.errors import CLIError
 from lorakit.io import write_json
@@ -87,8 +89,6 @@ def _bf16_supported() -> bool:
 
 def _model_with_lora(o: TrainOptions):
     """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``."""
-    import torch
-
     quiet_transformers()
     torch.manual_seed(o.seed)
     lm = load_base(o.model)
