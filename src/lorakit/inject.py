@@ -135,7 +135,11 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
             lies in a ``modules_to_save`` module.
         AdapterExistsError: a matched module already has an adapter ``adapter_name``.
     """
-    saved = mts.find_modules_to_save(model, config, adapter_name) if config.modules_to_save else []
+    return _targets(model, config, adapter_name, mts.find_modules_to_save(model, config, adapter_name))
+
+
+def _targets(model: nn.Module, config: LoRAConfig, adapter_name: str, saved: list[str]) -> list[Target]:
+    """``find_targets`` given the ``modules_to_save`` modules ``saved`` (found once by the caller)."""
     matcher = _Matcher(model, config, saved)
     targets: list[Target] = []
     linear_names: list[str] = []
@@ -217,8 +221,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     if model_state(model).rows is not None:
         raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
     check_new(model, adapter_name)
-    targets = find_targets(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
+    targets = _targets(model, config, adapter_name, saved)
     conv1d = conv1d_type()
     if conv1d is not None and not config.fan_in_fan_out:
         if any(isinstance(_base(model.get_submodule(t.name)), conv1d) for t in targets):
