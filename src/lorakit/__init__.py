@@ -47,7 +47,7 @@ from .errors import (
 )
 from .adapter import LoRAAdapter
 from .inject import find_targets, inject
-from .io import load_adapter, read_adapter, save_adapter
+from .io import load_adapter, load_adapter_tensors, read_adapter, save_adapter
 from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear
 from .layers import LoRALayer, LoRALinear
 from .mixed import mixed_batch
@@ -69,6 +69,7 @@ __all__ = [
     "unload",
     "save_adapter",
     "load_adapter",
+    "load_adapter_tensors",
     "read_adapter",
     "trainable_parameters",
     "list_adapters",

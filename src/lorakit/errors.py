@@ -8,7 +8,7 @@ wherever it is detected.
 
 Core (``lorakit``): ConfigError, TargetModuleError, AdapterExistsError, AdapterNotFoundError,
 AdapterLoadError, MergeStateError, MixedBatchError.
-App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError.
+App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError, ServeError.
 """
 
 from __future__ import annotations
@@ -69,3 +69,18 @@ class UsageError(LoRAError, ValueError):
 
 class CLIError(LoRAError, ValueError):
     """A user error detected by the CLI, e.g. an output folder that already holds an adapter (exit status 1)."""
+
+
+class ServeError(LoRAError, ValueError):
+    """A request ``lorakit serve`` refuses: carries the HTTP status and OpenAI's error fields.
+
+    Attributes:
+        status: HTTP status (400 validation, 401 API key, 404 unknown model or route, 409 busy,
+            413 too long or too large, 429 queue full, 503 shutting down).
+        param: the request field at fault, or None.
+        code: a machine-readable reason, e.g. ``"model_not_found"``.
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code

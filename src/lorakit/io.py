@@ -239,6 +239,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     shape and value is checked before the model is touched, so on any error the
     model is left exactly as it was. Returns ``model``.
 
+    ``read_adapter`` + ``load_adapter_tensors``: a server reads and checks the files off its
+    compute thread and only applies them there.
+
     Raises:
         AdapterLoadError: see ``read_adapter``; missing or extra keys, or a shape
             that differs (both shapes named).
@@ -246,14 +249,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         MergeStateError: adapters are merged (unmerge first).
     """
     check_adapter_name(adapter_name)
+    config, tensors = read_adapter(path)
+    return load_adapter_tensors(model, config, tensors, adapter_name, Path(path) / WEIGHTS_NAME)
+
+
+def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str, torch.Tensor],
+                         adapter_name: str = "default", source: str | os.PathLike = "<tensors>") -> nn.Module:
+    """Put an adapter already read by ``read_adapter`` (PEFT keys) into ``model`` and activate it.
+
+    Same checks and guarantees as ``load_adapter``; ``source`` names the file in errors.
+
+    Raises:
+        AdapterLoadError, TargetModuleError, MergeStateError: as ``load_adapter``.
+    """
+    check_adapter_name(adapter_name)
     if is_merged(model):
         raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
-    config, tensors = read_adapter(path)
-    weights = Path(path) / WEIGHTS_NAME
+    weights = str(source)
     existed = adapter_name in list_adapters(model)
     if existed and _comparable(model_state(model).configs[adapter_name]) != _comparable(config):
         raise AdapterLoadError(
-            f"adapter {adapter_name!r} already exists with a different config than {str(path)!r}; "
+            f"adapter {adapter_name!r} already exists with a different config than {weights!r}; "
             "delete_adapter it first or load under another name"
         )
     expected = _expected_shapes(model, config, adapter_name)

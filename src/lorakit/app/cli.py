@@ -1,4 +1,4 @@
-"""``lorakit`` console script: ``train``, ``eval``, ``generate``, ``merge``, ``info``.
+"""``lorakit`` console script: ``train``, ``eval``, ``generate``, ``merge``, ``info``, ``serve``.
 
 ``lorakit train`` with no arguments fine-tunes SmolLM2-135M-Instruct on CMUdict
 grapheme-to-phoneme with LoRA on CPU, evaluates before and after, and saves everything to
@@ -20,11 +20,19 @@ from .cmd_train import cmd_train
 from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
 from .options import add_train_flags
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``lorakit serve`` (imported on use: it needs the ``serve`` extra's packages)."""
+    from .serve.command import cmd_serve as serve
+
+    return serve(args)
+
 # Never reach a model hub: only local folders and the local cache are used.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "info": cmd_info,
+            "serve": cmd_serve}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe an adapter folder")
     i.add_argument("adapter", help="adapter folder")
+
+    s = sub.add_parser("serve", help="serve the base model and many adapters over an OpenAI-compatible HTTP API",
+                       description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, /v1/models) "
+                       "over one base model and many LoRA adapters, batched across adapters.")
+    from .serve.command import add_serve_flags
+
+    add_serve_flags(s)
     return p
 
 
@@ -111,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlorakit: interrupted; no adapter was written by this step", file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:  # the core alone is installed: the CLI needs the app's packages
-        print(f"lorakit: error: the CLI needs the package {e.name!r}; pip install 'lorakit[app]'", file=sys.stderr)
+        extra = "serve" if e.name in ("fastapi", "uvicorn", "prometheus_client", "starlette") else "app"
+        print(f"lorakit: error: the CLI needs the package {e.name!r}; pip install 'lorakit[{extra}]'", file=sys.stderr)
         return 1
 
 

@@ -188,6 +188,26 @@ def render_prompt(tokenizer, prompt: str, fmt: dict) -> str:
     raise DataError(f"unknown prompt format {fmt!r}")
 
 
+def render_messages(tokenizer, messages: list[dict], fmt: dict) -> str:
+    """The text a chat request's ``messages`` become under prompt format ``fmt`` (generation
+    prompt included). One user message renders exactly as ``render_prompt`` renders its content.
+
+    Chat format: the chat template over all messages, with ``fmt``'s system message first when
+    the messages bring none. Plain and alpaca formats take a single user message.
+
+    Raises:
+        DataError: several messages under a plain or alpaca format; no chat template.
+    """
+    if fmt.get("type") == "chat":
+        msgs = [dict(m) for m in messages]
+        if fmt.get("system") is not None and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": fmt["system"]})
+        return _chat(tokenizer, msgs, generation_prompt=True)
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        raise DataError(f"this model's prompt format {fmt.get('type')!r} takes exactly one user message")
+    return render_prompt(tokenizer, messages[0]["content"], fmt)
+
+
 def _alpaca_prompt(rec: dict) -> str:
     inp = rec.get("input") or ""
     return ALPACA_PROMPT.format(

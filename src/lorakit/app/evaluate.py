@@ -56,6 +56,16 @@ def g2p_scores(predictions: list[str], references: list[list[list[str]]]) -> dic
     }
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt: the text without special tokens, after the BOS token when
+    the tokenizer adds one (as ``data.tokenize_example`` encodes training prompts)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a").input_ids[:1] == [bos]:
+        ids = [bos] + ids
+    return ids
+
+
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64) -> list[str]:
     """Greedy completions of already rendered prompt texts.
@@ -72,10 +82,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = [""] * len(prompts)
-    enc_all = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    bos = tokenizer.bos_token_id
-    if bos is not None and tokenizer("a").input_ids[:1] == [bos]:
-        enc_all = [[bos] + e for e in enc_all]  # as the tokenizer adds it (see data.tokenize_example)
+    enc_all = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(enc_all[i]))
     try:
         for s in range(0, len(order), batch_size):

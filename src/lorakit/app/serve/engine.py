@@ -1,0 +1,375 @@
+"""Continuous (iteration-level) batching across adapters, on one thread that owns the model.
+
+Each iteration: run queued admin jobs and apply adapter files read in the background; admit
+waiting requests whose adapter is resident (starting a background read, and evicting the least
+recently used idle adapter, for one that is not); prefill the admitted prompts in one left-padded
+batch; then one decoding forward for every live sequence, each row routed to its own adapter by
+``lorakit.mixed_batch``. A request arriving mid-generation joins at the next iteration, and a
+finished sequence leaves at once (Yu et al. 2022, Orca; S-LoRA, Sheng et al. 2023).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit import delete_adapter, load_adapter_tensors, mixed_batch
+from lorakit.errors import LoRAError, ServeError
+
+from .batch import RunningBatch, Sequence, prefill_inputs
+from .decode import Sampler, TextStream
+from .metrics import Metrics
+from .registry import Registry
+
+log = logging.getLogger("lorakit.serve")
+
+
+@dataclass(eq=False)
+class Request:
+    """One API request: its prompts (token ids) and sampling settings, and where results go.
+
+    ``sink(index, delta, finish)`` receives each choice's text pieces (``finish`` "stop" or
+    "length" on its last), or ``sink(None, error, None)`` once if the request fails; it is
+    called on the engine thread and must not block.
+    """
+
+    adapter: str | None
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    sink: object
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+    generated: int = 0
+    open_choices: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+class Engine:
+    """The model's owner thread (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, registry: Registry, metrics: Metrics, max_batch: int, max_queue: int,
+                 context: int) -> None:
+        self.model, self.tokenizer, self.registry, self.metrics = model, tokenizer, registry, metrics
+        self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos.discard(None)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch = RunningBatch()
+        self.waiting: deque[Request] = deque()
+        self.jobs: deque[tuple] = deque()
+        self.reads: dict[str, Future] = {}
+        self.readers = ThreadPoolExecutor(1, thread_name_prefix="lorakit-read")
+        self.wake = threading.Condition()
+        self.accepting, self.running = True, False
+        self.thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+        self._block: contextlib.ExitStack | None = None
+        self._block_names: list | None = None
+
+    # --- the public side (any thread) --------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+        self.thread.start()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request.
+
+        Raises:
+            ServeError: 503 while shutting down, 429 when ``max_queue`` requests wait.
+        """
+        with self.wake:
+            if not self.accepting:
+                raise ServeError(503, "the server is shutting down", code="shutting_down")
+            if len(self.waiting) >= self.max_queue:
+                raise ServeError(429, f"the queue is full ({self.max_queue} requests wait)", code="queue_full")
+            req.open_choices = req.rows
+            self.waiting.append(req)
+            self.metrics.queue.set(len(self.waiting))
+            self.wake.notify()
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the engine thread between two steps; its result or exception in the future."""
+        fut: Future = Future()
+        with self.wake:
+            self.jobs.append((fn, fut))
+            self.wake.notify()
+        return fut
+
+    def busy(self) -> set[str]:
+        """Adapters with a request running or waiting (not to be evicted or unloaded)."""
+        with self.wake:
+            return {s.adapter for s in self.batch.seqs} | {r.adapter for r in self.waiting}
+
+    def drain(self, timeout: float) -> None:
+        """Stop accepting, let queued and running requests finish (up to ``timeout`` s), stop."""
+        with self.wake:
+            self.accepting = False
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and (self.waiting or self.batch.seqs) and self.thread.is_alive():
+            time.sleep(0.05)
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        self.thread.join(timeout=max(1.0, end - time.monotonic()))
+        self.readers.shutdown(wait=False, cancel_futures=True)
+
+    # --- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self.running:
+            try:
+                self._iterate()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the server
+                log.error("engine step failed: %s\n%s", e, traceback.format_exc())
+                self._fail_batch(ServeError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error"))
+
+    def _iterate(self) -> None:
+        self._run_jobs()
+        self._apply_reads()
+        new = self._admit()
+        with torch.no_grad():
+            if new:
+                self._prefill(new)
+            if self.batch.seqs:
+                self._decode()
+        if not new and not self.batch.seqs:
+            with self.wake:
+                if not self.jobs and self.running and not self._ready():
+                    self.wake.wait(0.05 if self.reads else 1.0)
+
+    def _ready(self) -> bool:
+        return any(r.adapter is None or r.adapter in self.registry.resident for r in self.waiting)
+
+    def _run_jobs(self) -> None:
+        while self.jobs:
+            with self.wake:
+                fn, fut = self.jobs.popleft()
+            self._close_block()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    # --- adapters ------------------------------------------------------------------------------
+
+    def install(self, name: str, path, config, tensors, pinned: bool = False) -> None:
+        """Make an adapter resident (engine thread or before ``start``), evicting an idle one if
+        the server is full; refused adapters leave the model unchanged.
+
+        Raises:
+            ServeError: 400 when the adapter does not fit the base model (the mismatch named).
+        """
+        self._close_block()
+        if self.registry.room() <= 0:
+            self._evict(self.busy() | {name})
+        try:
+            load_adapter_tensors(self.model, config, tensors, name, path)
+        except LoRAError as e:
+            raise ServeError(400, f"adapter {name!r} does not fit the base model: {e}", "lora_path",
+                             code="invalid_adapter") from None
+        self.registry.add(name, path, pinned)
+        self.registry.resident.add(name)
+        self.metrics.loads.inc()
+        self.metrics.resident.set(len(self.registry.resident))
+        if self.registry.room() < 0 and not pinned:  # full of busy adapters: keep it known, load it later
+            self._drop(name)
+
+    def uninstall(self, name: str) -> None:
+        """Forget a loaded adapter (``/v1/unload_lora_adapter``).
+
+        Raises:
+            ServeError: 404 when it is not loaded, 409 while requests use it.
+        """
+        if name not in self.registry.entries and name not in self.registry.resident:
+            raise ServeError(404, f"adapter {name!r} is not loaded", "lora_name", code="model_not_found")
+        if name in self.busy() or name in self.registry.loading:
+            raise ServeError(409, f"adapter {name!r} has requests in flight", "lora_name", code="adapter_busy")
+        if name in self.registry.resident:
+            self._drop(name)
+        self.registry.entries.pop(name, None)
+
+    def _drop(self, name: str) -> None:
+        self._close_block()
+        delete_adapter(self.model, name)
+        self.registry.resident.discard(name)
+        self.metrics.resident.set(len(self.registry.resident))
+
+    def _evict(self, busy: set) -> bool:
+        victim = self.registry.victim(busy)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.metrics.evictions.inc()
+        log.info("evicted adapter %s", victim)
+        return True
+
+    def _start_read(self, name: str, busy: set) -> None:
+        entry = self.registry.known(name)
+        if entry is None:
+            self._fail_waiting(name, ServeError(404, f"model {name!r} does not exist", "model", code="model_not_found"))
+            return
+        if self.registry.room() <= 0 and not self._evict(busy):
+            return  # every resident adapter is busy: wait for one to finish
+        self.registry.add(name, entry.path)
+        self.registry.loading.add(name)
+        self.reads[name] = self.readers.submit(self.registry.read, entry.path, "model")
+
+    def _apply_reads(self) -> None:
+        for name in [n for n, f in self.reads.items() if f.done()]:
+            fut = self.reads.pop(name)
+            self.registry.loading.discard(name)
+            try:
+                config, tensors = fut.result()
+                self.install(name, self.registry.entries[name].path, config, tensors)
+                log.info("loaded adapter %s", name)
+            except ServeError as e:
+                e.param = "model"
+                self._fail_waiting(name, e)
+            except Exception as e:  # noqa: BLE001 - a broken folder fails its requests only
+                self._fail_waiting(name, ServeError(400, f"adapter {name!r} cannot be loaded: {e}", "model"))
+
+    # --- scheduling ------------------------------------------------------------------------------
+
+    def _admit(self) -> list[Sequence]:
+        free = self.max_batch - len(self.batch)
+        busy = {s.adapter for s in self.batch.seqs}
+        admitted: list[Sequence] = []
+        with self.wake:
+            pending = list(self.waiting)
+        for req in pending:
+            if req.cancelled:
+                self._remove_waiting(req)
+                continue
+            name = req.adapter
+            if name is not None and name not in self.registry.resident:
+                if name not in self.registry.loading:
+                    self._start_read(name, busy | {s.adapter for s in admitted})
+                continue
+            if req.rows > free:
+                break
+            free -= req.rows
+            self._remove_waiting(req)
+            if name is not None:
+                self.registry.touch(name)
+            admitted.extend(self._sequences(req))
+        return admitted
+
+    def _sequences(self, req: Request) -> list[Sequence]:
+        out = []
+        for p, prompt in enumerate(req.prompts):
+            for j in range(req.n):
+                seed = None if req.seed is None else req.seed + j
+                s = Sequence(req, p * req.n + j, req.adapter, Sampler(req.temperature, req.top_p, seed),
+                             TextStream(self.tokenizer, req.stop), position=len(prompt))
+                s.extra["prompt"] = prompt
+                out.append(s)
+        return out
+
+    def _remove_waiting(self, req: Request) -> None:
+        with self.wake:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(req)
+            self.metrics.queue.set(len(self.waiting))
+
+    # --- compute ---------------------------------------------------------------------------------
+
+    def _enter(self, names: list) -> None:
+        """Route rows to adapters, keeping one ``mixed_batch`` block open while the rows stay the same."""
+        if self._block_names == names:
+            return
+        self._close_block()
+        block = contextlib.ExitStack()
+        block.enter_context(mixed_batch(self.model, names))
+        self._block, self._block_names = block, names
+
+    def _close_block(self) -> None:
+        if self._block is not None:
+            block, self._block, self._block_names = self._block, None, None
+            block.close()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        inputs = prefill_inputs([s.extra.pop("prompt") for s in seqs], self.pad)
+        self._enter([s.adapter for s in seqs])
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        self.batch.add(seqs, out.cache, inputs["attention_mask"])
+        for s in seqs:
+            self.metrics.prompt_tokens.labels(self._label(s)).inc(s.position)
+        self._advance(out.logits[:, -1].float())
+
+    def _decode(self) -> None:
+        self._enter([s.adapter for s in self.batch.seqs])
+        out = self.model(**self.batch.step_inputs(), use_cache=True)
+        self.batch.cache = out.cache
+        self._advance(out.logits[:, -1].float())
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Choose each row's next token, hand out its text, and drop the rows that are done."""
+        keep = []
+        for i, s in enumerate(self.batch.seqs):
+            if s.finish is None and not s.request.cancelled:
+                self._emit(s, s.sampler.choose(logits[i]))
+            if s.finish is None and not s.request.cancelled:
+                keep.append(i)
+        self.batch.keep(keep)
+        self.metrics.running.set(len(self.batch))
+
+    def _emit(self, s: Sequence, token: int) -> None:
+        req = s.request
+        s.generated += 1
+        req.generated += 1
+        s.position += 1
+        s.last = token
+        self.metrics.tokens.labels(self._label(s)).inc()
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+            self.metrics.ttft.observe(req.first_token - req.arrived)
+        if token in self.eos:
+            s.finish, delta = "stop", ""
+        else:
+            delta = s.text.push(token)
+            if s.text.stopped:
+                s.finish = "stop"
+            elif s.generated >= req.max_tokens or s.position >= self.context:
+                s.finish = "length"
+        if s.finish is not None:
+            delta += s.text.flush()
+            req.open_choices -= 1
+        if delta or s.finish is not None:
+            req.sink(s.index, delta, s.finish)
+
+    def _label(self, s: Sequence) -> str:
+        return s.adapter if s.adapter is not None else self.registry.base_id
+
+    # --- failures --------------------------------------------------------------------------------
+
+    def _fail_waiting(self, name: str, error: ServeError) -> None:
+        with self.wake:
+            failed = [r for r in self.waiting if r.adapter == name]
+        for r in failed:
+            self._remove_waiting(r)
+            r.sink(None, error, None)
+
+    def _fail_batch(self, error: ServeError) -> None:
+        self._close_block()
+        for req in {id(s.request): s.request for s in self.batch.seqs}.values():
+            req.sink(None, error, None)
+        self.batch = RunningBatch()
+        self.metrics.running.set(0)

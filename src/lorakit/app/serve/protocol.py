@@ -1,0 +1,141 @@
+"""OpenAI's wire format: request bodies (checked with pydantic, strict types), responses, stream
+chunks and error bodies, in the shapes the official ``openai`` client and vLLM use."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lorakit.errors import ServeError
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 500: "server_error"}
+
+# OpenAI fields lorakit cannot honour: refused when set to anything but their neutral value
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None,), "tools": (None, []), "functions": (None, []), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """``{"error": {"message", "type", "param", "code"}}`` (OpenAI's error shape)."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: dict | None = None
+    n: int | None = Field(None, ge=1, le=16)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def parse_json(raw: bytes) -> dict:
+    """A request body -> its JSON object.
+
+    Raises:
+        ServeError: 400 when the body is not UTF-8, not JSON, or not an object.
+    """
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ServeError(400, f"the request body is not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ServeError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ServeError(400, "the request body must be a JSON object")
+    return body
+
+
+def parse(kind: type[_Request], body: dict) -> _Request:
+    """A request's JSON object -> checked request.
+
+    Raises:
+        ServeError: 400 when a field is missing, mistyped or out of range (``param`` names it),
+            or asks for an unsupported feature (logprobs, echo, ...).
+    """
+    try:
+        req = kind.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("str", "list", "int", "function")))
+        raise ServeError(400, f"{loc or 'body'}: {err['msg']}", loc or None) from None
+    for name, neutral in UNSUPPORTED.items():
+        if name in body and body[name] not in neutral:
+            raise ServeError(400, f"{name} is not supported by lorakit serve", name)
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > 16 or any(not s for s in stops):
+        raise ServeError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
+    return req
+
+
+def stops(req: _Request) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice(chat: bool, index: int, text: str, finish: str | None, delta: bool = False, first: bool = False) -> dict:
+    """One entry of ``choices``: a full answer, or (``delta``) a stream chunk's piece."""
+    if not chat:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    if delta:
+        d = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        return {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish}
+
+
+def envelope(chat: bool, rid: str, model: str, choices: list[dict], chunk: bool = False,
+             use: dict | None = None) -> dict:
+    """The response (or stream chunk) object around ``choices``."""
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    out = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
+    if use is not None or not chunk:
+        out["usage"] = use
+    return out

@@ -1,0 +1,137 @@
+"""Which adapters a server can serve, where their folders are, and which are resident.
+
+An adapter is *known* when it was pinned with ``--adapter NAME=PATH``, loaded at run time, or is a
+subfolder of ``--adapter-dir``. At most ``max_loaded`` are *resident* (injected into the model);
+the least recently used unpinned one with no sequence in flight is evicted to make room.
+Everything here runs on the engine thread except ``resolve``/``read`` (pure file checks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit import read_adapter
+from lorakit.adapter import check_adapter_name
+from lorakit.errors import AdapterLoadError, ConfigError
+from lorakit.io import CONFIG_NAME
+
+from ..models import read_metadata
+from .protocol import ServeError
+
+
+@dataclass
+class Entry:
+    """A known adapter: its folder, whether it is pinned, when it was last used (monotonic s)."""
+
+    name: str
+    path: Path
+    pinned: bool = False
+    last_used: float = 0.0
+    created: int = 0
+
+
+class Registry:
+    """Known and resident adapters (see the module docstring)."""
+
+    def __init__(self, adapter_dir: str | None, max_loaded: int, base_id: str, base_reference: str) -> None:
+        self.root = Path(adapter_dir).resolve() if adapter_dir else None
+        self.max_loaded = max_loaded
+        self.base_id, self.base_reference = base_id, base_reference
+        self.entries: dict[str, Entry] = {}  # pinned and run-time loaded
+        self.resident: set[str] = set()
+        self.loading: set[str] = set()
+
+    # --- names and folders ------------------------------------------------------------------
+
+    def check_name(self, name: object, param: str) -> str:
+        """An adapter name a client may use (``param`` names the field in the error)."""
+        if not isinstance(name, str):
+            raise ServeError(400, f"{param} must be a string", param)
+        try:
+            check_adapter_name(name)
+        except ConfigError as e:
+            raise ServeError(400, str(e), param) from None
+        if name == self.base_id:
+            raise ServeError(400, f"{name!r} is the base model's id", param)
+        return name
+
+    def resolve(self, path: object, param: str = "lora_path") -> Path:
+        """``path`` after symlinks, which must lie inside ``--adapter-dir`` (relative paths are
+        taken from there) when the server has one."""
+        if not isinstance(path, str) or not path:
+            raise ServeError(400, f"{param} must be a non-empty string", param)
+        p = Path(path)
+        if self.root is not None:
+            real = (self.root / p).resolve() if not p.is_absolute() else p.resolve()
+            if real != self.root and self.root not in real.parents:
+                raise ServeError(400, f"{param} {path!r} resolves outside the adapter folder {str(self.root)!r}", param)
+        else:
+            real = p.resolve()
+        if not real.is_dir():
+            raise ServeError(404 if self.root else 400, f"adapter folder {path!r} does not exist", param,
+                             code="adapter_not_found")
+        return real
+
+    def read(self, path: Path, param: str = "lora_path"):
+        """``(config, tensors)`` of an adapter folder, after the server's own checks: PEFT
+        safetensors only, and, when lorakit.json names a base model, this server's."""
+        try:
+            config, tensors = read_adapter(path)
+        except AdapterLoadError as e:
+            raise ServeError(400, str(e), param, code="invalid_adapter") from None
+        try:
+            base = read_metadata(path).get("base_model")
+        except Exception as e:  # noqa: BLE001 - a broken lorakit.json is the adapter's fault
+            raise ServeError(400, f"{str(path)!r}: {e}", param, code="invalid_adapter") from None
+        if base and base != self.base_reference:
+            raise ServeError(400, f"adapter {str(path)!r} was trained on base model {base!r}, but this server "
+                             f"serves {self.base_reference!r}", param, code="base_model_mismatch")
+        return config, tensors
+
+    # --- the set of servable adapters ---------------------------------------------------------
+
+    def known(self, name: str) -> Entry | None:
+        """The entry of a servable adapter (pinned, run-time loaded, or an ``--adapter-dir``
+        subfolder), or None."""
+        if name in self.entries:
+            return self.entries[name]
+        if self.root is None:
+            return None
+        try:
+            check_adapter_name(name)
+        except ConfigError:
+            return None
+        folder = self.root / name
+        if "/" in name or "\\" in name or not (folder / CONFIG_NAME).is_file():
+            return None
+        return Entry(name, folder, created=int(folder.stat().st_mtime))
+
+    def listing(self) -> list[Entry]:
+        """Every servable adapter, by name."""
+        out = dict(self.entries)
+        if self.root is not None and self.root.is_dir():
+            for folder in sorted(self.root.iterdir()):
+                if folder.name not in out and (e := self.known(folder.name)) is not None:
+                    out[folder.name] = e
+        return [out[k] for k in sorted(out)]
+
+    def add(self, name: str, path: Path, pinned: bool = False) -> Entry:
+        """Remember a servable adapter (a resident one stays remembered after eviction)."""
+        old = self.entries.get(name)
+        e = self.entries[name] = Entry(name, path, pinned or bool(old and old.pinned), time.monotonic(),
+                                       old.created if old else int(time.time()))
+        return e
+
+    def touch(self, name: str) -> None:
+        """Mark a known adapter as just used (for least-recently-used eviction)."""
+        self.entries[name].last_used = time.monotonic()
+
+    def victim(self, busy: set[str]) -> str | None:
+        """The least recently used resident adapter that may be evicted, or None."""
+        free = [n for n in self.resident if n not in busy and not self.entries[n].pinned]
+        return min(free, key=lambda n: self.entries[n].last_used, default=None)
+
+    def room(self) -> int:
+        return self.max_loaded - len(self.resident) - len(self.loading)
