@@ -152,7 +152,8 @@ def create_app(server: Server) -> FastAPI:
 def _routes(app: FastAPI, server: Server) -> None:
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(server.engine.batch), "waiting": len(server.engine.waiting)}
+        return {"status": "ok", "running": len(server.engine.batch), "waiting": len(server.engine.waiting),
+                "resident": sorted(server.registry.resident)}
 
     @app.get("/metrics")
     async def metrics():

@@ -23,7 +23,7 @@ class Sequence:
     Attributes:
         request: the owning ``engine.Request``; ``index``: the choice index within it.
         adapter: adapter name, or None for the base model.
-        position: position id of the next input token (= real tokens so far).
+        position: position id of ``last`` (real tokens before it).
         last: the last token id (the next step's input).
         generated: how many tokens were generated.
     """

@@ -95,7 +95,7 @@ async def create(server, body: dict, chat: bool):
 
     request = Request(adapter, prompts, n, max_tokens_of(server, req, chat, prompts),
                       1.0 if req.temperature is None else req.temperature, 1.0 if req.top_p is None else req.top_p,
-                      req.seed, protocol.stops(req), sink)
+                      req.seed, protocol.stops(req), sink, bool(req.ignore_eos))
     usage_opt = bool((req.stream_options or {}).get("include_usage"))
     job = Job(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), req.model, request, events,
               sum(len(p) for p in prompts), usage_opt)

@@ -50,6 +50,7 @@ class Request:
     seed: int | None
     stop: list[str]
     sink: object
+    ignore_eos: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cancelled: bool = False
@@ -278,7 +279,7 @@ class Engine:
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
                 s = Sequence(req, p * req.n + j, req.adapter, Sampler(req.temperature, req.top_p, seed),
-                             TextStream(self.tokenizer, req.stop), position=len(prompt))
+                             TextStream(self.tokenizer, req.stop), position=len(prompt) - 1)
                 s.extra["prompt"] = prompt
                 out.append(s)
         return out
@@ -311,24 +312,22 @@ class Engine:
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         self.batch.add(seqs, out.cache, inputs["attention_mask"])
         for s in seqs:
-            self.metrics.prompt_tokens.labels(self._label(s)).inc(s.position)
-        self._advance(out.logits[:, -1].float())
+            self.metrics.prompt_tokens.labels(self._label(s)).inc(s.position + 1)
+        self._advance(seqs, out.logits[:, -1].float())
 
     def _decode(self) -> None:
         self._enter([s.adapter for s in self.batch.seqs])
         out = self.model(**self.batch.step_inputs(), use_cache=True)
         self.batch.cache = out.cache
-        self._advance(out.logits[:, -1].float())
+        self._advance(self.batch.seqs, out.logits[:, -1].float())
 
-    def _advance(self, logits: torch.Tensor) -> None:
-        """Choose each row's next token, hand out its text, and drop the rows that are done."""
-        keep = []
-        for i, s in enumerate(self.batch.seqs):
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose the next token of each of ``seqs`` (row i of ``logits``), hand out its text, and
+        drop the batch rows that are done."""
+        for i, s in enumerate(seqs):
             if s.finish is None and not s.request.cancelled:
                 self._emit(s, s.sampler.choose(logits[i]))
-            if s.finish is None and not s.request.cancelled:
-                keep.append(i)
-        self.batch.keep(keep)
+        self.batch.keep([i for i, s in enumerate(self.batch.seqs) if s.finish is None and not s.request.cancelled])
         self.metrics.running.set(len(self.batch))
 
     def _emit(self, s: Sequence, token: int) -> None:
@@ -341,13 +340,13 @@ class Engine:
         if req.first_token is None:
             req.first_token = time.perf_counter()
             self.metrics.ttft.observe(req.first_token - req.arrived)
-        if token in self.eos:
+        if token in self.eos and not req.ignore_eos:
             s.finish, delta = "stop", ""
         else:
             delta = s.text.push(token)
             if s.text.stopped:
                 s.finish = "stop"
-            elif s.generated >= req.max_tokens or s.position >= self.context:
+            elif s.generated >= req.max_tokens or s.position + 1 >= self.context:
                 s.finish = "length"
         if s.finish is not None:
             delta += s.text.flush()

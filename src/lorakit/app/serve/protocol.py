@@ -40,6 +40,7 @@ class _Request(BaseModel):
     stream: bool | None = False
     stream_options: dict | None = None
     n: int | None = Field(None, ge=1, le=16)
+    ignore_eos: bool | None = False  # vLLM's extension: run to max_tokens
 
 
 class CompletionRequest(_Request):
