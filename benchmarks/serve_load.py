@@ -491,10 +491,23 @@ def summarize(phase: Phase, state, names, new_tokens: int) -> dict:
     }
 
 
+def metrics_summary(text: str) -> str:
+    """Generated tokens and requests by status from the server's Prometheus text (a cross-check of the clients' counts)."""
+    tokens, status = 0.0, {}
+    for line in text.splitlines():
+        if line.startswith("lorakit_generated_tokens_total"):
+            tokens += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lorakit_requests_total"):
+            m = re.search(r'status="([^"]*)"', line)
+            key = m.group(1) if m else "?"
+            status[key] = status.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return f"generated tokens {tokens:.0f}, requests by status {status}"
+
+
 def decode_ratio(args, log) -> tuple[str | None, list[str]]:
     """Run mixed_batch.py's decode section with 16 adapters resident; its 'generate PEFT / lorakit' cell."""
     cmd = [sys.executable, str(HERE / "mixed_batch.py"), "--sections", "decode", "--decode-resident", "16",
-           "--repeats", str(args.decode_repeats)]
+           "--repeats", str(args.decode_repeats)] + shlex.split(args.decode_args)
     log("decode section: " + shlex.join(["python", "benchmarks/mixed_batch.py"] + cmd[2:]))
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("#", "|"))]
@@ -518,6 +531,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-baseline", action="store_true", help="drop the baseline phase")
     ap.add_argument("--skip-decode", action="store_true", help="do not run mixed_batch.py's decode section")
     ap.add_argument("--decode-repeats", type=int, default=3)
+    ap.add_argument("--decode-args", default="", help="extra arguments for mixed_batch.py, e.g. '--model small'")
     ap.add_argument("--serve-args", default="", help="extra arguments for `lorakit serve`, e.g. '--max-batch 16'")
     ap.add_argument("--lorakit", default=str(Path(sys.executable).with_name("lorakit")), help="the lorakit command")
     ap.add_argument("--api-key", default="")
@@ -566,6 +580,7 @@ def main(argv=None) -> int:
         print(f"# serve_load.py --seconds {args.seconds:g} --clients {args.clients} --adapters {args.adapters}: "
               f"default model (SmolLM2-135M-Instruct), r=8 on 7 projections, {args.prompt_tokens}-token prompts "
               f"({len(state['prompts'])} in the pool), {args.new_tokens} new tokens, greedy; {machine()}; "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (servers too); "
               f"load average at start {load0:.2f}; wall time {time.perf_counter() - t_all:.0f} s")
         print(f"command: {cmdline}")
         labels = {"lorakit": f"lorakit serve, {len(names)} adapters", "merged": "lorakit serve, one merged adapter",
@@ -607,6 +622,11 @@ def main(argv=None) -> int:
         others = sum(1 for n, _ in state["pairs"] if n != names[0])
         print(f"offline outputs: {sum(len(v) for v in off.values())}; on the same prompt, another adapter's output "
               f"differs from {names[0]}'s in {differ}/{others} pairs")
+        for label, ph in results.items():
+            if ph.metrics:
+                n_client = sum(r.tokens for r in ph.results if r.error is None)
+                print(f"{label} server /metrics: {metrics_summary(ph.metrics)}; the clients counted {n_client} tokens "
+                      f"in {sum(1 for r in ph.results if r.error is None)} answers (warm-up included)")
         for label, s in summ.items():
             if s["no_usage"]:
                 print(f"note: {label}: {s['no_usage']} responses without usage (tokens counted by re-encoding the text)")

@@ -41,7 +41,7 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_model_folder(path: Path, seed: int = 0) -> Path:
+def tiny_model_folder(path: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """Save a random 2-layer Llama (SmolLM2 module names, tied embeddings) and the tiny tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -49,7 +49,7 @@ def tiny_model_folder(path: Path, seed: int = 0) -> Path:
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )

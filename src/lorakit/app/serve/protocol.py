@@ -97,7 +97,7 @@ def parse(kind: type[_Request], body: dict) -> _Request:
         req = kind.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("str", "list", "int", "function")))
+        loc = ".".join(str(x) for x in err["loc"] if not _union_tag(x))
         raise ServeError(400, f"{loc or 'body'}: {err['msg']}", loc or None) from None
     for name, neutral in UNSUPPORTED.items():
         if name in body and body[name] not in neutral:
@@ -106,6 +106,12 @@ def parse(kind: type[_Request], body: dict) -> _Request:
     if len(stops) > 16 or any(not s for s in stops):
         raise ServeError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
     return req
+
+
+def _union_tag(part) -> bool:
+    """pydantic names the member of a union in an error's location ("str", "list[str]"): not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list", "none")
+                                      or "[" in part or part.startswith("function-"))
 
 
 def stops(req: _Request) -> list[str]:

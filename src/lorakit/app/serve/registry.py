@@ -8,17 +8,18 @@ Everything here runs on the engine thread except ``resolve``/``read`` (pure file
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit import read_adapter
-from lorakit.adapter import check_adapter_name
-from lorakit.errors import AdapterLoadError, ConfigError
+from lorakit.errors import AdapterLoadError, ServeError
 from lorakit.io import CONFIG_NAME
 
 from ..models import read_metadata
-from .protocol import ServeError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}")
 
 
 @dataclass
@@ -46,13 +47,11 @@ class Registry:
     # --- names and folders ------------------------------------------------------------------
 
     def check_name(self, name: object, param: str) -> str:
-        """An adapter name a client may use (``param`` names the field in the error)."""
-        if not isinstance(name, str):
-            raise ServeError(400, f"{param} must be a string", param)
-        try:
-            check_adapter_name(name)
-        except ConfigError as e:
-            raise ServeError(400, str(e), param) from None
+        """An adapter name a client may use (``param`` names the field in the error): 1-128
+        characters, letters, digits and ``._:@+/-``, starting with a letter or digit."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ServeError(400, f"{param} must be 1-128 letters, digits or ._:@+/- starting with a letter or "
+                             f"digit, got {name!r}", param)
         if name == self.base_id:
             raise ServeError(400, f"{name!r} is the base model's id", param)
         return name
@@ -99,12 +98,10 @@ class Registry:
             return self.entries[name]
         if self.root is None:
             return None
-        try:
-            check_adapter_name(name)
-        except ConfigError:
+        if not NAME.fullmatch(name) or "/" in name or name in (".", ".."):
             return None
-        folder = self.root / name
-        if "/" in name or "\\" in name or not (folder / CONFIG_NAME).is_file():
+        folder = (self.root / name).resolve()  # a symlinked subfolder must point inside the folder too
+        if self.root not in folder.parents or not (folder / CONFIG_NAME).is_file():
             return None
         return Entry(name, folder, created=int(folder.stat().st_mtime))
 

@@ -1,0 +1,159 @@
+"""``lorakit serve`` against bad requests: each gets its status and OpenAI's error body, the server
+keeps serving, and the resident adapters stay as they were."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from _serve import PeftReference, ServerProcess, build_world, make_adapters
+from _tiny import tiny_model_folder
+
+KEY = "sk-matrix"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+NAMES = ["good", "other"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_errors")
+    base, adapters = build_world(root, NAMES)
+    bad = adapters / "bad"  # nested: not servable by name, only as a lora_path
+    bad.mkdir()
+    shutil.copytree(adapters / "good", bad / "pickle")
+    (bad / "pickle" / "adapter_model.safetensors").rename(bad / "pickle" / "adapter_model.bin")
+    shutil.copytree(adapters / "good", bad / "truncated")
+    w = bad / "truncated" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    other_base = tiny_model_folder(root / "other_base", seed=1, hidden_size=48)
+    make_adapters(other_base, bad, ["foreign"])
+    outside = root / "outside"
+    make_adapters(base, outside, ["escapee"])
+    os.symlink(outside / "escapee", bad / "link_out")
+    return root, base, adapters, outside
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    _, base, adapters, _ = world
+    s = ServerProcess("--model", str(base), "--adapter", f"good={adapters / 'good'}", "--adapter-dir", str(adapters),
+                      "--allow-runtime-loading", "--api-key", KEY, "--max-new-tokens", "32")
+    yield s
+    assert s.stop() == 0
+
+
+def post(server, path, body, headers=AUTH):
+    return server.request("POST", path, body, headers)
+
+
+def completion(**kw):
+    return {"model": "good", "prompt": "hello", "max_tokens": 4, **kw}
+
+
+CASES = [
+    # (id, path, body, status, param)
+    ("unknown model", "/v1/completions", completion(model="nope"), 404, "model"),
+    ("missing model", "/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("missing prompt", "/v1/completions", {"model": "good"}, 400, "prompt"),
+    ("mistyped max_tokens", "/v1/completions", completion(max_tokens="4"), 400, "max_tokens"),
+    ("negative max_tokens", "/v1/completions", completion(max_tokens=-3), 400, "max_tokens"),
+    ("zero max_tokens", "/v1/completions", completion(max_tokens=0), 400, "max_tokens"),
+    ("huge max_tokens", "/v1/completions", completion(max_tokens=10**9), 400, "max_tokens"),
+    ("temperature out of range", "/v1/completions", completion(temperature=7), 400, "temperature"),
+    ("top_p zero", "/v1/completions", completion(top_p=0), 400, "top_p"),
+    ("mistyped stream", "/v1/completions", completion(stream="yes"), 400, "stream"),
+    ("n zero", "/v1/completions", completion(n=0), 400, "n"),
+    ("empty prompt", "/v1/completions", completion(prompt=""), 400, "prompt"),
+    ("token-id prompt", "/v1/completions", completion(prompt=[1, 2, 3]), 400, "prompt"),
+    ("empty stop", "/v1/completions", completion(stop=""), 400, "stop"),
+    ("logprobs", "/v1/completions", completion(logprobs=3), 400, "logprobs"),
+    ("prompt longer than the context", "/v1/completions", completion(prompt="cat " * 400), 413, "prompt"),
+    ("no messages", "/v1/chat/completions", {"model": "good", "messages": []}, 400, "messages"),
+    ("bad role", "/v1/chat/completions", {"model": "good", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages.0.role"),
+    ("messages not a list", "/v1/chat/completions", {"model": "good", "messages": "hi"}, 400, "messages"),
+    ("body not JSON", "/v1/completions", b"{not json", 400, None),
+    ("body not UTF-8", "/v1/completions", b'{"model": "\xff\xfe"}', 400, None),
+    ("body a JSON list", "/v1/completions", b"[1, 2]", 400, None),
+    ("10 MB body", "/v1/completions", b'{"model": "good", "prompt": "' + b"a" * (10 << 20) + b'"}', 413, None),
+    ("load ../ path", "/v1/load_lora_adapter", {"lora_name": "x1", "lora_path": "../outside/escapee"}, 400,
+     "lora_path"),
+    ("load absolute path outside", "/v1/load_lora_adapter", {"lora_name": "x2", "lora_path": "ABS_OUTSIDE"}, 400,
+     "lora_path"),
+    ("load symlink out", "/v1/load_lora_adapter", {"lora_name": "x3", "lora_path": "bad/link_out"}, 400, "lora_path"),
+    ("load pickle adapter", "/v1/load_lora_adapter", {"lora_name": "x4", "lora_path": "bad/pickle"}, 400, "lora_path"),
+    ("load truncated safetensors", "/v1/load_lora_adapter", {"lora_name": "x5", "lora_path": "bad/truncated"}, 400,
+     "lora_path"),
+    ("load adapter for another base", "/v1/load_lora_adapter", {"lora_name": "x6", "lora_path": "bad/foreign"}, 400,
+     "lora_path"),
+    ("load a missing folder", "/v1/load_lora_adapter", {"lora_name": "x7", "lora_path": "bad/none"}, 404, "lora_path"),
+    ("load a bad name", "/v1/load_lora_adapter", {"lora_name": "", "lora_path": "good"}, 400, "lora_name"),
+    ("load a name twice", "/v1/load_lora_adapter", {"lora_name": "good", "lora_path": "other"}, 400, "lora_name"),
+    ("unload a missing adapter", "/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "lora_name"),
+    ("unknown route", "/v1/embeddings", {"model": "good", "input": "x"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_its_status_and_error_body(server, world, case):
+    _, path, body, status, param = case
+    if isinstance(body, dict) and body.get("lora_path") == "ABS_OUTSIDE":
+        body = dict(body, lora_path=str(world[3] / "escapee"))
+    before = server.request("GET", "/health")[1]["resident"]
+    got, answer = post(server, path, body)
+    assert got == status, answer
+    err = answer["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param
+    assert server.request("GET", "/health")[1]["resident"] == before
+    ok, out = post(server, "/v1/completions", completion())
+    assert ok == 200 and out["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}],
+                         ids=["no key", "wrong key", "no Bearer"])
+def test_api_key_is_required_on_v1(server, headers):
+    status, body = post(server, "/v1/completions", completion(), headers=headers)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert server.request("GET", "/v1/models", headers=headers)[0] == 401
+    assert server.request("GET", "/health")[0] == 200  # not behind the key
+
+
+def test_a_lazily_loaded_broken_adapter_fails_only_its_requests(server, world):
+    adapters = world[2]
+    shutil.copytree(adapters / "bad" / "truncated", adapters / "broken")
+    try:
+        status, body = post(server, "/v1/completions", completion(model="broken"))
+        assert status == 400 and body["error"]["param"] == "model" and "truncated" in body["error"]["message"]
+        assert "broken" not in server.request("GET", "/health")[1]["resident"]
+        assert post(server, "/v1/completions", completion())[0] == 200
+    finally:
+        shutil.rmtree(adapters / "broken")
+
+
+def test_load_use_and_unload_at_run_time(server, world):
+    ref = PeftReference(world[1], world[2])
+    status, text = post(server, "/v1/load_lora_adapter", {"lora_name": "extra", "lora_path": "other"})
+    assert status == 200 and "extra" in text
+    assert "extra" in [m["id"] for m in server.request("GET", "/v1/models", headers=AUTH)[1]["data"]]
+    ok, out = post(server, "/v1/completions", completion(model="extra", max_tokens=6, temperature=0))
+    assert ok == 200 and out["choices"][0]["text"] == ref.greedy("other", "hello", 6)
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "extra"})[0] == 200
+    status, body = post(server, "/v1/completions", completion(model="extra"))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_unloading_a_busy_adapter_is_refused_with_409(server):
+    openai = pytest.importorskip("openai")
+    assert post(server, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "other"})[0] == 200
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    stream = iter(c.completions.create(model="busy", prompt="hello", max_tokens=32, stream=True,
+                                       extra_body={"ignore_eos": True}))
+    next(stream)  # in flight now
+    status, body = post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})
+    assert status == 409 and body["error"]["code"] == "adapter_busy" and body["error"]["param"] == "lora_name"
+    assert [ch.choices[0].finish_reason for ch in stream][-1] == "length"
+    assert post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})[0] == 200
