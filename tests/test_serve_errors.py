@@ -157,3 +157,28 @@ def test_unloading_a_busy_adapter_is_refused_with_409(server):
     assert status == 409 and body["error"]["code"] == "adapter_busy" and body["error"]["param"] == "lora_name"
     assert [ch.choices[0].finish_reason for ch in stream][-1] == "length"
     assert post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})[0] == 200
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_client_that_disconnects_frees_its_rows(server, stream):
+    import json
+    import socket
+    import time
+
+    body = json.dumps(completion(max_tokens=32, ignore_eos=True, n=16, stream=stream)).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    if stream:
+        got = b""
+        while b"data:" not in got:  # headers first, then the first event
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+    sock.close()
+    for _ in range(100):  # bounded: the rows leave within a few steps
+        if server.request("GET", "/health")[1]["running"] == 0:
+            break
+        time.sleep(0.1)
+    assert server.request("GET", "/health")[1]["running"] == 0
+    assert post(server, "/v1/completions", completion())[0] == 200

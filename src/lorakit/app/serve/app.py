@@ -175,7 +175,7 @@ def _routes(app: FastAPI, server: Server) -> None:
         body = protocol.parse_json(await read_body(request))
         if isinstance(body.get("model"), str):
             request.state.model = body["model"]
-        return await completions.create(server, body, chat)
+        return await completions.create(server, body, chat, request.is_disconnected)
 
     if server.allow_runtime_loading:
         _admin_routes(app, server)

@@ -27,8 +27,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="load an adapter folder at start and keep it resident (repeatable)")
     p.add_argument("--adapter-dir", help="every subfolder is an adapter servable by its name, loaded on first use; "
                    "run-time loads must lie inside it")
-    p.add_argument("--max-loaded", type=int, default=16, help="adapters resident at once (least recently used "
-                   "evicted first; default 16, or the number of --adapter if more)")
+    p.add_argument("--max-loaded", type=int, help="adapters resident at once, least recently used evicted first "
+                   "(default 16, or one more than the number of --adapter)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")
@@ -57,7 +57,7 @@ def _pinned(specs: list[str]) -> list[tuple[str, Path]]:
 
 def _check(args: argparse.Namespace, pinned: list) -> None:
     for flag in ("max_batch", "max_queue", "max_new_tokens", "max_loaded"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
@@ -65,7 +65,12 @@ def _check(args: argparse.Namespace, pinned: list) -> None:
         raise UsageError(f"--adapter-dir {args.adapter_dir!r} is not a folder")
     if args.shutdown_timeout < 0:
         raise UsageError("--shutdown-timeout must be >= 0")
-    args.max_loaded = max(args.max_loaded, len(pinned))
+    loadable = bool(args.adapter_dir or args.allow_runtime_loading)  # adapters beyond the pinned ones
+    if args.max_loaded is None:
+        args.max_loaded = max(16, len(pinned) + loadable)
+    elif args.max_loaded < len(pinned) + loadable:
+        raise UsageError(f"--max-loaded {args.max_loaded} leaves no room: {len(pinned)} pinned adapters"
+                         + (" and adapters loaded on demand" if loadable else ""))
 
 
 def _logging() -> None:

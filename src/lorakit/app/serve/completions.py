@@ -32,6 +32,7 @@ class Job:
     events: asyncio.Queue
     prompt_tokens: int
     include_usage: bool
+    disconnected: object = None  # async () -> bool: the client went away
 
 
 def prompts_of(server, req, chat: bool, adapter: str | None) -> list[list[int]]:
@@ -79,7 +80,7 @@ def max_tokens_of(server, req, chat: bool, prompts: list[list[int]]) -> int:
     return asked
 
 
-async def create(server, body: dict, chat: bool):
+async def create(server, body: dict, chat: bool, disconnected=None):
     """Check a request's JSON object, queue it on the engine, and answer (JSON or a stream)."""
     req = protocol.parse(protocol.ChatRequest if chat else protocol.CompletionRequest, body)
     adapter = server.adapter_for(req.model)
@@ -98,7 +99,7 @@ async def create(server, body: dict, chat: bool):
                       req.seed, protocol.stops(req), sink, bool(req.ignore_eos))
     usage_opt = bool((req.stream_options or {}).get("include_usage"))
     job = Job(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), req.model, request, events,
-              sum(len(p) for p in prompts), usage_opt)
+              sum(len(p) for p in prompts), usage_opt, disconnected)
     server.engine.submit(request)
     if req.stream:
         return StreamingResponse(_stream(server, job), media_type="text/event-stream",
@@ -111,7 +112,13 @@ async def _collect(server, job: Job) -> JSONResponse:
     texts, finishes = [""] * rows, [None] * rows
     try:
         while any(f is None for f in finishes):
-            index, delta, finish = await job.events.get()
+            try:
+                index, delta, finish = await asyncio.wait_for(job.events.get(), 1.0)
+            except asyncio.TimeoutError:
+                if job.disconnected is not None and await job.disconnected():
+                    done(server, job, 499)  # nobody to answer; the engine drops the rows
+                    return JSONResponse(protocol.error_body(499, "client closed the request"), status_code=499)
+                continue
             if index is None:
                 raise delta
             texts[index] += delta
