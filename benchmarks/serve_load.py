@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,6 +325,7 @@ class Phase:
     models: str = ""
     metrics: str = ""
     unfinished: int = 0
+    failed: str | None = None  # the server did not start
 
 
 def one_request(client, model: str, prompt: str, pair, new_tokens: int, stream: bool, tok) -> Result:
@@ -481,7 +483,7 @@ def summarize(phase: Phase, state, names, new_tokens: int) -> dict:
     tokens = sum(r.tokens for r in ok)
     span = max(phase.t_end - phase.t_start, 1e-9)
     return {
-        "requests": len(ok), "errors": len(timed) - len(ok) + phase.unfinished
+        "requests": len(ok), "errors": len(timed) - len(ok) + phase.unfinished + (phase.failed is not None)
         + sum(1 for r in phase.results if r.warmup and r.error), "tokens": tokens,
         "tok_s": tokens / span, "req_s": len(ok) / span, "span": span,
         "ttft50": pct([r.ttft for r in ok], 0.5), "ttft99": pct([r.ttft for r in ok], 0.99),
@@ -573,7 +575,7 @@ def main(argv=None) -> int:
                 results[label] = run_phase(label, args, state, tok, work, log)
             except RuntimeError as e:
                 log(f"phase {label} FAILED: {e}")
-                results[label] = Phase(label, server_lines=[str(e)])
+                results[label] = Phase(label, failed=str(e), server_lines=[str(e)])
         ratio, decode_lines = (None, []) if args.skip_decode else decode_ratio(args, log)
 
         cmdline = shlex.join(["python", "benchmarks/serve_load.py"] + (sys.argv[1:] if argv is None else list(argv)))
@@ -641,6 +643,8 @@ def main(argv=None) -> int:
             ph = results[label]
             for e in s["error_list"][:5]:
                 print(f"\n{label} error: {e}")
+            if ph.failed:
+                print(f"\n{label}: the server did not start: {ph.failed}")
             if ph.unfinished:
                 print(f"\n{label}: {ph.unfinished} requests still in flight after the drain timeout")
             for r, name, want in s["mismatches"][:5]:

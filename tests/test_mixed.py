@@ -2,6 +2,8 @@ import pytest
 import torch
 
 import lorakit
+import lorakit.adapter
+from lorakit.adapter import masked_bypass_
 from lorakit import (
     AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
     merge, mixed_batch, set_adapter,
@@ -26,22 +28,33 @@ def _single(model, name, ids):
     return model(ids).logits
 
 
+FORMS = {  # (BANK_COLUMNS, DENSE_COLUMNS, DENSE_WORK) that select each form of a batched layer
+    "bank": (10 ** 9, 10 ** 9, 10 ** 9),  # every resident adapter, masked: nothing gathered
+    "mix": (0, 10 ** 9, 10 ** 9),  # the mix's adapters gathered side by side, masked
+    "segments": (0, 0, 0),  # slices when each adapter's rows are consecutive, else padded segments (bmm)
+}
+
+
 @pytest.mark.parametrize(
     "names",
     [["a", None, "b", "a"], ["a", "b", "c.d", None], ["b"], ["c.d", "c.d", "c.d", "c.d"], [None, None, None, None],
-     ["b", "a", "b", "b", None, "c.d", "b", "a"]],
+     ["b", "a", "b", "b", None, "c.d", "b", "a"], ["a", "a", "b", "c.d", "c.d", None]],
 )
 @pytest.mark.parametrize("grad", [True, False, "inference_mode"])  # no gradients: a batched path
-@pytest.mark.parametrize("dense_work", [0, 10 ** 9])  # padded segments (bmm) where they fit / always dense
-def test_each_row_equals_its_adapter_alone(model, names, grad, dense_work, monkeypatch):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_each_row_equals_its_adapter_alone(model, names, grad, form, monkeypatch):
     import lorakit.mixed
 
     calls = []
-    for path in ("_add_batched", "_add_dense"):
+    for path in ("_add_batched", "gathered"):
         fn = getattr(lorakit.mixed.RowRouter, path)
         monkeypatch.setattr(lorakit.mixed.RowRouter, path, (lambda f, p: lambda *a: calls.append(p) or f(*a))(fn, path))
-    monkeypatch.setattr(lorakit.mixed, "DENSE_WORK", dense_work)
-    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", dense_work)
+    dense = []
+    monkeypatch.setattr(lorakit.mixed, "masked_bypass_", lambda *a: dense.append(a[2].shape[1]) or masked_bypass_(*a))
+    gather = lorakit.adapter.AdapterBank.gather
+    monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: calls.append("gather") or gather(*a))
+    for name, value in zip(("BANK_COLUMNS", "DENSE_COLUMNS", "DENSE_WORK"), FORMS[form]):
+        monkeypatch.setattr(lorakit.mixed, name, value)
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
     refs = {n: _single(model, n, ids) for n in set(names)}
@@ -49,12 +62,20 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, dense_work, monke
     mode = torch.inference_mode() if grad == "inference_mode" else torch.set_grad_enabled(grad)
     with mixed_batch(model, names), mode:
         out = model(ids).logits
-    # batched wherever a layer sees two or more adapters (different ranks, alphas, rsLoRA: padded exactly)
     present = set(names) - {None}
     several = {"a", "b"} <= present or {"b", "c.d"} <= present  # q/v_proj hold a and b, o_proj b and c.d
-    assert bool(calls) == (several and grad is not True)
-    if calls and dense_work:
-        assert set(calls) == {"_add_dense"}
+    batched = several and grad is not True
+    if form == "bank":  # each batched layer: all of its adapters (2 x their ranks' columns), no gather
+        assert bool(dense) == batched and "gather" not in calls and "_add_batched" not in calls
+    elif form == "mix":
+        assert bool(dense) == batched and "_add_batched" not in calls
+    else:
+        assert not dense
+        rows = {n: [i for i, m in enumerate(names) if m == n] for n in present}
+        if all(r == list(range(r[0], r[0] + len(r))) for r in rows.values()):  # consecutive rows: slices, no copies
+            assert calls == []
+        elif names == ["a", None, "b", "a"] and grad is not True:  # padding fits: one bmm pair
+            assert "_add_batched" in calls
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
     assert active_adapters(model) == ["a"]
@@ -189,10 +210,10 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
     gather, gathers = lorakit.adapter.AdapterBank.gather, []
     monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: gathers.append(1) or gather(*a))
     check(["a", "b", "c.d", None])
-    built = len(stacks)
+    built, gathered = len(stacks), len(gathers)
     assert built == 3 * model.config.num_hidden_layers  # q/v_proj (a, b) and o_proj (b, c.d) of each block
     check(["c.d", None, "b", "a"])  # the same set of adapters on other rows: nothing gathered again
-    assert len(gathers) == built
+    assert len(gathers) == gathered
     check(["b", "a", None, "b"])  # other mixes of the same adapters
     check(["c.d", "b", "b", "c.d"])
     assert len(stacks) == built

@@ -157,6 +157,30 @@ def test_lazy_load_and_lru_eviction(server):
     assert metric("lorakit_adapter_loads_total") == loads + 1  # resident: no load
 
 
+def test_a_refused_adapter_evicts_nothing(server, world):
+    """Three resident (the limit): a lazily loaded adapter that fails its checks leaves them all in place."""
+    import shutil
+
+    _, _, adapters = world
+    c = client(server)
+    for name in ["a1", "a2"]:
+        c.completions.create(model=name, prompt="dog", max_tokens=2, temperature=0)
+    before = server.request("GET", "/health")[1]["resident"]
+    assert len(before) == 3
+    shutil.copytree(adapters / "a3", adapters / "broken")
+    weights = adapters / "broken" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    try:
+        with pytest.raises(openai.BadRequestError, match="truncated"):
+            c.completions.create(model="broken", prompt="dog", max_tokens=2)
+        status, body = server.request("POST", "/v1/load_lora_adapter", {"lora_name": "b2", "lora_path": "broken"},
+                                      AUTH)
+        assert status == 400 and "truncated" in body["error"]["message"]
+        assert server.request("GET", "/health")[1]["resident"] == before
+    finally:
+        shutil.rmtree(adapters / "broken")
+
+
 def test_sampling_is_reproducible_with_a_seed_and_n(server):
     c = client(server)
     kw = dict(model="a0", prompt="hello", max_tokens=12, temperature=1.5, top_p=0.9, seed=7, n=3)

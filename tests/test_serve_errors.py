@@ -39,7 +39,7 @@ def world(tmp_path_factory):
 def server(world):
     _, base, adapters, _ = world
     s = ServerProcess("--model", str(base), "--adapter", f"good={adapters / 'good'}", "--adapter-dir", str(adapters),
-                      "--allow-runtime-loading", "--api-key", KEY, "--max-new-tokens", "32")
+                      "--allow-runtime-loading", "--api-key", KEY, "--max-new-tokens", "200")
     yield s
     assert s.stop() == 0
 
@@ -93,6 +93,20 @@ CASES = [
     ("load a name twice", "/v1/load_lora_adapter", {"lora_name": "good", "lora_path": "other"}, 400, "lora_name"),
     ("unload a missing adapter", "/v1/unload_lora_adapter", {"lora_name": "ghost"}, 404, "lora_name"),
     ("unknown route", "/v1/embeddings", {"model": "good", "input": "x"}, 404, None),
+    ("seed beyond 64 bits", "/v1/completions", completion(seed=2**64, temperature=1), 400, "seed"),
+    ("negative seed", "/v1/completions", completion(seed=-1, temperature=1), 400, "seed"),
+    ("JSON nested 100000 deep", "/v1/completions", b'{"model": "good", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     400, None),
+    ("a 5000-digit number", "/v1/completions", b'{"model": "good", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+     400, None),
+    ("lone surrogate in the prompt", "/v1/completions", b'{"model": "good", "prompt": "\\ud800x"}', 400, None),
+    ("lone surrogate in a message", "/v1/chat/completions",
+     b'{"model": "good", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
+    ("lora_path with a NUL byte", "/v1/load_lora_adapter", {"lora_name": "x8", "lora_path": "a\u0000b"}, 400,
+     "lora_path"),
+    ("lora_path 5000 characters long", "/v1/load_lora_adapter", {"lora_name": "x9", "lora_path": "a" * 5000}, 400,
+     "lora_path"),
+    ("unload a pinned adapter", "/v1/unload_lora_adapter", {"lora_name": "good"}, 400, "lora_name"),
 ]
 
 
@@ -165,7 +179,8 @@ def test_a_client_that_disconnects_frees_its_rows(server, stream):
     import socket
     import time
 
-    body = json.dumps(completion(max_tokens=32, ignore_eos=True, n=16, stream=stream)).encode()
+    body = json.dumps(completion(max_tokens=200, ignore_eos=True, n=16, stream=stream)).encode()
+    logged = len(server.lines)
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -175,10 +190,19 @@ def test_a_client_that_disconnects_frees_its_rows(server, stream):
             chunk = sock.recv(4096)
             assert chunk, got
             got += chunk
+    else:
+        time.sleep(0.3)  # the body read and the request queued (closing sooner is a disconnect mid-body)
     sock.close()
     for _ in range(100):  # bounded: the rows leave within a few steps
         if server.request("GET", "/health")[1]["running"] == 0:
             break
         time.sleep(0.1)
     assert server.request("GET", "/health")[1]["running"] == 0
+    assert any("status=499" in line for line in server.lines[logged:]), server.lines[logged:]  # dropped early
     assert post(server, "/v1/completions", completion())[0] == 200
+
+
+def test_a_tiny_temperature_is_greedy(server):
+    greedy = post(server, "/v1/completions", completion(max_tokens=8, temperature=0))[1]["choices"][0]["text"]
+    status, out = post(server, "/v1/completions", completion(max_tokens=8, temperature=1e-310))
+    assert status == 200 and out["choices"][0]["text"] == greedy

@@ -200,7 +200,9 @@ class AdapterBank:
     Attributes:
         a_t: (S, in, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
         b_t: (S, r_max, out) = ``(s·B)^T``, the scaling folded in.
-        slots: adapter name -> its index along S.
+        a_cat: (in, S·r_max), ``a_t``'s slots side by side, and ``b_cat`` (S·r_max, out), a view of
+            ``b_t``: every resident adapter in two dense matmuls (``masked_bypass_``).
+        slots: adapter name -> its index along S; ``names``: the names in slot order.
 
     ``sync`` keeps it current at the cost of an int comparison: it restacks only when the layer's
     set of adapters changed (``version``, bumped by add / delete), and rewrites one slot when that
@@ -210,8 +212,10 @@ class AdapterBank:
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
+        self.names: tuple[str, ...] = ()
         self.a_t: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None
+        self.a_cat: torch.Tensor | None = None
         self._version = -1
         self.generation = 0  # bumped whenever a slot changes (restack or rewrite)
         self._seen: list[tuple] = []  # per slot: (A, A._version, B, B._version, scaling) when stacked
@@ -234,7 +238,9 @@ class AdapterBank:
     def _sync(self, adapters, version, names, dtype) -> None:
         if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
             self.a_t, self.b_t = stack(adapters, dtype)
-            self.slots = {ad.name: j for j, ad in enumerate(adapters)}
+            self.a_cat = self.a_t.permute(1, 0, 2).reshape(self.a_t.shape[1], -1)
+            self.names = tuple(ad.name for ad in adapters)
+            self.slots = {n: j for j, n in enumerate(self.names)}
             self._seen = [self._stamp(ad) for ad in adapters]
             self._version = version
             self.generation += 1
@@ -248,8 +254,14 @@ class AdapterBank:
                 a, sb = ad.folded(dtype)
                 self.a_t[j].zero_()[:, : ad.r] = a.t()
                 self.b_t[j].zero_()[: ad.r] = sb.t()
+                r_max = self.a_t.shape[2]
+                self.a_cat[:, j * r_max: (j + 1) * r_max] = self.a_t[j]
                 self._seen[j] = self._stamp(ad)
                 self.generation += 1
+
+    @property
+    def b_cat(self) -> torch.Tensor:
+        return self.b_t.view(-1, self.b_t.shape[2])
 
     def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A^T, (s·B)^T)`` of ``names`` only, (k, in, r_max) and (k, r_max, out): one copy each."""

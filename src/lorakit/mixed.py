@@ -60,12 +60,15 @@ class RowPlan:
         perm: int64 (M,), the indices of rows that use an adapter, sorted by adapter.
         segments: ``(adapter_name, start, end)``: ``perm[start:end]`` are that adapter's rows.
         single_full: True when all N rows use one adapter and ``perm`` is ``arange(N)``.
+        contiguous: True when each adapter's rows are consecutive in the batch (``perm[s:e]`` is
+            ``arange(perm[s], perm[s] + e - s)``): its bypass then works on slices, with no copies.
     """
 
     rows: int
     perm: torch.Tensor
     segments: tuple[tuple[str, int, int], ...]
     single_full: bool
+    contiguous: bool = False
     _padded: dict = field(default_factory=dict, compare=False, repr=False)
 
     def padded(self, segments: tuple[tuple[str, int, int], ...]) -> Padded | None:
@@ -113,40 +116,71 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
         segments.append((n, len(order), len(order) + len(idx)))
         order.extend(idx)
     single_full = len(groups) == 1 and len(order) == len(names)
+    contiguous = all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in groups.values())
     perm = torch.tensor(order, dtype=torch.long, device=device)
-    return RowPlan(len(names), perm, tuple(segments), single_full)
+    return RowPlan(len(names), perm, tuple(segments), single_full, contiguous)
 
 
-# A batched layer computes every present adapter for every row (two dense matmuls, a mask keeping
-# each row's own adapter) while the adapters' stacked columns (k·r) stay within DENSE_COLUMNS and
-# rows x tokens x adapters within DENSE_WORK: there a few dense ops beat a gather, two small bmms
-# and a scatter; otherwise the padded segments (measured on 2 CPU cores, SmolLM2 shapes: dense is
-# 20 us per layer at k·r = 16, 42 us at 64; segments about 45 us).
+# Decoding-sized forwards of a batched (linear) layer add every adapter in two dense matmuls with a
+# mask keeping each row's own (``adapter.masked_bypass_``), over all the adapters resident in the
+# layer's bank while they span at most BANK_COLUMNS rank columns (nothing is gathered, so a new mix
+# of rows costs no copy of adapter weights), else over the mix's adapters gathered once while
+# those span at most DENSE_COLUMNS; "decoding-sized" is rows x tokens x adapters within
+# DENSE_WORK. Otherwise adapters run on slices of the batch when each one's rows are consecutive,
+# or on padded segments in one batched matmul pair. Measured on 2 CPU cores with SmolLM2 shapes:
+# dense is 20 us per layer at k·r = 16, 42 us at 64; padded segments about 45 us when rows spread
+# evenly over adapters, several times that when they do not (padding, a scatter back).
 DENSE_COLUMNS = 32
+BANK_COLUMNS = 256
 DENSE_WORK = 1024
 
 
 class _Route:
     """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
-    a batched (linear) layer, those adapters' factors gathered once from its ``AdapterBank``:
-    ``a_t`` (k, in, r), ``b_t`` (k, r, out) for padded segments; ``a_cat`` (in, k·r), ``b_cat``
-    (k·r, out) and ``mask`` (N, 1, k·r), 1 on each row's own adapter, for the dense form."""
+    a batched (linear) layer, what its dense and segment forms need, built on first use:
+    ``bank_dense()`` (the bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots),
+    ``mix_dense()`` (the mix's factors gathered side by side, (in, k·r), (k·r, out), mask),
+    ``stacked()`` (the mix's ``a_t`` (k, in, r), ``b_t`` (k, r, out)) and ``pad``."""
 
-    __slots__ = ("segments", "names", "pad", "a_t", "b_t", "a_cat", "b_cat", "mask")
+    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "_bank", "_mix", "_stacked")
 
-    def __init__(self, layer, plan: RowPlan, masks) -> None:
+    def __init__(self, layer, plan: RowPlan, router) -> None:
+        self.layer, self.plan, self.router = layer, plan, router
         self.segments = layer.held_segments(plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
-        self.pad = self.a_t = self.b_t = self.a_cat = self.b_cat = self.mask = None
-        if getattr(layer, "batched", False) and len(self.segments) > 1:
-            self.pad = plan.padded(self.segments)
+        self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
+        self._bank = self._mix = self._stacked = None
+
+    def bank_dense(self):
+        """``(a_cat, b_cat, mask, S)`` over the S adapters in the layer's bank, or None when they span
+        more than ``BANK_COLUMNS`` rank columns."""
+        if self._bank is None:
             with torch.no_grad():
-                self.a_t, self.b_t = layer.stacked(self.names)  # (k, in, r), (k, r, out)
-                k, n_in, r = self.a_t.shape
-                if k * r <= DENSE_COLUMNS:
-                    self.a_cat = self.a_t.permute(1, 0, 2).reshape(n_in, k * r)
-                    self.b_cat = self.b_t.view(k * r, -1)
-                    self.mask = masks(self.names, r, self.a_t.dtype, self.a_t.device)
+                bank = self.layer.bank(self.layer.adapter_names)
+                fits = bank.a_cat.shape[1] <= BANK_COLUMNS
+                mask = self.router.mask(self.plan, bank.names, bank.a_t.shape[2], bank.a_t.dtype, bank.a_t.device)
+                self._bank = (bank.a_cat, bank.b_cat, mask, len(bank.names)) if fits else False
+        return self._bank or None
+
+    def mix_dense(self):
+        """``(a_cat, b_cat, mask)`` over the mix's adapters, or None beyond ``DENSE_COLUMNS``."""
+        if self._mix is None:
+            a_t, b_t = self.stacked()
+            k, n_in, r = a_t.shape
+            self._mix = False
+            if k * r <= DENSE_COLUMNS:
+                mask = self.router.mask(self.plan, self.names, r, a_t.dtype, a_t.device)
+                self._mix = (a_t.permute(1, 0, 2).reshape(n_in, k * r), b_t.view(k * r, -1), mask)
+        return self._mix or None
+
+    def stacked(self):
+        if self._stacked is None:
+            with torch.no_grad():
+                self._stacked = self.layer.stacked(self.names)  # (k, in, r), (k, r, out)
+        return self._stacked
+
+    def pad(self) -> Padded | None:
+        return self.plan.padded(self.segments)
 
 
 class RowRouter:
@@ -193,16 +227,18 @@ class RowRouter:
         key = (id(layer), id(plan))
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = _Route(layer, plan, lambda *a: self._mask(plan, *a))
+            route = self._routes[key] = _Route(layer, plan, self)
         if not route.segments:
             return out
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             layer.add_bypass_(out, route.names[0], x)
-        elif route.mask is not None and not torch.is_grad_enabled() and (
-            route.pad is None or x.numel() // x.shape[-1] * len(route.names) <= DENSE_WORK
-        ) and out.dtype == route.a_cat.dtype and out.is_contiguous():
-            self._add_dense(x, out, route)
-        elif route.pad is not None and not torch.is_grad_enabled():
+        elif route.batched and not torch.is_grad_enabled() and self._add_dense(x, out, route):
+            pass
+        elif plan.contiguous:  # each adapter on its own slice of the batch: no gather, no scatter
+            for name, s, e in route.segments:
+                r0 = int(plan.perm[s])
+                layer.add_bypass_(out[r0:r0 + e - s], name, x[r0:r0 + e - s])
+        elif route.batched and not torch.is_grad_enabled() and route.pad() is not None:
             self._add_batched(x, out, route)
         else:  # one small A/B pair per adapter on its rows (other layer types, or gradients needed)
             xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
@@ -210,9 +246,9 @@ class RowRouter:
                 layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
         return out
 
-    def _mask(self, plan: RowPlan, names: tuple, r: int, dtype, device) -> torch.Tensor:
+    def mask(self, plan: RowPlan, names: tuple, r: int, dtype, device) -> torch.Tensor:
         """(N, 1, k·r): 1 on the r columns of each row's own adapter among ``names``; shared by every
-        layer that holds the same adapters."""
+        layer with the same adapters in the same order."""
         key = (id(plan), names, r, dtype, str(device))
         if key not in self._masks:
             slot = {n: j for j, n in enumerate(names)}
@@ -226,15 +262,25 @@ class RowRouter:
         rep = batch // len(self.names)
         return [x for x in self.names for _ in range(rep)]
 
-    def _add_dense(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
-        """Every adapter of the mix on every row, masked to each row's own (BGMV-style, without
-        per-row weight copies): three dense ops (``adapter.masked_bypass_``)."""
-        masked_bypass_(out, x.to(route.a_cat.dtype), route.a_cat, route.mask, route.b_cat)
+    def _add_dense(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> bool:
+        """Every adapter of the bank (or of the mix) on every row, masked to each row's own
+        (BGMV-style, without per-row weight copies): three dense ops (``adapter.masked_bypass_``).
+        Returns False, adding nothing, when the forward is not decoding-sized or the form does not apply."""
+        tokens = x.numel() // x.shape[-1]
+        if not out.is_contiguous():
+            return False
+        dense = route.bank_dense()
+        if dense is None or tokens * dense[3] > DENSE_WORK:
+            dense = route.mix_dense() if tokens * len(route.names) <= DENSE_WORK else None
+        if dense is None or out.dtype != dense[0].dtype:
+            return False
+        masked_bypass_(out, x.to(dense[0].dtype), dense[0], dense[2], dense[1])
+        return True
 
     def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
         the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B."""
-        pad, a_t, b_t = route.pad, route.a_t, route.b_t  # (k, in, r), (k, r, out)
+        pad, (a_t, b_t) = route.pad(), route.stacked()  # (k, in, r), (k, r, out)
         k, length = pad.shape
         mid = x.shape[1:-1]
         xs = self.gathered(x, pad.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)

@@ -13,11 +13,12 @@ import logging
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lorakit.errors import ServeError
 
@@ -95,11 +96,14 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise ServeError(413, f"the request body is {int(declared)} bytes; at most {limit}", code="body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ServeError(413, f"the request body is over {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ServeError(413, f"the request body is over {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ServeError(400, "the client disconnected while sending the body", code="client_disconnected") from None
     return b"".join(chunks)
 
 
@@ -109,22 +113,15 @@ def _error(status: int, message: str, param=None, code=None) -> JSONResponse:
 
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app over ``server`` (its engine must be started by the caller)."""
-    app = FastAPI(title="lorakit serve", version="1", docs_url=None, redoc_url=None)
-    app.state.server = server
+    def guard(request: Request) -> None:  # every route: 503 while shutting down, the API key on /v1
+        if server.draining and request.url.path != "/metrics":
+            raise ServeError(503, "the server is shutting down", code="shutting_down")
+        if request.url.path.startswith("/v1"):
+            server.check_key(request)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        try:
-            if server.draining and path != "/metrics":
-                raise ServeError(503, "the server is shutting down", code="shutting_down")
-            if path.startswith("/v1"):
-                server.check_key(request)
-        except ServeError as e:
-            log.info("%s %s status=%d %s", request.method, path, e.status, e)
-            server.count("(unknown)", e.status)
-            return _error(e.status, str(e), e.param, e.code)
-        return await call_next(request)
+    # a dependency, not an HTTP middleware: Starlette's middleware hides client disconnects from routes
+    app = FastAPI(title="lorakit serve", version="1", docs_url=None, redoc_url=None, dependencies=[Depends(guard)])
+    app.state.server = server
 
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, e: ServeError):

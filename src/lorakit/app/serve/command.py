@@ -14,6 +14,7 @@ from lorakit.errors import ServeError, UsageError
 
 from ..console import quiet_transformers
 from ..models import DEFAULT_MODEL, load_base, read_metadata
+from .registry import NAME
 
 DEFAULT_PORT = 8000
 log = logging.getLogger("lorakit.serve")
@@ -63,8 +64,14 @@ def _check(args: argparse.Namespace, pinned: list) -> None:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.adapter_dir and not Path(args.adapter_dir).is_dir():
         raise UsageError(f"--adapter-dir {args.adapter_dir!r} is not a folder")
-    if args.shutdown_timeout < 0:
-        raise UsageError("--shutdown-timeout must be >= 0")
+    if not 0 <= args.shutdown_timeout < float("inf"):
+        raise UsageError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty (an unset variable?); omit it to serve without a key")
+    for name, _ in pinned:
+        if not NAME.fullmatch(name) or name == args.model:
+            raise UsageError(f"--adapter name {name!r}: 1-128 letters, digits or ._:@+/- starting with a letter "
+                             "or digit, not the base model's id")
     loadable = bool(args.adapter_dir or args.allow_runtime_loading)  # adapters beyond the pinned ones
     if args.max_loaded is None:
         args.max_loaded = max(16, len(pinned) + loadable)

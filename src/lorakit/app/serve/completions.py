@@ -84,7 +84,7 @@ async def create(server, body: dict, chat: bool, disconnected=None):
     """Check a request's JSON object, queue it on the engine, and answer (JSON or a stream)."""
     req = protocol.parse(protocol.ChatRequest if chat else protocol.CompletionRequest, body)
     adapter = server.adapter_for(req.model)
-    prompts = prompts_of(server, req, chat, adapter)
+    prompts = await asyncio.to_thread(prompts_of, server, req, chat, adapter)  # a long prompt: off the event loop
     n = req.n or 1
     if n * len(prompts) > server.engine.max_batch:
         raise ServeError(400, f"n x prompts = {n * len(prompts)} rows; at most {server.engine.max_batch}", "n")
@@ -111,13 +111,18 @@ async def _collect(server, job: Job) -> JSONResponse:
     rows = job.request.rows
     texts, finishes = [""] * rows, [None] * rows
     try:
+        checked = time.monotonic()
         while any(f is None for f in finishes):
             try:
-                index, delta, finish = await asyncio.wait_for(job.events.get(), 1.0)
+                index, delta, finish = await asyncio.wait_for(job.events.get(), 0.25)
             except asyncio.TimeoutError:
-                if job.disconnected is not None and await job.disconnected():
+                index = -1
+            if time.monotonic() - checked > 0.25 and job.disconnected is not None:
+                checked = time.monotonic()
+                if await job.disconnected():
                     done(server, job, 499)  # nobody to answer; the engine drops the rows
                     return JSONResponse(protocol.error_body(499, "client closed the request"), status_code=499)
+            if index == -1:
                 continue
             if index is None:
                 raise delta

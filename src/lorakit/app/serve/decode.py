@@ -8,10 +8,13 @@ import secrets
 import torch
 
 
+GREEDY_BELOW = 1e-5  # temperatures below are greedy (as vLLM): logits / 1e-310 would overflow
+
+
 class Sampler:
     """Next-token choice for one sequence.
 
-    ``temperature == 0`` is greedy (argmax, as ``generate(do_sample=False)``); otherwise a draw
+    ``temperature`` below ``GREEDY_BELOW`` (0 included) is greedy (argmax, as ``generate(do_sample=False)``); otherwise a draw
     from ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
     probability reaches ``top_p`` (Holtzman et al. 2020), from the sequence's own generator,
     so a request's ``seed`` reproduces it whatever else shares the batch.
@@ -20,7 +23,7 @@ class Sampler:
     def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
         self.temperature, self.top_p = temperature, top_p
         self.generator = None
-        if temperature > 0:
+        if temperature >= GREEDY_BELOW:
             self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
     def choose(self, logits: torch.Tensor) -> int:

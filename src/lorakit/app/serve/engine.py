@@ -145,6 +145,7 @@ class Engine:
     def _iterate(self) -> None:
         self._run_jobs()
         self._apply_reads()
+        self._trim(set())
         new = self._admit()
         with torch.no_grad():
             if new:
@@ -179,8 +180,6 @@ class Engine:
             ServeError: 400 when the adapter does not fit the base model (the mismatch named).
         """
         self._close_block()
-        if self.registry.room() <= 0:
-            self._evict(self.busy() | {name})
         try:
             load_adapter_tensors(self.model, config, tensors, name, path)
         except LoRAError as e:
@@ -190,8 +189,9 @@ class Engine:
         self.registry.resident.add(name)
         self.metrics.loads.inc()
         self.metrics.resident.set(len(self.registry.resident))
-        if self.registry.room() < 0 and not pinned:  # full of busy adapters: keep it known, load it later
-            self._drop(name)
+        self._trim({name})
+        if self.registry.room() < 0 and not pinned and name not in self.busy():  # full of busy adapters:
+            self._drop(name)  # keep it known, load it again when there is room
 
     def uninstall(self, name: str) -> None:
         """Forget a loaded adapter (``/v1/unload_lora_adapter``).
@@ -201,6 +201,9 @@ class Engine:
         """
         if name not in self.registry.entries and name not in self.registry.resident:
             raise ServeError(404, f"adapter {name!r} is not loaded", "lora_name", code="model_not_found")
+        if self.registry.entries[name].pinned:
+            raise ServeError(400, f"adapter {name!r} was pinned with --adapter and stays loaded", "lora_name",
+                             code="adapter_pinned")
         if name in self.busy() or name in self.registry.loading:
             raise ServeError(409, f"adapter {name!r} has requests in flight", "lora_name", code="adapter_busy")
         if name in self.registry.resident:
@@ -212,6 +215,11 @@ class Engine:
         delete_adapter(self.model, name)
         self.registry.resident.discard(name)
         self.metrics.resident.set(len(self.registry.resident))
+
+    def _trim(self, keep: set) -> None:
+        """Evict idle adapters (least recently used first) while more than ``max_loaded`` are resident."""
+        while self.registry.room() < 0 and self._evict(self.busy() | keep):
+            pass
 
     def _evict(self, busy: set) -> bool:
         victim = self.registry.victim(busy)
@@ -227,8 +235,8 @@ class Engine:
         if entry is None:
             self._fail_waiting(name, ServeError(404, f"model {name!r} does not exist", "model", code="model_not_found"))
             return
-        if self.registry.room() <= 0 and not self._evict(busy):
-            return  # every resident adapter is busy: wait for one to finish
+        if self.registry.room() <= 0 and self.registry.victim(busy) is None:
+            return  # every resident adapter is busy: wait for one to finish (evicted once the new one loaded)
         self.registry.add(name, entry.path)
         self.registry.loading.add(name)
         self.reads[name] = self.readers.submit(self.registry.read, entry.path, "model")
@@ -270,7 +278,10 @@ class Engine:
             self._remove_waiting(req)
             if name is not None:
                 self.registry.touch(name)
-            admitted.extend(self._sequences(req))
+            try:
+                admitted.extend(self._sequences(req))
+            except Exception as e:  # noqa: BLE001 - a request the checks let through fails alone
+                self._fail_request(req, e)
         return admitted
 
     def _sequences(self, req: Request) -> list[Sequence]:
@@ -307,6 +318,7 @@ class Engine:
             block.close()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        seqs.sort(key=lambda s: (s.adapter is None, s.adapter or ""))  # each adapter's rows consecutive: slices
         inputs = prefill_inputs([s.extra.pop("prompt") for s in seqs], self.pad)
         self._enter([s.adapter for s in seqs])
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
@@ -326,7 +338,10 @@ class Engine:
         drop the batch rows that are done."""
         for i, s in enumerate(seqs):
             if s.finish is None and not s.request.cancelled:
-                self._emit(s, s.sampler.choose(logits[i]))
+                try:
+                    self._emit(s, s.sampler.choose(logits[i]))
+                except Exception as e:  # noqa: BLE001 - one row's failure fails its request only
+                    self._fail_request(s.request, e)
         self.batch.keep([i for i, s in enumerate(self.batch.seqs) if s.finish is None and not s.request.cancelled])
         self.metrics.running.set(len(self.batch))
 
@@ -365,6 +380,12 @@ class Engine:
         for r in failed:
             self._remove_waiting(r)
             r.sink(None, error, None)
+
+    def _fail_request(self, req: Request, e: Exception) -> None:
+        log.error("request failed: %s\n%s", e, traceback.format_exc())
+        if not req.cancelled:
+            req.cancelled = True  # its rows leave at the end of this step
+            req.sink(None, ServeError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error"), None)
 
     def _fail_batch(self, error: ServeError) -> None:
         self._close_block()

@@ -35,7 +35,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: dict | None = None
@@ -73,13 +73,19 @@ def parse_json(raw: bytes) -> dict:
     """A request body -> its JSON object.
 
     Raises:
-        ServeError: 400 when the body is not UTF-8, not JSON, or not an object.
+        ServeError: 400 when the body is not UTF-8, not JSON (too deep, huge numbers, lone
+            surrogates included), or not an object.
     """
     try:
         body = json.loads(raw.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # "\\ud800" escapes decode to lone surrogates
     except UnicodeDecodeError as e:
         raise ServeError(400, f"the request body is not UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
+    except UnicodeEncodeError:
+        raise ServeError(400, "the request body holds a lone UTF-16 surrogate escape (not a character)") from None
+    except RecursionError:
+        raise ServeError(400, "the request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ServeError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise ServeError(400, "the request body must be a JSON object")

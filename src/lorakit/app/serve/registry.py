@@ -61,14 +61,15 @@ class Registry:
         taken from there) when the server has one."""
         if not isinstance(path, str) or not path:
             raise ServeError(400, f"{param} must be a non-empty string", param)
-        p = Path(path)
-        if self.root is not None:
-            real = (self.root / p).resolve() if not p.is_absolute() else p.resolve()
-            if real != self.root and self.root not in real.parents:
-                raise ServeError(400, f"{param} {path!r} resolves outside the adapter folder {str(self.root)!r}", param)
-        else:
-            real = p.resolve()
-        if not real.is_dir():
+        try:
+            p = Path(path)
+            real = (self.root / p if self.root is not None else p).resolve()
+            is_dir = real.is_dir()
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long, a surrogate
+            raise ServeError(400, f"{param} {path[:200]!r} is not a usable path: {e}", param) from None
+        if self.root is not None and real != self.root and self.root not in real.parents:
+            raise ServeError(400, f"{param} {path!r} resolves outside the adapter folder {str(self.root)!r}", param)
+        if not is_dir:
             raise ServeError(404 if self.root else 400, f"adapter folder {path!r} does not exist", param,
                              code="adapter_not_found")
         return real
