@@ -8,7 +8,7 @@ remaining row uses are trimmed), so the decoding step always runs exactly the li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ class Sequence:
 
     Attributes:
         request: the owning ``engine.Request``; ``index``: the choice index within it.
-        adapter: adapter name, or None for the base model.
+        adapter: adapter name, or None for the base model; ``prompt``: its token ids.
         position: position id of ``last`` (real tokens before it).
         last: the last token id (the next step's input).
         generated: how many tokens were generated.
@@ -33,11 +33,11 @@ class Sequence:
     adapter: str | None
     sampler: Sampler
     text: TextStream
+    prompt: list[int]
     position: int = 0
     last: int = 0
     generated: int = 0
     finish: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -55,7 +55,6 @@ class Request:
     first_token: float | None = None
     cancelled: bool = False
     generated: int = 0
-    open_choices: int = 0
 
     @property
     def rows(self) -> int:
@@ -101,7 +100,6 @@ class Engine:
                 raise ServeError(503, "the server is shutting down", code="shutting_down")
             if len(self.waiting) >= self.max_queue:
                 raise ServeError(429, f"the queue is full ({self.max_queue} requests wait)", code="queue_full")
-            req.open_choices = req.rows
             self.waiting.append(req)
             self.metrics.queue.set(len(self.waiting))
             self.wake.notify()
@@ -289,10 +287,8 @@ class Engine:
         for p, prompt in enumerate(req.prompts):
             for j in range(req.n):
                 seed = None if req.seed is None else req.seed + j
-                s = Sequence(req, p * req.n + j, req.adapter, Sampler(req.temperature, req.top_p, seed),
-                             TextStream(self.tokenizer, req.stop), position=len(prompt) - 1)
-                s.extra["prompt"] = prompt
-                out.append(s)
+                out.append(Sequence(req, p * req.n + j, req.adapter, Sampler(req.temperature, req.top_p, seed),
+                                    TextStream(self.tokenizer, req.stop), prompt, position=len(prompt) - 1))
         return out
 
     def _remove_waiting(self, req: Request) -> None:
@@ -319,7 +315,7 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         seqs.sort(key=lambda s: (s.adapter is None, s.adapter or ""))  # each adapter's rows consecutive: slices
-        inputs = prefill_inputs([s.extra.pop("prompt") for s in seqs], self.pad)
+        inputs = prefill_inputs([s.prompt for s in seqs], self.pad)
         self._enter([s.adapter for s in seqs])
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         self.batch.add(seqs, out.cache, inputs["attention_mask"])
@@ -365,7 +361,6 @@ class Engine:
                 s.finish = "length"
         if s.finish is not None:
             delta += s.text.flush()
-            req.open_choices -= 1
         if delta or s.finish is not None:
             req.sink(s.index, delta, s.finish)
 
