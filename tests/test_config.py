@@ -1,5 +1,7 @@
 import pytest
 
+import lorakit
+
 from lorakit import ConfigError, LoRAConfig
 
 
@@ -72,3 +74,26 @@ def test_unknown_peft_keys_only_accepted_at_neutral_value():
         LoRAConfig.from_dict({**d, "no_such_key": 1})
     with pytest.raises(ConfigError, match="IA3"):
         LoRAConfig.from_dict({**d, "peft_type": "IA3"})
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"lora_alpah": 16}, r"unknown LoRAConfig option 'lora_alpah'.*did you mean 'lora_alpha'"),
+    ({"target_module": ["q_proj"]}, r"did you mean 'target_modules'"),
+    ({"use_dora": True}, r"use_dora=True is a PEFT LoraConfig option lorakit does not support"),
+    ({"xyzzy": 1}, r"unknown LoRAConfig option 'xyzzy'.*valid options: r, lora_alpha"),
+])
+def test_unknown_or_unsupported_keywords_raise_config_error_with_a_near_miss(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        LoRAConfig(**kwargs)
+    assert isinstance(info.value, lorakit.LoRAError)  # the library's own error, not a bare TypeError
+
+
+def test_peft_options_at_their_neutral_value_are_accepted_as_keywords():
+    cfg = LoRAConfig(r=4, use_dora=False, lora_bias=False, megatron_config=None)
+    assert cfg.r == 4 and "use_dora" not in vars(cfg)
+
+
+@pytest.mark.parametrize("value", [[""], 3, "(unclosed", [1]])
+def test_invalid_exclude_modules(value):
+    with pytest.raises(ConfigError, match="exclude_modules"):
+        LoRAConfig(exclude_modules=value)

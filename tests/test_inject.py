@@ -106,3 +106,24 @@ def test_an_adapter_name_is_unique_in_the_model_even_on_other_layers(llama):
         inject(llama, LoRAConfig(r=2, target_modules=["k_proj"]), "a")
     assert llama.lora_state.configs["a"].r == 4
     assert llama.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("exclude", [["o_proj"], ["layers.1.self_attn.v_proj", "down_proj"], r".*\.1\..*"])
+def test_exclude_modules_selects_what_peft_selects(exclude, tmp_path):
+    """exclude_modules with all-linear (PEFT's usual pairing): the same modules as PEFT, and its file loads."""
+    peft = pytest.importorskip("peft")
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=exclude, init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg)).eval()
+    peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    ours = tiny_llama()
+    inject(ours, LoRAConfig(**cfg))
+    assert {n for n, _ in lorakit.lora_layers(ours)} == peft_names and peft_names
+    theirs.save_pretrained(tmp_path)
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path)
+    ids = torch.randint(0, 64, (2, 5))
+    torch.testing.assert_close(loaded(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_excluding_every_target_is_an_error():
+    with pytest.raises(TargetModuleError, match="once exclude_modules"):
+        inject(tiny_llama(), LoRAConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))

@@ -28,10 +28,10 @@ def _single(model, name, ids):
     return model(ids).logits
 
 
-FORMS = {  # (BANK_COLUMNS, DENSE_COLUMNS, DENSE_WORK) that select each form of a batched layer
-    "bank": (10 ** 9, 10 ** 9, 10 ** 9),  # every resident adapter, masked: nothing gathered
-    "mix": (0, 10 ** 9, 10 ** 9),  # the mix's adapters gathered side by side, masked
-    "segments": (0, 0, 0),  # slices when each adapter's rows are consecutive, else padded segments (bmm)
+FORMS = {  # (DENSE_COLUMNS, DENSE_WORK, BANK_ROWS) that select each form of a batched layer
+    "bank": (10 ** 9, 10 ** 9, 0),  # every resident adapter on every row, masked: nothing gathered
+    "bank-segments": (0, 0, 10 ** 9),  # every slot's rows padded, one bmm pair over the bank: nothing gathered
+    "segments": (0, 0, 0),  # slices when each adapter's rows are consecutive, else the mix's padded segments
 }
 
 
@@ -46,14 +46,14 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, form, monkeypatch
     import lorakit.mixed
 
     calls = []
-    for path in ("_add_batched", "gathered"):
+    for path in ("_add_batched", "_add_bank", "gathered"):
         fn = getattr(lorakit.mixed.RowRouter, path)
         monkeypatch.setattr(lorakit.mixed.RowRouter, path, (lambda f, p: lambda *a: calls.append(p) or f(*a))(fn, path))
     dense = []
     monkeypatch.setattr(lorakit.mixed, "masked_bypass_", lambda *a: dense.append(a[2].shape[1]) or masked_bypass_(*a))
     gather = lorakit.adapter.AdapterBank.gather
     monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: calls.append("gather") or gather(*a))
-    for name, value in zip(("BANK_COLUMNS", "DENSE_COLUMNS", "DENSE_WORK"), FORMS[form]):
+    for name, value in zip(("DENSE_COLUMNS", "DENSE_WORK", "BANK_ROWS"), FORMS[form]):
         monkeypatch.setattr(lorakit.mixed, name, value)
     torch.manual_seed(3)
     ids = torch.randint(0, 64, (len(names), 6))
@@ -67,8 +67,8 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, form, monkeypatch
     batched = several and grad is not True
     if form == "bank":  # each batched layer: all of its adapters (2 x their ranks' columns), no gather
         assert bool(dense) == batched and "gather" not in calls and "_add_batched" not in calls
-    elif form == "mix":
-        assert bool(dense) == batched and "_add_batched" not in calls
+    elif form == "bank-segments":
+        assert not dense and ("_add_bank" in calls) == batched and "gather" not in calls
     else:
         assert not dense
         rows = {n: [i for i, m in enumerate(names) if m == n] for n in present}

@@ -15,7 +15,7 @@ way (each imports only those below it; checked by tests/test_architecture.py)::
     layers                      LoRALayer (merge / unmerge / forward), LoRALinear
     config                      LoRAConfig (PEFT's adapter_config.json)
     adapter                     the math: scaling, bypass s·B·A·x, delta s·B·A (LoRAAdapter)
-    state                       AdapterState, AdapterModule
+    state, rows                 AdapterState, AdapterModule; row plans of mixed batches
     errors                      every exception
 
 The app (CLI, training, data, evaluation, model loading) lives in ``lorakit.app`` and imports

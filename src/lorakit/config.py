@@ -7,6 +7,8 @@ on-disk format, so an adapter saved by lorakit loads in PEFT and vLLM and back.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,7 +29,6 @@ _METADATA_KEYS = {
 # PEFT LoraConfig keys lorakit does not implement, with the values that mean
 # "feature off". A loaded config is accepted only if each is at one of these.
 _NEUTRAL = {
-    "exclude_modules": (None, [], ""),
     "megatron_config": (None,),
     "megatron_core": ("megatron.core", None),
     "trainable_token_indices": (None,),
@@ -70,6 +71,9 @@ class LoRAConfig:
             qualified name equals it or ends with ``"." + entry``), a string taken
             as a full-match regex over qualified names, or ``"all-linear"``
             (every ``nn.Linear`` except the model's output head).
+        exclude_modules: modules never adapted even when ``target_modules`` selects them: a
+            list (an entry matches a module whose qualified name equals it or ends with
+            ``"." + entry``) or a full-match regex string (PEFT's rule); None for none.
         layers_to_transform: block indices to adapt (the first ``.<int>.`` in a
             module's name, or the index after ``layers_pattern``); None for all.
         layers_pattern: name(s) of the block list, e.g. ``"layers"`` or ``"h"``.
@@ -100,6 +104,7 @@ class LoRAConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -123,6 +128,7 @@ class LoRAConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.target_modules = _check_targets(self.target_modules)
+        self.exclude_modules = _check_excludes(self.exclude_modules)
         self.layers_to_transform = _check_layers(self.layers_to_transform)
         self._check_patterns()
         for name in ("base_model_name_or_path", "task_type", "revision"):
@@ -204,18 +210,49 @@ class LoRAConfig:
                 kwargs[k] = v
             elif k in _METADATA_KEYS:
                 continue
-            elif k in _NEUTRAL:
-                allowed = _NEUTRAL[k]
-                if allowed is not None and not any(v == a and type(v) is type(a) for a in allowed):
-                    raise ConfigError(f"adapter config sets {k}={v!r}, which lorakit does not support")
             else:
-                raise ConfigError(f"unknown adapter config key {k!r} (value {v!r})")
+                _check_foreign(k, v, "adapter config key")
         if kwargs.get("target_modules") is None:
             kwargs.pop("target_modules", None)
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
         return cls(**kwargs)
+
+
+def _check_foreign(key: str, value: Any, what: str) -> None:
+    """Accept a PEFT option lorakit does not implement only at its neutral value ("feature off").
+
+    Raises:
+        ConfigError: the option is switched on, or the key is unknown (the nearest valid key named).
+    """
+    if key in _NEUTRAL:
+        allowed = _NEUTRAL[key]
+        if allowed is not None and not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{key}={value!r} is a PEFT LoraConfig option lorakit does not support")
+        return
+    valid = [f.name for f in dataclasses.fields(LoRAConfig)] + sorted(_NEUTRAL)
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) if isinstance(key, str) else []
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid options: {', '.join(valid[:16])}"
+    raise ConfigError(f"unknown {what} {key!r} (value {value!r}){hint}")
+
+
+_dataclass_init = LoRAConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs) -> None:
+    """The dataclass ``__init__``, with PEFT's unsupported options accepted only when off and unknown
+    keywords refused with a ``ConfigError`` naming the nearest valid one (not a bare TypeError)."""
+    fields = {f.name for f in dataclasses.fields(LoRAConfig)}
+    if len(args) > len(fields):
+        raise ConfigError(f"LoRAConfig takes at most {len(fields)} positional arguments, got {len(args)}")
+    for key in [k for k in kwargs if k not in fields]:
+        _check_foreign(key, kwargs.pop(key), "LoRAConfig option")
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoRAConfig.__init__ = _init
 
 
 def _check_targets(tm: Any) -> list[str] | str:
@@ -231,6 +268,31 @@ def _check_targets(tm: Any) -> list[str] | str:
     raise ConfigError(
         f"target_modules must be a non-empty list of module names, a regex string or 'all-linear', got {tm!r}"
     )
+
+
+def _check_excludes(em: Any) -> list[str] | str | None:
+    if em is None or em == "" or (isinstance(em, (list, tuple, set)) and not em):
+        return None
+    if isinstance(em, str):
+        try:
+            re.compile(em)
+        except re.error as e:
+            raise ConfigError(f"exclude_modules regex {em!r} does not compile: {e}") from None
+        return em
+    if isinstance(em, (list, tuple, set)) and all(isinstance(t, str) and t for t in em):
+        return sorted(em) if isinstance(em, set) else list(em)
+    raise ConfigError(f"exclude_modules must be a list of module names, a regex string or None, got {em!r}")
+
+
+def excluded(config: LoRAConfig, name: str) -> bool:
+    """Whether ``config.exclude_modules`` names module ``name`` (PEFT's rule: a string is a full-match
+    regex; a list entry equals the name or its last dotted parts)."""
+    em = config.exclude_modules
+    if em is None:
+        return False
+    if isinstance(em, str):
+        return re.fullmatch(em, name) is not None
+    return any(name == e or name.endswith("." + e) for e in em)
 
 
 def _check_layers(lt: Any) -> list[int] | None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import modules_to_save as mts
 from .adapter import check_adapter_name
-from .config import ALL_LINEAR, LoRAConfig
+from .config import ALL_LINEAR, LoRAConfig, excluded
 from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatchError, TargetModuleError
 from .layer_types import LoRAConv1D, LoRALinear, conv1d_type, lora_class_for, lora_classes
 from .layers import LoRALayer
@@ -81,8 +81,8 @@ class _Matcher:
         if hit and self.config.layers_to_transform is not None:
             hit = _layer_index(name, self.config.layers_pattern) in self.config.layers_to_transform
         if hit:
-            self.used.update(entries)
-        return hit
+            self.used.update(entries)  # matched, even if excluded below: not a typo in target_modules
+        return hit and not excluded(self.config, name)
 
     def check_all_used(self, linear_names: list[str]) -> None:
         if not isinstance(self.tm, list):
@@ -152,7 +152,9 @@ def _targets(model: nn.Module, config: LoRAConfig, adapter_name: str, saved: lis
             targets.append(_target(name, module, config, adapter_name, matcher))
     matcher.check_all_used(linear_names)
     if not targets:
-        raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in {type(model).__name__}")
+        but = f" once exclude_modules={config.exclude_modules!r} is applied" if config.exclude_modules else ""
+        raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in "
+                                f"{type(model).__name__}{but}")
     return targets
 
 

@@ -22,156 +22,75 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .adapter import masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
+from .rows import BankLayout, Padded, RowPlan, bank_layout, plan_rows
 from .tree import attach_state, check_known, is_merged
 
 
-@dataclass(frozen=True)
-class Padded:
-    """Segments laid out for a batched matmul: ``shape`` (k adapters, L rows each).
-
-    Attributes:
-        index: int64 (k * L,), batch rows grouped by adapter; a segment shorter than L repeats its
-            first row.
-        keep: float (k, L, 1, 1), 0 at those repeats (their bypass is zeroed), or None if no padding.
-        inverse: int64 (N,) with ``index[inverse] = arange(N)`` when ``index`` is a permutation of
-            all N rows (no padding, no base-only rows), else None: the results then go back to
-            their rows with one gather instead of a scatter.
-    """
-
-    index: torch.Tensor
-    keep: torch.Tensor | None
-    shape: tuple[int, int]
-    inverse: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class RowPlan:
-    """Rows of one forward grouped by adapter.
-
-    Attributes:
-        rows: batch size N of the forward.
-        perm: int64 (M,), the indices of rows that use an adapter, sorted by adapter.
-        segments: ``(adapter_name, start, end)``: ``perm[start:end]`` are that adapter's rows.
-        single_full: True when all N rows use one adapter and ``perm`` is ``arange(N)``.
-        contiguous: True when each adapter's rows are consecutive in the batch (``perm[s:e]`` is
-            ``arange(perm[s], perm[s] + e - s)``): its bypass then works on slices, with no copies.
-    """
-
-    rows: int
-    perm: torch.Tensor
-    segments: tuple[tuple[str, int, int], ...]
-    single_full: bool
-    contiguous: bool = False
-    _padded: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def padded(self, segments: tuple[tuple[str, int, int], ...]) -> Padded | None:
-        """The batched layout of ``segments`` (a subset of ``self.segments``), or None when padding
-        every segment to the longest would more than double the rows (the loop is cheaper then)."""
-        if segments not in self._padded:
-            self._padded[segments] = self._layout(segments)
-        return self._padded[segments]
-
-    def _layout(self, segments) -> Padded | None:
-        lengths = [e - s for _, s, e in segments]
-        k, length = len(segments), max(lengths)
-        if k * length > 2 * sum(lengths):
-            return None
-        device = self.perm.device
-        index = torch.empty((k, length), dtype=torch.long, device=device)
-        for j, (_, s, e) in enumerate(segments):
-            index[j, : e - s] = self.perm[s:e]
-            index[j, e - s:] = self.perm[s]
-        keep = None
-        if min(lengths) < length:
-            steps = torch.arange(length, device=device)
-            keep = (steps < torch.tensor(lengths, device=device)[:, None]).float()[..., None, None]
-        index = index.flatten()
-        inverse = torch.argsort(index) if keep is None and len(index) == self.rows else None
-        return Padded(index, keep, (k, length), inverse)
-
-
-def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
-              rank: dict[str, int] | None = None) -> RowPlan:
-    """Group row indices by adapter name (None rows get the base model only).
-
-    Segments come in the order of ``rank`` (adapter -> position, e.g. injection order) when given,
-    else in order of first appearance; with ``rank``, every mix of one set of adapters lists them
-    in the same order, so layers can reuse the factors they gathered for that set.
-    """
-    groups: dict[str, list[int]] = {}
-    for i, n in enumerate(names):
-        if n is not None:
-            groups.setdefault(n, []).append(i)
-    if rank is not None:
-        groups = dict(sorted(groups.items(), key=lambda item: rank[item[0]]))
-    order, segments = [], []
-    for n, idx in groups.items():
-        segments.append((n, len(order), len(order) + len(idx)))
-        order.extend(idx)
-    single_full = len(groups) == 1 and len(order) == len(names)
-    contiguous = all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in groups.values())
-    perm = torch.tensor(order, dtype=torch.long, device=device)
-    return RowPlan(len(names), perm, tuple(segments), single_full, contiguous)
-
-
-# Decoding-sized forwards of a batched (linear) layer add every adapter in two dense matmuls with a
-# mask keeping each row's own (``adapter.masked_bypass_``), over all the adapters resident in the
-# layer's bank while they span at most BANK_COLUMNS rank columns (nothing is gathered, so a new mix
-# of rows costs no copy of adapter weights), else over the mix's adapters gathered once while
-# those span at most DENSE_COLUMNS; "decoding-sized" is rows x tokens x adapters within
-# DENSE_WORK. Otherwise adapters run on slices of the batch when each one's rows are consecutive,
-# or on padded segments in one batched matmul pair. Measured on 2 CPU cores with SmolLM2 shapes:
-# dense is 20 us per layer at k·r = 16, 42 us at 64; padded segments about 45 us when rows spread
-# evenly over adapters, several times that when they do not (padding, a scatter back).
-DENSE_COLUMNS = 32
-BANK_COLUMNS = 256
-DENSE_WORK = 1024
+# Decoding-sized forwards of a batched (linear) layer use the adapters resident in the layer's bank
+# as they lie (nothing gathered, so a new mix of rows costs no copy of adapter weights): all of them
+# on every row in two dense matmuls with a mask keeping each row's own (``adapter.masked_bypass_``)
+# while the bank spans at most DENSE_COLUMNS rank columns and rows x tokens x columns stay within
+# DENSE_WORK (the dense form computes every slot for every row); else each slot's rows, padded to
+# the busiest slot's count (slots x that count x tokens within BANK_ROWS), in one batched matmul
+# pair over every slot, the results gathered back to their rows. Otherwise (prefill) adapters run
+# on slices of the batch when each one's rows are consecutive, on the mix's padded segments, or one
+# by one. Measured on 2 CPU cores with SmolLM2 shapes, 16 adapters of r=8 resident: at 16 decoding
+# rows spread at random the dense form's step is 1.1-1.35x the base's, the slots' 1.4-1.6x; at 32
+# rows, two per adapter, the slots' 1.23-1.32x, the dense form's 1.57x.
+DENSE_COLUMNS = 128
+DENSE_WORK = 2048
+BANK_ROWS = 1024
 
 
 class _Route:
     """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
-    a batched (linear) layer, what its dense and segment forms need, built on first use:
-    ``bank_dense()`` (the bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots),
-    ``mix_dense()`` (the mix's factors gathered side by side, (in, k·r), (k·r, out), mask),
-    ``stacked()`` (the mix's ``a_t`` (k, in, r), ``b_t`` (k, r, out)) and ``pad``."""
+    a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the bank's
+    ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r), ``bank_segments()`` (the bank's
+    ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
+    (k, in, r), ``b_t`` (k, r, out), gathered) and ``pad()``."""
 
-    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "_bank", "_mix", "_stacked")
+    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "_bank", "_banked", "_stacked",
+                 "_columns")
 
     def __init__(self, layer, plan: RowPlan, router) -> None:
         self.layer, self.plan, self.router = layer, plan, router
         self.segments = layer.held_segments(plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
-        self._bank = self._mix = self._stacked = None
+        self._bank = self._banked = self._stacked = self._columns = None
+
+    def bank_segments(self):
+        """``(a_t (S, in, r), b_t (S, r, out), BankLayout)``: the bank's slots as they lie. Only the
+        mix's slots are brought up to date: the other slots' results are never gathered back."""
+        if self._banked is None:
+            with torch.no_grad():
+                bank = self.layer.bank(list(self.names))
+                layout = self.router.layout(self.plan, bank.names, bank.a_t.device)
+                self._banked = (bank.a_t, bank.b_t, layout)
+        return self._banked
+
+    def columns(self) -> int:
+        """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row)."""
+        if self._columns is None:
+            ranks = [ad.r for ad in self.layer.adapters.values()]
+            self._columns = len(ranks) * max(ranks)
+        return self._columns
 
     def bank_dense(self):
-        """``(a_cat, b_cat, mask, S)`` over the S adapters in the layer's bank, or None when they span
-        more than ``BANK_COLUMNS`` rank columns."""
+        """``(a_cat, b_cat, mask)`` over every adapter in the layer's bank, all brought up to date
+        (a stale non-finite slot would reach every row through the masked product)."""
         if self._bank is None:
             with torch.no_grad():
                 bank = self.layer.bank(self.layer.adapter_names)
-                fits = bank.a_cat.shape[1] <= BANK_COLUMNS
                 mask = self.router.mask(self.plan, bank.names, bank.a_t.shape[2], bank.a_t.dtype, bank.a_t.device)
-                self._bank = (bank.a_cat, bank.b_cat, mask, len(bank.names)) if fits else False
-        return self._bank or None
-
-    def mix_dense(self):
-        """``(a_cat, b_cat, mask)`` over the mix's adapters, or None beyond ``DENSE_COLUMNS``."""
-        if self._mix is None:
-            a_t, b_t = self.stacked()
-            k, n_in, r = a_t.shape
-            self._mix = False
-            if k * r <= DENSE_COLUMNS:
-                mask = self.router.mask(self.plan, self.names, r, a_t.dtype, a_t.device)
-                self._mix = (a_t.permute(1, 0, 2).reshape(n_in, k * r), b_t.view(k * r, -1), mask)
-        return self._mix or None
+                self._bank = (bank.a_cat, bank.b_cat, mask)
+        return self._bank
 
     def stacked(self):
         if self._stacked is None:
@@ -199,6 +118,7 @@ class RowRouter:
         self._plans: dict[tuple[int, str], RowPlan] = {}
         self._routes: dict[tuple[int, int], _Route] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._layouts: dict[tuple, BankLayout] = {}
         self._gather: tuple | None = None
 
     def plan(self, batch: int, device) -> RowPlan:
@@ -232,7 +152,7 @@ class RowRouter:
             return out
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
             layer.add_bypass_(out, route.names[0], x)
-        elif route.batched and not torch.is_grad_enabled() and self._add_dense(x, out, route):
+        elif route.batched and not torch.is_grad_enabled() and self._add_decode(x, out, route):
             pass
         elif plan.contiguous:  # each adapter on its own slice of the batch: no gather, no scatter
             for name, s, e in route.segments:
@@ -262,20 +182,42 @@ class RowRouter:
         rep = batch // len(self.names)
         return [x for x in self.names for _ in range(rep)]
 
-    def _add_dense(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> bool:
-        """Every adapter of the bank (or of the mix) on every row, masked to each row's own
-        (BGMV-style, without per-row weight copies): three dense ops (``adapter.masked_bypass_``).
-        Returns False, adding nothing, when the forward is not decoding-sized or the form does not apply."""
+    def layout(self, plan: RowPlan, slots: tuple, device) -> BankLayout:
+        """The plan's rows over bank slots ``slots``; shared by every layer with that slot order."""
+        key = (id(plan), slots, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = bank_layout(self._row_names(plan.rows), slots, device)
+        return self._layouts[key]
+
+    def _add_decode(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> bool:
+        """The decoding-sized forms (see ``DENSE_COLUMNS``): the bank's adapters masked, or the bank's
+        slots in one batched matmul pair. Returns False, adding nothing, when neither applies."""
         tokens = x.numel() // x.shape[-1]
-        if not out.is_contiguous():
-            return False
-        dense = route.bank_dense()
-        if dense is None or tokens * dense[3] > DENSE_WORK:
-            dense = route.mix_dense() if tokens * len(route.names) <= DENSE_WORK else None
-        if dense is None or out.dtype != dense[0].dtype:
-            return False
-        masked_bypass_(out, x.to(dense[0].dtype), dense[0], dense[2], dense[1])
-        return True
+        columns = route.columns()
+        if columns <= DENSE_COLUMNS and tokens * columns <= DENSE_WORK and out.is_contiguous():
+            a_cat, b_cat, mask = route.bank_dense()
+            if out.dtype == a_cat.dtype:
+                masked_bypass_(out, x.to(a_cat.dtype), a_cat, mask, b_cat)
+                return True
+        a_t, b_t, layout = route.bank_segments()
+        if a_t.shape[0] * layout.length * (tokens // x.shape[0]) <= BANK_ROWS:
+            self._add_bank(x, out, a_t, b_t, layout)
+            return True
+        return False
+
+    def _add_bank(self, x, out, a_t, b_t, layout: BankLayout) -> None:
+        """Each slot's rows (padded to ``layout.length``) through that slot's factors: one batched
+        matmul pair over the bank as it lies; results go back to their rows with one gather."""
+        slots, length = a_t.shape[0], layout.length
+        mid = x.shape[1:-1]
+        xs = self.gathered(x, layout.index).reshape(slots, -1, x.shape[-1]).to(a_t.dtype)
+        keep = None
+        if layout.keep is not None:
+            keep = layout.keep.expand(slots, length, int(xs.shape[1] // length), 1).reshape(slots, -1, 1)
+        delta = stacked_bypass(xs, a_t, b_t, keep).view(slots * length, *mid, -1)
+        if not layout.complete:
+            delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row S·L: no adapter here
+        out.add_(delta.index_select(0, layout.inverse).to(out.dtype))
 
     def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to

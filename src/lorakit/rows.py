@@ -1,0 +1,133 @@
+"""Row plans for per-row adapters: the rows of one batch grouped by adapter, and their layouts for
+batched matmuls (padded segments of the mix, or every slot of a layer's ``AdapterBank``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Padded:
+    """Segments laid out for a batched matmul: ``shape`` (k adapters, L rows each).
+
+    Attributes:
+        index: int64 (k * L,), batch rows grouped by adapter; a segment shorter than L repeats its
+            first row.
+        keep: float (k, L, 1, 1), 0 at those repeats (their bypass is zeroed), or None if no padding.
+        inverse: int64 (N,) with ``index[inverse] = arange(N)`` when ``index`` is a permutation of
+            all N rows (no padding, no base-only rows), else None: the results then go back to
+            their rows with one gather instead of a scatter.
+    """
+
+    index: torch.Tensor
+    keep: torch.Tensor | None
+    shape: tuple[int, int]
+    inverse: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Rows of one forward grouped by adapter.
+
+    Attributes:
+        rows: batch size N of the forward.
+        perm: int64 (M,), the indices of rows that use an adapter, sorted by adapter.
+        segments: ``(adapter_name, start, end)``: ``perm[start:end]`` are that adapter's rows.
+        single_full: True when all N rows use one adapter and ``perm`` is ``arange(N)``.
+        contiguous: True when each adapter's rows are consecutive in the batch (``perm[s:e]`` is
+            ``arange(perm[s], perm[s] + e - s)``): its bypass then works on slices, with no copies.
+    """
+
+    rows: int
+    perm: torch.Tensor
+    segments: tuple[tuple[str, int, int], ...]
+    single_full: bool
+    contiguous: bool = False
+    _padded: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def padded(self, segments: tuple[tuple[str, int, int], ...]) -> Padded | None:
+        """The batched layout of ``segments`` (a subset of ``self.segments``), or None when padding
+        every segment to the longest would more than double the rows (the loop is cheaper then)."""
+        if segments not in self._padded:
+            self._padded[segments] = self._layout(segments)
+        return self._padded[segments]
+
+    def _layout(self, segments) -> Padded | None:
+        lengths = [e - s for _, s, e in segments]
+        k, length = len(segments), max(lengths)
+        if k * length > 2 * sum(lengths):
+            return None
+        device = self.perm.device
+        index = torch.empty((k, length), dtype=torch.long, device=device)
+        for j, (_, s, e) in enumerate(segments):
+            index[j, : e - s] = self.perm[s:e]
+            index[j, e - s:] = self.perm[s]
+        keep = None
+        if min(lengths) < length:
+            steps = torch.arange(length, device=device)
+            keep = (steps < torch.tensor(lengths, device=device)[:, None]).float()[..., None, None]
+        index = index.flatten()
+        inverse = torch.argsort(index) if keep is None and len(index) == self.rows else None
+        return Padded(index, keep, (k, length), inverse)
+
+
+def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
+              rank: dict[str, int] | None = None) -> RowPlan:
+    """Group row indices by adapter name (None rows get the base model only).
+
+    Segments come in the order of ``rank`` (adapter -> position, e.g. injection order) when given,
+    else in order of first appearance; with ``rank``, every mix of one set of adapters lists them
+    in the same order, so layers can reuse the factors they gathered for that set.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        if n is not None:
+            groups.setdefault(n, []).append(i)
+    if rank is not None:
+        groups = dict(sorted(groups.items(), key=lambda item: rank[item[0]]))
+    order, segments = [], []
+    for n, idx in groups.items():
+        segments.append((n, len(order), len(order) + len(idx)))
+        order.extend(idx)
+    single_full = len(groups) == 1 and len(order) == len(names)
+    contiguous = all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in groups.values())
+    perm = torch.tensor(order, dtype=torch.long, device=device)
+    return RowPlan(len(names), perm, tuple(segments), single_full, contiguous)
+
+
+@dataclass(frozen=True)
+class BankLayout:
+    """Rows of one plan laid out over a bank's S slots: ``index`` int64 (S·L,), the batch row in
+    each slot position (padding repeats a row); ``keep`` float (S, L, 1, 1), 0 at padding, or None;
+    ``inverse`` int64 (N,), each row's position, or S·L (a zero row) for rows without an adapter here;
+    ``complete``: no such row (no zero row needed)."""
+
+    index: torch.Tensor
+    keep: torch.Tensor | None
+    inverse: torch.Tensor
+    length: int
+    complete: bool = False
+
+
+def bank_layout(names: list, slots: tuple, device) -> BankLayout:
+    """The ``BankLayout`` of rows ``names`` (adapter or None per row) over bank slots ``slots``."""
+    rows: dict[str, list[int]] = {n: [] for n in slots}
+    for i, n in enumerate(names):
+        if n in rows:
+            rows[n].append(i)
+    length = max(1, max(len(r) for r in rows.values()))
+    index, keep, inverse = [], [], [len(slots) * length] * len(names)
+    for j, n in enumerate(slots):
+        for t in range(length):
+            real = t < len(rows[n])
+            index.append(rows[n][t] if real else 0)
+            keep.append(1.0 if real else 0.0)
+            if real:
+                inverse[rows[n][t]] = j * length + t
+    keep_t = None if all(keep) else torch.tensor(keep, device=device).view(len(slots), length, 1, 1)
+    complete = max(inverse) < len(slots) * length  # every row has an adapter in the bank
+    return BankLayout(torch.tensor(index, device=device), keep_t, torch.tensor(inverse, device=device), length,
+                      complete)
