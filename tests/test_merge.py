@@ -72,3 +72,21 @@ def test_unload_without_merge_restores_the_original_bitwise():
     state = unload(model, merge=False).state_dict()
     assert list(state) == list(original)
     assert all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_float64_model_merges_in_float64(tmp_path):
+    """PEFT's 10 -> 20 -> 2 MLP in float64, adapter on lin0: the merged weight is W + s·B·A computed in
+    float64 (no float32 rounding), and merged outputs equal unmerged ones to float64 precision."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2)).double()
+    lorakit.inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    a, b = (t.detach() for t in layer.lora_weights("default"))
+    assert a.dtype == b.dtype == torch.float64
+    expected = layer.base_layer.weight.detach().clone() + 8 / 4 * (b @ a)
+    x = torch.randn(7, 10, dtype=torch.float64)
+    unmerged = model(x)
+    lorakit.merge(model)
+    assert layer.base_layer.weight.dtype == torch.float64
+    torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-12)
