@@ -17,7 +17,7 @@ def test_defaults_match_the_issue():
     [
         ("r", 0), ("r", 2.5), ("r", True), ("lora_alpha", 0), ("lora_alpha", float("nan")),
         ("lora_dropout", 1.0), ("lora_dropout", -0.1), ("target_modules", []), ("target_modules", "(["),
-        ("target_modules", [""]), ("init_lora_weights", "pissa"), ("bias", "all"),
+        ("target_modules", [""]), ("init_lora_weights", "pissa"), ("bias", "some"),
         ("layers_to_transform", [-1]), ("rank_pattern", {"q_proj": 0}), ("alpha_pattern", {"q_proj": -1}),
         ("use_rslora", "yes"), ("rank_pattern", {"(": 4}), ("alpha_pattern", {"[": 2}), ("layers_pattern", 5),
         ("task_type", 5), ("base_model_name_or_path", 3),

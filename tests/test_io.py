@@ -187,3 +187,53 @@ def test_full_base_weight_copy_in_the_file_must_equal_the_model(saved, ids, offs
     else:
         _assert_refused(target, AdapterLoadError, "full copy of 'model.layers.0.self_attn.q_proj'.*differs",
                         lambda: load_adapter(target, path))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2)).eval()
+
+
+@pytest.mark.parametrize("bias,trained", [("all", ["0.base_layer.bias", "2.bias"]), ("lora_only", ["0.base_layer.bias"])])
+def test_bias_modes_train_save_and_load_as_peft(tmp_path, bias, trained):
+    """bias="all" / "lora_only": the chosen model biases are trainable and saved under PEFT's keys;
+    PEFT loads lorakit's file and lorakit loads PEFT's, outputs equal."""
+    peft = pytest.importorskip("peft")
+    ours = _mlp()
+    inject(ours, LoRAConfig(r=4, target_modules=["0"], bias=bias, init_lora_weights=False))
+    assert [n for n, p in ours.named_parameters() if p.requires_grad and "bias" in n] == trained
+    with torch.no_grad():
+        for n in trained:
+            ours.get_parameter(n).add_(0.5)  # what training does to them
+    save_adapter(ours, tmp_path / "ours")
+    keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert {k for k in keys if "bias" in k} == {f"base_model.model.{n}" for n in trained}
+    x = torch.randn(3, 10)
+    theirs = peft.PeftModel.from_pretrained(_mlp(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-6, atol=1e-6)
+    back = load_adapter(_mlp(), tmp_path / "ours")
+    torch.testing.assert_close(back(x), ours(x), rtol=0, atol=0)
+
+    peft_model = peft.get_peft_model(_mlp(), peft.LoraConfig(r=4, target_modules=["0"], bias=bias, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(0.25)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    mine = load_adapter(_mlp(), tmp_path / "theirs")
+    torch.testing.assert_close(mine(x), peft_model(x), rtol=1e-6, atol=1e-6)
+    lorakit.merge(mine)
+    torch.testing.assert_close(mine(x), peft_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_that_trains_biases_is_not_mixed_or_combined():
+    model = tiny_llama()
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only"), "b")
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), "plain")
+    with pytest.raises(lorakit.MixedBatchError, match="'b' trains the model's own biases"):
+        with lorakit.mixed_batch(model, ["b", "plain"]):
+            pass
+    with lorakit.mixed_batch(model, ["b", "b"]):  # alone it is fine
+        pass
+    with pytest.raises(lorakit.ConfigError, match="trains base biases"):
+        lorakit.add_weighted_adapter(model, ["b", "plain"], [0.5, 0.5], "mix")

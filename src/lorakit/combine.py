@@ -94,8 +94,12 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
         raise ConfigError(f"weights must be finite, got {weights}")
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r}; expected one of {COMBINATIONS}")
+    configs = model_state(model).configs
+    trains_bias = [a for a in adapters if configs[a].bias != "none"]
+    if trains_bias:  # its biases are the model's own: there is no per-adapter bias to weigh
+        raise ConfigError(f"adapter {trains_bias[0]!r} trains base biases (bias={configs[trains_bias[0]].bias!r}); "
+                          "add_weighted_adapter combines only bias='none' adapters")
     if combination_type == "svd":
-        configs = model_state(model).configs
         svd_rank = max(configs[a].r for a in adapters) if svd_rank is None else svd_rank
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:
             raise ConfigError(f"svd_rank must be an int >= 1, got {svd_rank!r}")

@@ -18,6 +18,7 @@ from .adapter import scaling
 from .errors import ConfigError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
 
 # PEFT keys that only describe where the adapter came from; kept, never refused.
@@ -82,7 +83,10 @@ class LoRAConfig:
             (PEFT's ``(.*\\.)?(pattern)$`` rule); the first matching key wins.
         init_lora_weights: True (A Kaiming-uniform with a=sqrt(5), B zeros),
             ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or False (both random; for tests).
-        bias: only ``"none"``.
+        bias: ``"none"`` (base biases frozen), ``"all"`` (every bias of the model trained and saved
+            with the adapter) or ``"lora_only"`` (the biases of the adapted modules), as PEFT: the
+            biases are the model's own, so loading such an adapter overwrites them, and its rows
+            cannot be mixed with other adapters' in ``mixed_batch``.
         base_model_name_or_path, task_type, revision: metadata PEFT stores.
         modules_to_save: module names (same matching rule as a ``target_modules``
             list) that are trained in full: each gets a trainable copy per adapter,
@@ -138,8 +142,8 @@ class LoRAConfig:
             raise ConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
-        if self.bias != "none":
-            raise ConfigError(f"bias={self.bias!r} is not supported; only bias='none' (base biases stay frozen)")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
         ms = self.modules_to_save
         if ms is not None:
             if isinstance(ms, str) or not isinstance(ms, (list, tuple)) or not all(isinstance(m, str) and m for m in ms):

@@ -15,7 +15,8 @@ from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatch
 from .layer_types import LoRAConv1D, LoRALinear, conv1d_type, lora_class_for, lora_classes
 from .layers import LoRALayer
 from .state import AdapterModule
-from .tree import activate, adapter_modules, attach_state, check_new, is_merged, model_state, set_submodule, walk
+from .tree import (activate, adapter_modules, attach_state, check_new, is_merged, lora_layers, model_state,
+                   set_submodule, walk)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,20 @@ def _wrap(model: nn.Module, name: str, shared: dict[int, tuple[str, ...]]) -> Lo
     return layer
 
 
+def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    """The model biases adapter ``adapter_name`` trains, by parameter name (``<module>.base_layer.bias``
+    for an adapted module, as PEFT names them): none, every bias outside the LoRA and
+    modules_to_save parts (``bias="all"``), or the adapted modules' (``"lora_only"``)."""
+    if config.bias == "lora_only":
+        return {f"{name}.base_layer.bias": layer.base_layer.bias for name, layer in lora_layers(model)
+                if layer.has_adapter(adapter_name) and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter)}
+    if config.bias != "all":
+        return {}
+    skip = [name + "." for name, m in adapter_modules(model) if isinstance(m, mts.ModulesToSaveWrapper)]
+    return {n: p for n, p in model.named_parameters() if (n == "bias" or n.endswith(".bias"))
+            and ".adapters." not in n and not any(n.startswith(s) for s in skip)}
+
+
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *, init_weights: bool = True) -> nn.Module:
     """Freeze ``model`` and attach a LoRA adapter to every module ``config`` targets.
 
@@ -198,8 +213,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     (``lorakit.modules_to_save``). A module whose weight is tied to another module's (GPT-2's
     ``lm_head`` and ``transformer.wte``) is untied while merged, never written through. Every
     parameter that existed before is frozen, the new adapter is the only active one and its A
-    and B (and its modules_to_save copies) are the only trainable parameters. Nothing changes
-    if an error is raised.
+    and B (and its modules_to_save copies, and the biases ``config.bias`` names) are the only
+    trainable parameters. Nothing changes if an error is raised.
 
     ``init_weights=False`` leaves A and B uninitialised, for callers that copy every adapter
     weight in right after (``load_adapter``).
@@ -238,6 +253,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
         )
     mts.add_copies(model, saved, adapter_name)
+    for bias in trained_biases(model, config, adapter_name).values():
+        bias.requires_grad_(True)
     state = attach_state(model)
     state.configs[adapter_name] = config
     for _, module in adapter_modules(model):

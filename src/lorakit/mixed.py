@@ -261,8 +261,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
 
     Raises:
         AdapterNotFoundError: an unknown name (on entry, before any compute).
-        MixedBatchError: not a list, empty names, model in training mode, a nested block (on
-            entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
+        MixedBatchError: not a list, empty names, model in training mode, a nested block, an
+            adapter with ``bias`` other than "none" mixed with other rows (on entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
             (raised by the first LoRA layer, before any adapter compute).
         MergeStateError: adapters are merged.
     """
@@ -279,6 +279,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     state = attach_state(model)
     if state.rows is not None:
         raise MixedBatchError("mixed_batch blocks cannot be nested")
+    mixed = {n for n in names if n is not None}
+    trains_bias = sorted(n for n in mixed if state.configs[n].bias != "none")
+    if trains_bias and len(mixed | {None} if None in names else mixed) > 1:  # one set of biases for every row
+        raise MixedBatchError(f"adapter {trains_bias[0]!r} trains the model's own biases "
+                              f"(bias={state.configs[trains_bias[0]].bias!r}); its rows cannot share a batch with "
+                              "other adapters or the base model")
     state.rows = RowRouter(names, {n: i for i, n in enumerate(state.configs)})
     try:
         yield model
