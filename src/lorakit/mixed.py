@@ -6,16 +6,18 @@ adding the active adapters. The router reads the batch size from the layer's own
 (``x.shape[0]``), so nothing is guessed from the model's argument names.
 
 The base matmuls run once for the whole batch. The LoRA part groups rows by adapter once per
-batch size (a stable sort into contiguous segments, as in SGMV, in injection order). A linear
-LoRA layer takes the factors of the mix's adapters from its ``AdapterBank`` (every resident
-adapter stacked once, rank-padded with zeros, scaling folded into B; restacked only when an
-adapter is added or deleted, a slot rewritten when one changes in place) and keeps them for the
-next mix of the same set. It then either gathers each adapter's rows, padded to the longest
-segment, and runs one batched matmul pair (``adapter.stacked_bypass``), or, for decoding-sized
-forwards of a small mix, runs all of the mix's adapters on every row in two dense matmuls masked
-to each row's own (``DENSE_COLUMNS``, ``DENSE_WORK``). Either way its op count does not grow with
-the number of adapters. Other layer types (and forwards that need gradients) run one small A/B
-pair per adapter. Activations are gathered, never a per-row copy of adapter weights.
+batch size (``rows.plan_rows``: a stable sort into segments, as in SGMV, in injection order). A
+linear LoRA layer keeps every resident adapter in its ``AdapterBank`` (stacked once, rank-padded
+with zeros, scaling folded into B; restacked only when an adapter is added or deleted, a slot
+rewritten when one changes in place). Decoding-sized forwards use the bank as it lies, so a new
+mix of rows copies no adapter weights: all of its adapters on every row in two dense matmuls masked
+to each row's own while that is small (BGMV-like), else every slot's rows padded to the busiest
+slot in one batched matmul pair (``adapter.stacked_bypass``). Larger forwards (prefill) run each
+adapter on its slice of the batch when its rows are consecutive (the serving engine groups them
+so), else the mix's factors gathered once and its padded segments in one batched matmul pair.
+The op count does not grow with the number of adapters, except for a last resort (and forwards
+that need gradients, and other layer types): one small A/B pair per adapter. Activations are
+gathered, never a per-row copy of adapter weights.
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ from .tree import attach_state, check_known, is_merged
 # the busiest slot's count (slots x that count x tokens within BANK_ROWS), in one batched matmul
 # pair over every slot, the results gathered back to their rows. Otherwise (prefill) adapters run
 # on slices of the batch when each one's rows are consecutive, on the mix's padded segments, or one
-# by one. Measured on 2 CPU cores with SmolLM2 shapes, 16 adapters of r=8 resident: at 16 decoding
-# rows spread at random the dense form's step is 1.1-1.35x the base's, the slots' 1.4-1.6x; at 32
-# rows, two per adapter, the slots' 1.23-1.32x, the dense form's 1.57x.
+# by one. Measured on 2 noisy CPU cores with SmolLM2 shapes, 16 adapters of r=8 resident: at 16
+# decoding rows spread at random the dense form's step is 1.1-1.7x the base's, the slots' 1.4-1.9x;
+# at 32 rows, two per adapter, the slots' 1.3-1.4x, the dense form's 1.6x.
 DENSE_COLUMNS = 128
 DENSE_WORK = 2048
 BANK_ROWS = 1024
@@ -50,9 +52,9 @@ BANK_ROWS = 1024
 
 class _Route:
     """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
-    a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the bank's
-    ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r), ``bank_segments()`` (the bank's
-    ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
+    a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the
+    bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r),
+    ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
     (k, in, r), ``b_t`` (k, r, out), gathered) and ``pad()``."""
 
     __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "_bank", "_banked", "_stacked",
