@@ -237,3 +237,19 @@ def test_an_adapter_that_trains_biases_is_not_mixed_or_combined():
         pass
     with pytest.raises(lorakit.ConfigError, match="trains base biases"):
         lorakit.add_weighted_adapter(model, ["b", "plain"], [0.5, 0.5], "mix")
+
+
+def test_a_lora_only_adapter_loads_beside_another_adapter(tmp_path):
+    """The biases a bias="lora_only" adapter expects are its own modules', not those of modules another
+    adapter wrapped: it loads into a model where "2" already carries an adapter."""
+    src = _mlp()
+    inject(src, LoRAConfig(r=4, target_modules=["0"], bias="lora_only", init_lora_weights=False))
+    with torch.no_grad():
+        src.get_parameter("0.base_layer.bias").add_(0.5)
+    save_adapter(src, tmp_path)
+    dst = _mlp()
+    inject(dst, LoRAConfig(r=2, target_modules=["2"]), "other")
+    load_adapter(dst, tmp_path, "mine")
+    x = torch.randn(3, 10)
+    lorakit.set_adapter(dst, "mine")
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

@@ -189,18 +189,29 @@ def _wrap(model: nn.Module, name: str, shared: dict[int, tuple[str, ...]]) -> Lo
     return layer
 
 
-def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, nn.Parameter]:
-    """The model biases adapter ``adapter_name`` trains, by parameter name (``<module>.base_layer.bias``
-    for an adapted module, as PEFT names them): none, every bias outside the LoRA and
-    modules_to_save parts (``bias="all"``), or the adapted modules' (``"lora_only"``)."""
-    if config.bias == "lora_only":
-        return {f"{name}.base_layer.bias": layer.base_layer.bias for name, layer in lora_layers(model)
-                if layer.has_adapter(adapter_name) and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter)}
-    if config.bias != "all":
+def biases(model: nn.Module, config: LoRAConfig, adapted: set[str]) -> dict[str, nn.Parameter]:
+    """The model biases ``config.bias`` trains when the modules ``adapted`` carry the adapter, by
+    their names once those are wrapped (``<module>.base_layer.bias``, as PEFT names them): none,
+    every bias outside lorakit's parts (``bias="all"``), or the adapted modules' (``"lora_only"``).
+    ``adapted`` may name modules not wrapped yet (a load checks its keys before injecting)."""
+    if config.bias == "none":
         return {}
     skip = [name + "." for name, m in adapter_modules(model) if isinstance(m, mts.ModulesToSaveWrapper)]
-    return {n: p for n, p in model.named_parameters() if (n == "bias" or n.endswith(".bias"))
-            and ".adapters." not in n and not any(n.startswith(s) for s in skip)}
+    out = {}
+    for n, p in model.named_parameters():
+        if not (n == "bias" or n.endswith(".bias")) or ".adapters." in n or any(n.startswith(s) for s in skip):
+            continue
+        owner = n[: -len(".bias")]
+        wrapped = owner.endswith(".base_layer")
+        owner = owner[: -len(".base_layer")] if wrapped else owner
+        if owner in adapted or config.bias == "all":
+            out[n if wrapped or owner not in adapted else f"{owner}.base_layer.bias"] = p
+    return out
+
+
+def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, nn.Parameter]:
+    """``biases`` of an injected adapter ``adapter_name``."""
+    return biases(model, config, {name for name, layer in lora_layers(model) if layer.has_adapter(adapter_name)})
 
 
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *, init_weights: bool = True) -> nn.Module:

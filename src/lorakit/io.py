@@ -28,7 +28,7 @@ from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
-from .inject import find_targets, inject, trained_biases
+from .inject import biases, find_targets, inject, trained_biases
 from .tree import STATE_ATTR, activate, is_merged, lora_layers, model_state, set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -176,28 +176,12 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
     for t in targets:
         for suffix, shape in t.shapes.items():
             shapes[_peft_key(t.name, suffix)] = tuple(shape)
-    shapes.update(_fresh_bias_shapes(model, config, {t.name for t in targets}))
+    for name, bias in biases(model, config, {t.name for t in targets}).items():
+        shapes[PREFIX + name] = tuple(bias.shape)
     for name in mts.find_modules_to_save(model, config, adapter_name):
         for k, v in model.get_submodule(name).state_dict().items():
             shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
     return shapes
-
-
-def _fresh_bias_shapes(model: nn.Module, config: LoRAConfig, targets: set[str]) -> dict[str, tuple]:
-    """PEFT key -> shape of the biases ``config.bias`` trains, named as they will be once ``targets``
-    are wrapped (``<module>.base_layer.bias``)."""
-    if config.bias == "none":
-        return {}
-    out = {}
-    for n, p in model.named_parameters():
-        module = n[: -len(".bias")] if n.endswith(".bias") else None
-        if module is None or ".adapters." in n:
-            continue
-        adapted = module in targets or module.endswith(".base_layer")
-        if adapted or config.bias == "all":
-            key = f"{module}.base_layer.bias" if module in targets else n
-            out[PREFIX + key] = tuple(p.shape)
-    return out
 
 
 def _check_keys(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], path) -> None:
