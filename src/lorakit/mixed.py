@@ -210,30 +210,31 @@ class RowRouter:
     def _add_bank(self, x, out, a_t, b_t, layout: BankLayout) -> None:
         """Each slot's rows (padded to ``layout.length``) through that slot's factors: one batched
         matmul pair over the bank as it lies; results go back to their rows with one gather."""
-        slots, length = a_t.shape[0], layout.length
-        mid = x.shape[1:-1]
-        xs = self.gathered(x, layout.index).reshape(slots, -1, x.shape[-1]).to(a_t.dtype)
-        keep = None
-        if layout.keep is not None:
-            keep = layout.keep.expand(slots, length, int(xs.shape[1] // length), 1).reshape(slots, -1, 1)
-        delta = stacked_bypass(xs, a_t, b_t, keep).view(slots * length, *mid, -1)
-        if not layout.complete:
-            delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row S·L: no adapter here
-        out.add_(delta.index_select(0, layout.inverse).to(out.dtype))
+        self._add_padded(x, out, a_t, b_t, layout.index, layout.keep, layout.length, layout.inverse,
+                         zero_row=not layout.complete)
 
     def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
         the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B."""
         pad, (a_t, b_t) = route.pad(), route.stacked()  # (k, in, r), (k, r, out)
-        k, length = pad.shape
-        mid = x.shape[1:-1]
-        xs = self.gathered(x, pad.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
-        keep = None if pad.keep is None else pad.keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
-        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *mid, -1).to(out.dtype)
-        if pad.inverse is not None:  # a gather: on CPU far cheaper than index_add_'s scatter
-            out.add_(delta.index_select(0, pad.inverse))
-        else:
-            out.index_add_(0, pad.index, delta)
+        self._add_padded(x, out, a_t, b_t, pad.index, pad.keep, pad.shape[1], pad.inverse)
+
+    def _add_padded(self, x, out, a_t, b_t, index, keep, length: int, inverse, zero_row: bool = False) -> None:
+        """``out`` += the bypass of rows ``index`` (k blocks of ``length``) through ``a_t`` (k, in, r)
+        and ``b_t`` (k, r, out); ``keep`` zeroes padding rows. Results go back to their rows with one
+        gather through ``inverse`` (on CPU far cheaper than a scatter), pointing rows without an
+        adapter at an appended zero row when ``zero_row``, or by ``index_add_`` without ``inverse``."""
+        k = a_t.shape[0]
+        xs = self.gathered(x, index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        if keep is not None:
+            keep = keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
+        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *x.shape[1:-1], -1).to(out.dtype)
+        if inverse is None:
+            out.index_add_(0, index, delta)
+            return
+        if zero_row:
+            delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row k·L: no adapter here
+        out.add_(delta.index_select(0, inverse))
 
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input

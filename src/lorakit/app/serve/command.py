@@ -105,8 +105,7 @@ def build(args: argparse.Namespace):
     metrics = Metrics()
     engine = Engine(lm.model, lm.tokenizer, registry, metrics, args.max_batch, args.max_queue, context)
     for name, path in pinned:
-        try:
-            registry.check_name(name, "--adapter")
+        try:  # the name was checked by _check, before the model loaded
             config, tensors = registry.read(path, "--adapter")
             engine.install(name, path, config, tensors, pinned=True)
         except ServeError as e:

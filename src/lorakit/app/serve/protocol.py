@@ -108,8 +108,8 @@ def parse(kind: type[_Request], body: dict) -> _Request:
     for name, neutral in UNSUPPORTED.items():
         if name in body and body[name] not in neutral:
             raise ServeError(400, f"{name} is not supported by lorakit serve", name)
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    if len(stops) > 16 or any(not s for s in stops):
+    given = stops(req)
+    if len(given) > 16 or any(not s for s in given):
         raise ServeError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")
     return req
 
@@ -121,6 +121,7 @@ def _union_tag(part) -> bool:
 
 
 def stops(req: _Request) -> list[str]:
+    """The request's stop strings as a list."""
     return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
 
