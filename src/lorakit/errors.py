@@ -8,7 +8,8 @@ wherever it is detected.
 
 Core (``lorakit``): ConfigError, TargetModuleError, AdapterExistsError, AdapterNotFoundError,
 AdapterLoadError, MergeStateError, MixedBatchError.
-App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError, ServeError.
+App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError, ServeError, CheckpointError,
+SaveError, NonFiniteError, TrainingInterrupted.
 """
 
 from __future__ import annotations
@@ -84,3 +85,31 @@ class ServeError(LoRAError, ValueError):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.param, self.code = status, param, code
+
+
+class CheckpointError(LoRAError, ValueError):
+    """A training checkpoint cannot be resumed: none complete in the folder, a corrupt file, or a run
+    configuration that differs from the checkpoint's (the changed keys are listed)."""
+
+
+class SaveError(LoRAError, OSError):
+    """Writing a checkpoint or an adapter failed (disk full, no permission); the path is named and the
+    previous checkpoint and adapter are left as they were."""
+
+
+class NonFiniteError(LoRAError, FloatingPointError):
+    """Training met a non-finite loss or gradient; the step and the first parameter affected are named."""
+
+
+class TrainingInterrupted(LoRAError, RuntimeError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written.
+
+    Attributes:
+        step: the last completed optimizer step (the checkpoint's).
+        checkpoint: the checkpoint folder written.
+        signal: the signal number received.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint, signal: int) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint, self.signal = step, checkpoint, signal

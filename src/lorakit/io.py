@@ -41,7 +41,7 @@ def _peft_key(module_name: str, suffix: str) -> str:
     return f"{PREFIX}{module_name}.{suffix}"
 
 
-def _adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT key -> the live tensor (parameter or buffer) of adapter ``adapter_name``."""
     out = {}
     for name, layer in lora_layers(model):
@@ -86,7 +86,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's tensors under PEFT's key names (CPU, contiguous copies)."""
     if adapter_name not in list_adapters(model):
         raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list_adapters(model)}")
-    return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in _adapter_tensors(model, adapter_name).items()}
+    return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, adapter_name).items()}
 
 
 def _config_dict(model: nn.Module, adapter_name: str) -> dict:
@@ -170,7 +170,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
 def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:
     """PEFT key -> shape the model needs for this adapter (existing adapter or a fresh injection)."""
     if adapter_name in list_adapters(model):
-        return {k: tuple(t.shape) for k, t in _adapter_tensors(model, adapter_name).items()}
+        return {k: tuple(t.shape) for k, t in adapter_tensors(model, adapter_name).items()}
     shapes = {}
     targets = find_targets(model, config, adapter_name)
     for t in targets:
@@ -288,7 +288,7 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
     try:
         if not existed:
             inject(model, config, adapter_name, init_weights=False)  # every weight is copied in below
-        targets = _adapter_tensors(model, adapter_name)
+        targets = adapter_tensors(model, adapter_name)
         if set(targets) != set(tensors):  # every (possibly uninitialised) tensor must be overwritten
             raise AdapterLoadError(f"internal: adapter tensors {sorted(set(targets) ^ set(tensors))[:3]} do not match")
         with torch.no_grad():

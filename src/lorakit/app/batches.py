@@ -3,6 +3,7 @@ into tensors."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -47,11 +48,17 @@ def collate(examples: list[Example], pad_id: int, left: bool = False):
     return ids, mask, labels
 
 
-def batch_stream(examples: list[Example], batch_size: int, seed: int):
-    """Endless length-bucketed batches of examples, reshuffled every epoch."""
+def batch_stream(examples: list[Example], batch_size: int, seed: int, start: int = 0):
+    """Endless length-bucketed batches of examples, reshuffled every epoch (``ceil(n / batch_size)``
+    batches each), from the ``start``-th batch on (0-based, counted across epochs).
+
+    Each epoch's order depends only on ``seed`` and the epoch number, so a resumed run skips to
+    ``start`` without replaying the batches before it and sees the same batches as an
+    uninterrupted one.
+    """
     lengths = [len(e) for e in examples]
-    epoch = 0
+    epoch, skip = divmod(start, math.ceil(len(examples) / batch_size)) if examples else (0, 0)
     while True:
-        for b in length_batches(lengths, batch_size, random.Random(seed * 100003 + epoch)):
+        for b in length_batches(lengths, batch_size, random.Random(seed * 100003 + epoch))[skip:]:
             yield [examples[i] for i in b]
-        epoch += 1
+        epoch, skip = epoch + 1, 0

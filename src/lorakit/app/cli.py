@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
-from lorakit.errors import LoRAError, UsageError
+from lorakit.errors import LoRAError, TrainingInterrupted, UsageError
 
 from .cmd_train import cmd_train
 from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorakit`` console script. Returns the exit status.
 
     Exit status: 0 success, 1 user error (one line on stderr), 2 command-line usage error,
-    130 interrupted (Ctrl-C; no adapter is written during training).
+    128 + the signal number when SIGINT (130) or SIGTERM (143) stops training (a checkpoint is written
+    first; the resume command is printed), 130 for any other Ctrl-C.
     """
     if argv is None and "OMP_WAIT_POLICY" not in os.environ:
         _reexec_passive()
@@ -118,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"lorakit: interrupted: {e}\nresume with: lorakit train --resume {shlex.quote(str(e.checkpoint.parent))}",
+              file=sys.stderr)
+        return 128 + e.signal
     except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
         print(f"lorakit: error: {msg}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nlorakit: interrupted; no adapter was written by this step", file=sys.stderr)
+        print("\nlorakit: interrupted; no adapter was written (the last complete checkpoint, if any, is intact)",
+              file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:  # the core alone is installed: the CLI needs the app's packages
         extra = "serve" if e.name in ("fastapi", "uvicorn", "prometheus_client", "starlette") else "app"

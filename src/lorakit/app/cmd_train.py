@@ -11,22 +11,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
-from lorakit.errors import CLIError
+from lorakit.errors import CheckpointError, CLIError, SaveError
 from lorakit.io import write_json
 
-from . import classify, g2p, loop
+from . import checkpoint, classify, g2p, loop
+from .checkpoint import Checkpointing
 from .console import log, pct, quiet_transformers
 from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
 from .lm_loss import lm_task, mean_loss
 from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
-from .options import TrainOptions, train_options
+from .options import TrainOptions, resumed_options, run_options, train_options
 from .plots import plot_losses
 
 
@@ -36,21 +38,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     o, given = train_options(args)
     if o.task == "classify":
         return train_classify(o, given)
-    return train_lm(o, t_start)
+    resume = None
+    if o.resume is not None:
+        resume = _resume_point(o)
+        o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
+    return train_lm(o, t_start, resume)
 
 
 def output_folder(o: TrainOptions, name: str, adapter_dir: str = ".") -> Path:
-    """``--output`` or ``runs/<name>-<timestamp>``, refused when it already holds an adapter.
+    """``--output`` or ``runs/<name>-<timestamp>``, refused when it already holds an adapter or, unless
+    resumed, checkpoints of another run.
 
     Raises:
-        CLIError: the folder holds an adapter (and no ``--overwrite``), or the path is not a folder.
+        CLIError: the folder holds an adapter or checkpoints (and no ``--overwrite``), or the path is not
+            a folder.
     """
     out = Path(o.output or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / adapter_dir / "adapter_config.json").exists() and not o.overwrite:
         raise CLIError(f"output folder {str(out)!r} already holds an adapter (use --overwrite or another --output)")
     if out.exists() and not out.is_dir():
         raise CLIError(f"output {str(out)!r} exists and is not a folder")
+    if o.resume is None and checkpoint.steps_in(out) and not o.overwrite:
+        raise CLIError(f"output folder {str(out)!r} holds checkpoints of an earlier run (--resume {str(out)} "
+                       "continues it; --overwrite starts over)")
     return out
+
+
+def _resume_point(o: TrainOptions) -> tuple[Path, dict]:
+    """The newest complete checkpoint of ``--resume``'s folder and its state.
+
+    Raises:
+        CLIError: the folder holds the finished run's adapter.
+        CheckpointError: no complete checkpoint, or one not written by ``lorakit train``.
+    """
+    folder = Path(o.resume)
+    if (folder / "adapter_config.json").exists():
+        raise CLIError(f"{str(folder)!r} holds a finished run's adapter; nothing to resume")
+    path, doc = checkpoint.latest(folder, log=log)
+    if not {"options"} <= set(doc.get("config", {}).get("run", {})) or "options" not in doc.get("extra", {}):
+        raise CheckpointError(f"{str(path)!r} was not written by lorakit train; resume it with the library's "
+                              "loop.train(checkpoints=...)")
+    return path, doc
+
+
+def _run_config(o: TrainOptions) -> dict:
+    """What a checkpoint of this run is bound to: the options that shape the adapter, and the SHA-256 of
+    the data files and the size of the local base model's files (a changed file is a changed run)."""
+    files = {"data": o.data, "eval_data": o.eval_data}
+    digests = {k: checkpoint.file_digest(v) if v and Path(v).is_file() else None for k, v in files.items()}
+    model = Path(o.model)
+    sizes = {p.name: p.stat().st_size for p in ([model] if model.is_file() else sorted(model.iterdir()))
+             if p.is_file()} if model.exists() else None
+    return {"options": run_options(o), "data_sha256": digests, "model_files": sizes}
 
 
 def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
@@ -114,8 +153,11 @@ def _evaluate(model, tok, data: Dataset, split, val_ex, label: str) -> tuple[dic
     return {"loss": loss, "perplexity": perplexity(loss), "tokens": n}, None
 
 
-def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: Path) -> tuple[dict, list[dict]]:
-    """``loop.train`` with each step's record appended to ``out/metrics.jsonl``: (summary, records)."""
+def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: Path,
+         ck: Checkpointing) -> tuple[dict, list[dict]]:
+    """``loop.train`` with each step's record appended to ``out/metrics.jsonl``: (summary, records).
+
+    A resumed run rewrites ``metrics.jsonl`` from the checkpoint's records, then appends its own."""
     if o.gradient_checkpointing:
         loop.set_checkpointing(model, True)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,11 +169,14 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
 
-        summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress)
+        summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck)
     if o.gradient_checkpointing:
         loop.set_checkpointing(model, False)
-    print(f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s: "
-          f"{summary['tokens_per_s']:.0f} tokens/s", flush=True)
+    done = f"steps {summary['resumed_from'] + 1}-{summary['steps']}" if summary["resumed_from"] else \
+        f"{summary['steps']} steps"
+    skipped = f" ({summary['skipped_steps']} non-finite steps skipped)" if summary["skipped_steps"] else ""
+    print(f"trained {done}, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s: "
+          f"{summary['tokens_per_s']:.0f} tokens/s{skipped}", flush=True)
     return summary, history
 
 
@@ -153,9 +198,45 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
     return meta
 
 
-def train_lm(o: TrainOptions, t_start: float) -> int:
-    """The causal-LM job (see the module docstring). Returns 0; the adapter is written only after training."""
+def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, dict] | None) -> Checkpointing:
+    """How this run checkpoints: every ``--save-every`` steps, and on SIGINT / SIGTERM.
+
+    Raises:
+        CheckpointError: resuming with changed data or base model files (changed keys listed).
+    """
+    if resume is not None:
+        changed = checkpoint.changed_keys(resume[1]["config"]["run"], run)
+        if changed:
+            raise CheckpointError(f"--resume {str(out)!r}: the run's files changed since {str(resume[0])!r}: "
+                                  f"{', '.join(changed)}")
+    elif o.overwrite:
+        for _, old in checkpoint.steps_in(out):  # an earlier run's, which --overwrite replaces
+            shutil.rmtree(old)
+    if out.is_dir():
+        checkpoint.remove_partial(out)
+    changeable = {k: v for k, v in dataclasses.asdict(o).items() if k not in run["options"]}
+    return Checkpointing(out, o.save_every, o.keep, run, resume=resume is not None, extra={"options": changeable})
+
+
+def _save_adapter(model, out: Path, meta: dict) -> None:
+    """The trained adapter and ``lorakit.json``, each file atomically.
+
+    Raises:
+        SaveError: a write failed (the folder named; files already there are left as they were).
+    """
+    try:
+        write_metadata(out, meta)
+        save_adapter(model, out)
+    except OSError as e:
+        raise SaveError(f"could not write the adapter to {str(out)!r}: {e.strerror or e}") from None
+
+
+def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None = None) -> int:
+    """The causal-LM job (see the module docstring). Returns 0; the adapter is written only after
+    training, checkpoints while it runs (``resume``: the checkpoint to continue from and its state)."""
     out = output_folder(o, "g2p" if o.builtin else "lora")
+    run = _run_config(o)
+    ck = _checkpointing(o, out, run, resume)
     train_data, val_data, split = _read_data(o)
     if o.bf16 and not _bf16_supported():
         log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
@@ -172,11 +253,15 @@ def train_lm(o: TrainOptions, t_start: float) -> int:
     print(f"data: {len(train_ex):,} training examples ({train_data.shape}), {n_steps} steps of "
           f"{tcfg.batch_size}x{tcfg.grad_accum}, max length {o.max_length}", flush=True)
     results: dict = {}
-    with disable_adapters(model):  # the base model (B = 0 would give the same outputs, slower)
-        results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
-    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out)
-    write_metadata(out, _metadata(o, lm, train_data, n_steps, trainable, base_params))
-    save_adapter(model, out)  # atomic; only after training finished
+    if resume is not None:  # evaluated before the interrupted run's first step
+        results["before"], before_preds = resume[1]["extra"]["before"], resume[1]["extra"]["before_preds"]
+        print(f"resuming from {resume[0]} (step {resume[1]['step']} of {n_steps})", flush=True)
+    else:
+        with disable_adapters(model):  # the base model (B = 0 would give the same outputs, slower)
+            results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
+    ck.extra |= {"before": results["before"], "before_preds": before_preds}
+    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out, ck)
+    _save_adapter(model, out, _metadata(o, lm, train_data, n_steps, trainable, base_params))
     merge(model)  # faster decoding; unmerge restores the weights exactly
     try:
         results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after")

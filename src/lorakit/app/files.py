@@ -1,6 +1,7 @@
-"""Atomic write of a whole folder (merged checkpoint, dequantised GGUF cache): built in a temporary
-sibling and renamed into place, so readers see the old folder or the new one, never half. Single
-files go through ``lorakit.io.write_atomic`` and ``lorakit.io.write_json``."""
+"""Atomic write of a whole folder (merged model, dequantised GGUF cache, training checkpoint): built
+in a temporary sibling, flushed to disk, and renamed into place, so readers see the old folder or the
+new one, never half, even after a crash or power loss. Single files go through
+``lorakit.io.write_atomic`` and ``lorakit.io.write_json``."""
 
 from __future__ import annotations
 
@@ -25,9 +26,27 @@ def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         fill(tmp)
+        _fsync_tree(tmp)
         if replace and dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+        _fsync(dest.parent)  # the rename itself
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (contents first, then the folders naming them)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))

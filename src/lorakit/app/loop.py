@@ -3,13 +3,17 @@
 A job describes its data and loss as a ``Task`` (``lm_loss.lm_task``, ``classify``); ``train``
 owns everything else: torch's fused AdamW, a transformers learning-rate schedule (linear
 warmup, then cosine or linear decay), gradient accumulation, gradient clipping, bfloat16
-autocast, periodic validation, ``torch.compile`` of the transformer blocks, throughput, logging
-and the progress bar.
+autocast, periodic validation, ``torch.compile`` of the transformer blocks, throughput, logging,
+the progress bar, non-finite steps, and checkpoints with bitwise resume (``checkpoint``), written
+every N steps and when SIGINT / SIGTERM stop the run.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -17,7 +21,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from lorakit.errors import ConfigError, DataError
+from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
+
+from . import checkpoint
+from .checkpoint import Checkpointing
 
 
 @dataclass
@@ -42,6 +49,9 @@ class TrainConfig:
             fewer, fused elementwise kernels; the first step pays the compilation (15-75 s for
             SmolLM2 on 2 CPU cores; once more when a batch first packs into several rows), so it
             pays on long runs.
+        on_nonfinite: a step whose loss or gradient norm is NaN or infinite: ``"error"`` stops with
+            ``NonFiniteError`` (naming the step and the first parameter affected), ``"skip"`` drops
+            that step's update and logs it as ``skipped``.
     """
 
     steps: int | None = None
@@ -57,6 +67,7 @@ class TrainConfig:
     bf16: bool = False
     eval_every: int = 25
     compile: bool = False
+    on_nonfinite: str = "error"
 
     def total_steps(self, n_examples: int) -> int:
         """Number of optimizer steps for ``n_examples`` training examples."""
@@ -72,7 +83,9 @@ class Task:
 
     Attributes:
         n_examples: training examples (with ``TrainConfig.epochs``, gives the number of steps).
-        batches: endless micro-batches, in training order (any object the functions below take).
+        batches: ``batches(start)``: endless micro-batches in training order (any object the functions
+            below take) from the ``start``-th on (0-based, counted across epochs of
+            ``ceil(n_examples / batch_size)`` batches), so a resumed run continues the same order.
         loss: ``loss(model, batch)``: the loss summed over the batch's units (label tokens,
             examples), a scalar tensor.
         units: ``units(batch)``: how many units ``loss`` sums over; a step's loss is the sum over
@@ -82,7 +95,7 @@ class Task:
     """
 
     n_examples: int
-    batches: Iterator[Any]
+    batches: Callable[[int], Iterator[Any]]
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     units: Callable[[Any], int]
     tokens: Callable[[Any], int]
@@ -162,10 +175,25 @@ def set_checkpointing(model, on: bool) -> None:
         disable()
 
 
-def _step(model, task: Task, cfg: TrainConfig, params, opt, sched) -> tuple[dict, int, float]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches: (log record, real tokens, seconds)."""
+def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
+    """The first parameter whose value, else whose gradient, is not finite (``name (value|gradient)``)."""
+    for name, p in named:
+        if not torch.isfinite(p).all():
+            return f"{name} (value)"
+    for name, p in named:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"{name} (gradient)"
+    return "none (the loss alone)"
+
+
+def _step(model, task: Task, cfg: TrainConfig, named, opt, sched, batches) -> tuple[dict, int, float]:
+    """One optimizer step over ``cfg.grad_accum`` micro-batches: (log record, real tokens, seconds).
+
+    A non-finite loss or gradient norm skips the update (``on_nonfinite="skip"``: the record says
+    ``skipped``) or raises ``NonFiniteError`` before the optimizer touches the weights.
+    """
     t0 = time.perf_counter()
-    micro = [next(task.batches) for _ in range(cfg.grad_accum)]
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
     n_all = sum(task.units(b) for b in micro)
     loss_sum = 0.0
     for batch in micro:
@@ -173,68 +201,176 @@ def _step(model, task: Task, cfg: TrainConfig, params, opt, sched) -> tuple[dict
             loss = task.loss(model, batch)
         (loss / max(1, n_all)).backward()  # mean over all loss units of the step
         loss_sum += float(loss.detach())
-    if cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    grads = [p.grad for _, p in named if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     lr = sched.get_last_lr()[0]
-    opt.step()
-    sched.step()
+    finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
+    if not finite and cfg.on_nonfinite != "skip":
+        raise NonFiniteError(f"non-finite loss or gradient (loss {loss_sum}, gradient norm {float(norm)}); "
+                             f"first parameter affected: {_first_nonfinite(named)}")
+    if finite:
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_([p for _, p in named], cfg.max_grad_norm, norm)
+        opt.step()
+    sched.step()  # a skipped step still counts: the schedule stays tied to the step number
     opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
     tokens = sum(task.tokens(b) for b in micro)
-    return {"loss": loss_sum / max(1, n_all), "lr": lr, "tokens_per_s": tokens / dt}, tokens, dt
+    rec = {"loss": loss_sum / max(1, n_all) if finite else None, "lr": lr, "tokens_per_s": tokens / dt}
+    return rec | ({} if finite else {"skipped": True}), tokens, dt
+
+
+class _Signals:
+    """SIGINT / SIGTERM during training: the first asks the loop to checkpoint and stop after the
+    current step; a second SIGINT raises ``KeyboardInterrupt`` at once (a second SIGTERM kills)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\nlorakit: {signal.Signals(signum).name} received: checkpointing after this step "
+              "(again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_Signals":
+        if self.on:
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _start(model, task: Task, cfg: TrainConfig, ck: Checkpointing | None, named, opt, sched, total: int):
+    """The state to start from: a checkpoint's (``ck.resume``: adapters, optimizer and scheduler
+    restored) or a fresh one with the validation loss of the untrained adapter (the curve's start)."""
+    if ck is not None and ck.resume:
+        path, doc = checkpoint.latest(ck.folder)
+        if doc["step"] > total:
+            raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {total} steps")
+        state = checkpoint.restore(path, doc, model, opt, sched, [n for n, _ in named],
+                                   checkpoint.run_config(model, cfg, ck.config))
+        state.extra |= ck.extra  # the caller's newer values win
+        return state
+    state = checkpoint.TrainState(extra=ck.extra if ck is not None else {})
+    if task.validate is not None and cfg.eval_every > 0:
+        state.val_loss_start = task.validate(model)
+    return state
 
 
 def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, checkpoints: Checkpointing | None = None) -> dict:
     """Train the model's trainable (LoRA) parameters in place on ``task``.
 
     Each logged record (passed to ``on_log``) has ``step``, ``loss`` (mean per loss unit of that
-    step: nats per label token, or per example), ``lr``, ``tokens_per_s`` (non-padding tokens per
-    second of that step, forward + backward + update) and, at evaluation steps, ``val_loss``.
+    step: nats per label token, or per example; None for a skipped non-finite step, which also has
+    ``skipped: true``; after the first, every record counts them in ``skipped_steps``), ``lr``, ``tokens_per_s`` (non-padding tokens per second of that step,
+    forward + backward + update) and, at evaluation steps, ``val_loss``.
+
+    With ``checkpoints`` (``checkpoint.Checkpointing``): a checkpoint every ``every`` steps and when
+    SIGINT or SIGTERM arrives (then ``TrainingInterrupted``); ``resume`` restores the newest one and
+    first replays its logged records through ``on_log``, so the caller sees every step once, and
+    the run ends bit for bit where an uninterrupted one would.
 
     Returns:
-        ``{"steps", "tokens", "train_seconds", "tokens_per_s", "val_loss_start"}``: totals
-        over the run (validation time excluded) and the validation loss before the first step
-        (None without validation).
+        ``{"steps", "tokens", "train_seconds", "tokens_per_s", "val_loss_start", "skipped_steps",
+        "resumed_from"}``: totals over this process's steps (validation time excluded), the
+        validation loss before the first step (None without validation), the non-finite steps
+        skipped, and the step resumed from (0 for a fresh run).
 
     Raises:
         DataError: no training examples.
         ConfigError: no trainable parameters.
-        KeyboardInterrupt: passed through; the caller decides what to keep.
+        NonFiniteError: a non-finite loss or gradient with ``cfg.on_nonfinite == "error"`` (step and
+            first parameter named); the weights keep the previous step's values.
+        CheckpointError: nothing to resume, or a checkpoint of another configuration (keys listed).
+        SaveError: a checkpoint could not be written (path named; earlier checkpoints intact).
+        TrainingInterrupted: SIGINT / SIGTERM, after the checkpoint was written.
+        KeyboardInterrupt: a second SIGINT, or SIGINT without ``checkpoints``.
     """
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("the model has no trainable parameters (inject an adapter first)")
     if not task.n_examples:
         raise DataError("no training examples")
+    if cfg.on_nonfinite not in ("error", "skip"):
+        raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}")
+    if checkpoints is not None:
+        checkpoint.check_covered(model, [p for _, p in named])
     total = cfg.total_steps(task.n_examples)
-    opt = adamw(params, cfg.lr, cfg.weight_decay)
+    opt = adamw([p for _, p in named], cfg.lr, cfg.weight_decay)
     sched = schedule(opt, cfg.schedule, cfg.warmup, total)
-    validating = task.validate is not None and cfg.eval_every > 0
-    val_start = task.validate(model) if validating else None  # the untrained adapter: the curve's start
+    state = _start(model, task, cfg, checkpoints, named, opt, sched, total)
+    resumed_from = state.step if checkpoints is not None and checkpoints.resume else 0
+    for rec in state.history if on_log else ():
+        on_log(rec)
+    batches = task.batches(state.step * cfg.grad_accum)
     model.train()
     tokens_all, seconds_all = 0, 0.0
-    bar = tqdm(range(1, total + 1), desc="train", disable=not progress, dynamic_ncols=True)
-    with compile_blocks(model, cfg.compile):
+    bar = tqdm(range(state.step + 1, total + 1), desc="train", disable=not progress, dynamic_ncols=True,
+               initial=state.step, total=total)
+    with _Signals(checkpoints is not None) as signals, compile_blocks(model, cfg.compile):
+        if state.rng is not None:  # last, so nothing above draws from the restored generators
+            checkpoint.set_rng_state(state.rng)
         for step in bar:
-            rec, tokens, dt = _step(model, task, cfg, params, opt, sched)
-            rec = {"step": step, **rec}
+            try:
+                rec, tokens, dt = _step(model, task, cfg, named, opt, sched, batches)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"step {step}: {e}{_last_good(checkpoints)}") from None
+            state.skipped += "skipped" in rec
+            rec = {"step": step, **rec} | ({"skipped_steps": state.skipped} if state.skipped else {})
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
-            if validating and (step % cfg.eval_every == 0 or step == total):
-                # compiled blocks validate eagerly: a no-grad graph would be a second compilation
-                with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
-                    rec["val_loss"] = task.validate(model)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tokens_all / seconds_all:.0f}")
+            if state.val_loss_start is not None and (step % cfg.eval_every == 0 or step == total):
+                rec["val_loss"] = _validate(model, task, cfg)
+            if rec["loss"] is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
+                                tok_s=f"{tokens_all / seconds_all:.0f}")
+            state.history.append(rec)
+            state.step = step
             if on_log:
                 on_log(rec)
+            _maybe_checkpoint(checkpoints, signals, model, cfg, (named, opt, sched), state, task.n_examples, total)
     bar.close()
     model.eval()
-    return {
-        "steps": total,
-        "tokens": tokens_all,
-        "train_seconds": seconds_all,
-        "tokens_per_s": tokens_all / seconds_all if seconds_all else 0.0,
-        "val_loss_start": val_start,
-    }
+    return {"steps": total, "tokens": tokens_all, "train_seconds": seconds_all,
+            "tokens_per_s": tokens_all / seconds_all if seconds_all else 0.0,
+            "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from}
+
+
+def _validate(model, task: Task, cfg: TrainConfig) -> float:
+    # compiled blocks validate eagerly: a no-grad graph would be a second compilation
+    with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
+        return task.validate(model)
+
+
+def _last_good(ck: Checkpointing | None) -> str:
+    found = checkpoint.steps_in(ck.folder) if ck is not None else []
+    return f"; the last good checkpoint is {str(found[-1][1])!r}" if found else ""
+
+
+def _maybe_checkpoint(ck: Checkpointing | None, signals: _Signals, model, cfg: TrainConfig, optimizing: tuple,
+                      state: checkpoint.TrainState, n_examples: int, total: int) -> None:
+    """Write a checkpoint at every ``ck.every``-th step and on a signal (then raise ``TrainingInterrupted``).
+
+    ``optimizing``: (named trainable parameters, optimizer, scheduler).
+    """
+    if ck is None or not ((ck.every and state.step % ck.every == 0) or signals.received):
+        return
+    named, opt, sched = optimizing
+    consumed = state.step * cfg.grad_accum  # micro-batches; an epoch has ceil(n / batch_size) of them
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    data = {"epoch": consumed // per_epoch, "batches_in_epoch": consumed % per_epoch, "micro_batches": consumed,
+            "order_seed": cfg.seed}
+    path = checkpoint.save(ck, state.step, model, opt, sched, [n for n, _ in named], state, data,
+                           checkpoint.run_config(model, cfg, ck.config))
+    if signals.received:
+        name = signal.Signals(signals.received).name
+        raise TrainingInterrupted(f"{name} at step {state.step} of {total}: checkpoint saved to {str(path)!r}",
+                                  state.step, path, signals.received)

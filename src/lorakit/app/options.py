@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorakit import LoRAConfig
 from lorakit.config import ALL_LINEAR
-from lorakit.errors import ConfigError, UsageError
+from lorakit.errors import CheckpointError, ConfigError, UsageError
 
 from . import classify, g2p
 from .loop import TrainConfig
@@ -31,6 +31,11 @@ JOB_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 USER_MAX_LENGTH = 512  # tokens per example on user data
 USER_EPOCHS = 1.0  # passes over user data when neither --steps nor --epochs is given
 TASKS = ("g2p", "classify")
+NONFINITE = ("error", "skip")
+# options a resumed run may change: they do not change what is trained (the others are hashed
+# into each checkpoint, and a resume that changes them is refused)
+RESUME_MAY_CHANGE = frozenset({"output", "overwrite", "progress", "save_every", "keep", "resume", "on_nonfinite",
+                               "gradient_checkpointing"})
 
 
 def _default(cls, name: str):
@@ -76,7 +81,14 @@ class TrainOptions:
     compile: bool = _opt(False, "torch.compile the transformer blocks: faster steps after a 15-75 s first step")
     eval_every: int = _opt(_default(TrainConfig, "eval_every"), "validation loss every N steps (0 = never)", type=int)
     test_size: int = _opt(200, "built-in task: test words", type=int)
-    overwrite: bool = _opt(False, "reuse an output folder holding an adapter")
+    save_every: int = _opt(0, "write a checkpoint (OUTPUT/checkpoint-STEP) every N steps (0 = only on "
+                           "SIGINT/SIGTERM)", type=int)
+    keep: int | None = _opt(None, "keep only the newest K checkpoints (default: all)", type=int)
+    resume: str | None = _opt(None, "continue the run in this output folder from its newest complete checkpoint "
+                              "(options not given are the run's own)", type=str)
+    on_nonfinite: str = _opt("error", "a NaN/inf loss or gradient: 'error' stops naming the step and parameter, "
+                             "'skip' drops that step's update", type=str)
+    overwrite: bool = _opt(False, "reuse an output folder holding an adapter or checkpoints")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
     @property
@@ -94,7 +106,7 @@ class TrainOptions:
         return TrainConfig(**{"steps": self.steps, "epochs": self.epochs, "batch_size": self.batch_size,
                               "grad_accum": self.grad_accum, "lr": float(self.lr), "warmup": self.warmup,
                               "seed": self.seed, "bf16": bool(self.bf16), "eval_every": self.eval_every,
-                              "compile": bool(self.compile), **kw})
+                              "compile": bool(self.compile), "on_nonfinite": self.on_nonfinite, **kw})
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
@@ -114,7 +126,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else repr(default) if isinstance(default, str) else default
         help = m["help"] if default is None else f"{m['help']} (default {shown})"
-        choices = TASKS if f.name == "task" else None
+        choices = {"task": TASKS, "on_nonfinite": NONFINITE}.get(f.name)
         target.add_argument(flag, dest=f.name, type=m["type"], choices=choices, help=help)
 
 
@@ -194,6 +206,8 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
     """
     if o.task not in TASKS:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {o.task!r}")
+    if o.on_nonfinite not in NONFINITE:
+        raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE)}, got {o.on_nonfinite!r}")
     _check_numbers(o)
     tm = o.target_modules
     if isinstance(tm, str):
@@ -206,6 +220,9 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         raise UsageError("give --steps or --epochs, not both")
     if o.max_length is not None and o.max_length < 2:
         raise UsageError("--max-length must be >= 2")
+    if o.resume is not None and o.output is not None and Path(o.output) != Path(o.resume):
+        raise UsageError(f"--output {o.output!r} and --resume {o.resume!r} differ; a resumed run writes to its "
+                         "own folder")
     if o.task == "classify":
         _check_classify(o, given)
     elif o.builtin and o.eval_data is not None:
@@ -214,7 +231,7 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
 
 def _check_numbers(o: TrainOptions) -> None:
     for key, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("max_length", 1), ("test_size", 1),
-                     ("warmup", 0), ("eval_every", 0), ("seed", 0)):
+                     ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1)):
         v = getattr(o, key)
         if (v is not None or low == 0) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
@@ -237,3 +254,24 @@ def _check_classify(o: TrainOptions, given: frozenset[str]) -> None:
         raise UsageError(f"--task classify does not take --{refused[0].replace('_', '-')}")
     if o.epochs is not None and not float(o.epochs).is_integer():
         raise UsageError(f"--epochs must be a whole number for --task classify, got {o.epochs!r}")
+
+
+def run_options(o: TrainOptions) -> dict:
+    """The options a checkpoint is bound to (all but ``RESUME_MAY_CHANGE``), as JSON values."""
+    return {k: v for k, v in dataclasses.asdict(o).items() if k not in RESUME_MAY_CHANGE}
+
+
+def resumed_options(o: TrainOptions, given: frozenset[str], run: dict, changeable: dict) -> TrainOptions:
+    """The options of ``--resume``: the checkpointed run's (``run``: ``run_options``, ``changeable``:
+    the rest), with the changeable ones given now.
+
+    Raises:
+        CheckpointError: an option given now differs from the run's (each changed key listed).
+    """
+    now = run_options(o)
+    changed = [f"{k} ({run.get(k)!r} -> {now[k]!r})" for k in sorted(given & set(now)) if run.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(f"--resume {o.resume!r}: the run was trained with other options; changed: "
+                              f"{', '.join(changed)} (resume with the run's own options, or start a new run)")
+    keep_now = {k: getattr(o, k) for k in RESUME_MAY_CHANGE if k in given}
+    return TrainOptions(**{**changeable, **run, **keep_now, "resume": o.resume, "output": o.resume})

@@ -12,8 +12,8 @@ def plot_losses(history: list[dict], path: Path, val_start: float | None = None)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    loss = [h["loss"] for h in history]
+    trained = [h for h in history if h["loss"] is not None]  # skipped non-finite steps have no loss
+    steps, loss = [h["step"] for h in trained], [h["loss"] for h in trained]
     ax.plot(steps, loss, color="tab:blue", alpha=0.35, lw=1, label="train loss (step)")
     k = max(1, len(loss) // 20)
     smooth = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
