@@ -23,6 +23,7 @@ from torch import nn
 
 from .errors import ConfigError
 
+HALF = (torch.float16, torch.bfloat16)  # base dtypes whose adapters are kept in float32
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UpAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
@@ -97,8 +98,10 @@ class LoRAAdapter(nn.Module):
         r, lora_alpha, use_rslora: as in ``LoRAConfig``; ``scaling`` = ``scaling(r, lora_alpha, use_rslora)``.
         lora_dropout: dropout on the bypass input (``nn.Identity`` when p = 0).
 
-    Dtypes: A and B keep the dtype they were created with (float32 for a float16/bfloat16
-    base, so small updates are not lost to rounding); ``bypass`` casts a floating input to it.
+    Dtypes: A and B are float32 on a float16/bfloat16 base, so small updates are not lost to
+    rounding, also after the model is cast with ``.to(dtype)``, ``.half()`` or ``.bfloat16()``
+    (``_apply``); on other bases they follow the base dtype (float64 with ``.double()``).
+    ``bypass`` casts a floating input to their dtype.
     """
 
     def __init__(self, name: str, a: torch.Tensor, b: torch.Tensor, r: int, lora_alpha: float,
@@ -113,6 +116,20 @@ class LoRAAdapter(nn.Module):
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
         self.scaling = scaling(r, lora_alpha, use_rslora)
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.bfloat16()``, ``.cuda()``, ...) with the
+        precision policy: a cast to float16 / bfloat16 moves A and B (and their gradients) to the new
+        device but keeps them float32, cast from their own values, never rounded through the half
+        type. Other casts (float64, float32) and device moves apply as usual."""
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.dtype in HALF and t.is_floating_point() and t.dtype not in HALF:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(keep_float32, recurse)
 
     def _down(self, x: torch.Tensor, down: Op) -> torch.Tensor:
         """``A(dropout(x))``: (..., r) in the adapter dtype (a floating input is cast to it)."""

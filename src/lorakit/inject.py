@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ class _Matcher:
             self.used.update(entries)  # matched, even if excluded below: not a typo in target_modules
         return hit and not excluded(self.config, name)
 
-    def check_all_used(self, linear_names: list[str]) -> None:
+    def check_all_used(self, linear_names: list[str], names: list[str]) -> None:
         if not isinstance(self.tm, list):
             return
         missing = [e for e in self.tm if e not in self.used]
@@ -93,10 +94,20 @@ class _Matcher:
             sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
             lt = self.config.layers_to_transform
             where = f" in layers {lt}" if lt is not None else ""
+            near = nearest_names(missing[0], names)
+            hint = f"nearest module names: {', '.join(near)}" if near else "no module name is close to it"
             raise TargetModuleError(
-                f"target_modules entry {missing[0]!r} matches no module{where}; "
+                f"target_modules entry {missing[0]!r} matches no module{where}; {hint}; "
                 f"available Linear modules include: {sample or '(none)'}"
             )
+
+
+def nearest_names(entry: str, names: list[str], n: int = 3) -> list[str]:
+    """Up to ``n`` module names closest to ``entry`` (difflib's ratio >= 0.6), compared as the same
+    number of trailing dotted parts as ``entry`` has (``"q_prj"`` against ``"q_proj"``), closest first."""
+    depth = entry.count(".") + 1
+    candidates = sorted({".".join(name.split(".")[-depth:]) for name in names if name})
+    return difflib.get_close_matches(entry, candidates, n=n, cutoff=0.6)
 
 
 def _target(name: str, module: nn.Module, config: LoRAConfig, adapter_name: str, matcher: _Matcher) -> Target:
@@ -131,9 +142,9 @@ def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "defa
 
     Raises:
         TargetModuleError: a ``target_modules`` list entry matches no module (the message lists
-            available Linear names), a regex or ``layers_to_transform`` leaves nothing to adapt, a
-            matched module has an unsupported type (or is an ``nn.Conv2d`` with groups > 1), or
-            lies in a ``modules_to_save`` module.
+            the nearest module names and available Linear names), a regex or
+            ``layers_to_transform`` leaves nothing to adapt, a matched module has an unsupported
+            type (or is an ``nn.Conv2d`` with groups > 1), or lies in a ``modules_to_save`` module.
         AdapterExistsError: a matched module already has an adapter ``adapter_name``.
     """
     return _targets(model, config, adapter_name, mts.find_modules_to_save(model, config, adapter_name))
@@ -144,14 +155,16 @@ def _targets(model: nn.Module, config: LoRAConfig, adapter_name: str, saved: lis
     matcher = _Matcher(model, config, saved)
     targets: list[Target] = []
     linear_names: list[str] = []
+    names: list[str] = []
     for name, module in walk(model):  # never enters lorakit's modules: their children are ours
         if not name:
             continue
+        names.append(name)
         if isinstance(_base(module), matcher.linear_types):
             linear_names.append(name)
         if matcher(name, _base(module)):
             targets.append(_target(name, module, config, adapter_name, matcher))
-    matcher.check_all_used(linear_names)
+    matcher.check_all_used(linear_names, names)
     if not targets:
         but = f" once exclude_modules={config.exclude_modules!r} is applied" if config.exclude_modules else ""
         raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in "

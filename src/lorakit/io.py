@@ -14,7 +14,9 @@ embedding saves ``<module>.lora_embedding_A`` (r x num_embeddings) and
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -129,12 +131,16 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
     """Read and validate an adapter folder without touching any model.
 
     Returns ``(config, tensors)``. Safetensors only: a pickle ``adapter_model.bin``
-    is refused.
+    is refused, never unpickled.
+
+    Adapter weights must be finite: a NaN or Inf anywhere is refused (the file, key and first
+    index named), never loaded or only warned about, since it would make every output NaN.
 
     Raises:
-        AdapterLoadError: missing folder or file, invalid JSON or config, a
-            truncated or corrupt safetensors file, a non-float tensor, NaN or Inf
-            values (the key is named).
+        AdapterLoadError: missing folder or file, a config that is not UTF-8, not JSON (line
+            named), not an object or has a bad field (the key named), a safetensors file that is
+            truncated or whose header does not fit its data (the key, dtype and shape named), a
+            non-float tensor, NaN or Inf values.
     """
     path = Path(path)
     if not path.is_dir():
@@ -145,13 +151,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
     if not w_file.is_file():
         hint = " (pickle adapter_model.bin is not loaded for safety)" if (path / "adapter_model.bin").exists() else ""
         raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
-    try:
-        with open(cfg_file) as f:
-            config = LoRAConfig.from_dict(json.load(f))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {e}") from None
-    except (ConfigError, TypeError) as e:
-        raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
+    config = _read_config(cfg_file)
+    _check_header(w_file)
     try:
         tensors = load_file(w_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -160,11 +161,76 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
         if not t.is_floating_point():
             # integer buffers (BatchNorm's num_batches_tracked) exist only in modules_to_save copies
             if not config.modules_to_save or ".lora_" in k:
-                raise AdapterLoadError(f"tensor {k!r} has dtype {t.dtype}; adapter weights must be floating point")
+                raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
+                                       "floating point")
             continue
-        if not torch.isfinite(t).all():
-            raise AdapterLoadError(f"tensor {k!r} contains NaN or Inf values")
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} contains NaN or Inf values ({int(bad.sum())} of "
+                                   f"{t.numel()}; first {t[tuple(first)].item()} at index {first})")
     return config, tensors
+
+
+def _read_config(cfg_file: Path) -> LoRAConfig:
+    """The ``LoRAConfig`` of an ``adapter_config.json``.
+
+    Raises:
+        AdapterLoadError: not UTF-8, not JSON (line and column named), or a bad field (named).
+    """
+    raw = cfg_file.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                               f"{e.start})") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {e.msg} at line {e.lineno} column "
+                               f"{e.colno}") from None
+    try:
+        return LoRAConfig.from_dict(d)
+    except (ConfigError, TypeError) as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_header(w_file: Path) -> None:
+    """Check a safetensors header against its data before ``load_file`` reads it: an 8-byte
+    little-endian header length, a JSON header, and per tensor ``dtype`` x ``shape`` bytes equal to
+    its ``data_offsets`` span, inside the file (the safetensors format).
+
+    Raises:
+        AdapterLoadError: the file is shorter than its header or data, or a tensor's dtype and
+            shape do not fit its bytes (the key, dtype, shape and byte counts named).
+    """
+    size = w_file.stat().st_size
+    with open(w_file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {size} bytes, shorter than its header")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: the header is not JSON") from None
+    data = size - 8 - n
+    for k, v in (header.items() if isinstance(header, dict) else ()):
+        try:
+            dtype, shape, (start, end) = v["dtype"], [int(x) for x in v["shape"]], v["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            continue  # __metadata__, or a malformed entry: load_file reports it
+        need = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
+        if dtype in _DTYPE_BYTES and need != end - start:
+            raise AdapterLoadError(f"{str(w_file)!r} is corrupt: the header gives tensor {k!r} dtype {dtype} shape "
+                                   f"{shape} ({need} bytes) but {end - start} bytes of data")
+        if end > data:
+            raise AdapterLoadError(f"{str(w_file)!r} is truncated: tensor {k!r} ends at byte {end} of the data, "
+                                   f"which holds {data} bytes")
 
 
 def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:
@@ -199,7 +265,8 @@ def _check_keys(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], pa
     for k, shape in expected.items():
         got = tuple(tensors[k].shape)
         if got != shape:
-            raise AdapterLoadError(f"key {k!r} has shape {list(got)} in the file but the model needs {list(shape)}")
+            raise AdapterLoadError(f"{str(path)!r} key {k!r} has shape {list(got)} in the file but the model needs "
+                                   f"{list(shape)}")
 
 
 _BASE_COPY = ".base_layer.weight"

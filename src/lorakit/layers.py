@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterBank, LoRAAdapter, adapter_key, init_factors
+from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class LoRALayer(AdapterModule):
@@ -117,7 +115,7 @@ class LoRALayer(AdapterModule):
     @property
     def adapter_dtype(self) -> torch.dtype:
         w = self.base_layer.weight
-        return torch.float32 if w.dtype in _HALF else w.dtype
+        return torch.float32 if w.dtype in HALF else w.dtype
 
     @property
     def adapter_names(self) -> list[str]:

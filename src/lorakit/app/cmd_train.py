@@ -225,8 +225,8 @@ def _save_adapter(model, out: Path, meta: dict) -> None:
         SaveError: a write failed (the folder named; files already there are left as they were).
     """
     try:
+        save_adapter(model, out)  # the weights first: a failure there leaves every file as it was
         write_metadata(out, meta)
-        save_adapter(model, out)
     except OSError as e:
         raise SaveError(f"could not write the adapter to {str(out)!r}: {e.strerror or e}") from None
 

@@ -17,6 +17,7 @@ when trained, else with ``IGNORE`` (-100).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -105,27 +106,57 @@ def detect_shape(record: dict) -> str | None:
     return None
 
 
+_SHAPE_KEYS = {"prompt-completion": "{prompt, completion}", "messages": "{messages}",
+               "alpaca": "{instruction, input?, output}", "text": "{text}"}
+_EXPECTED = "expected one of " + ", ".join(_SHAPE_KEYS.values())
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type (``object``, ``array``, ``string``, ``number``, ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _shown(value) -> str:
+    """``value`` for a message: its JSON type and (shortened) text, e.g. ``number 3`` or ``null``."""
+    return "null" if value is None else f"{json_type(value)} {json.dumps(value)[:40]}"
+
+
+def _shape_error(rec, where: str, shape: str | None) -> DataError:
+    """The error for a record that matches no shape: not an object, a partial record (its missing
+    keys named; the file's shape is tried first), or unknown keys."""
+    if not isinstance(rec, dict):
+        return DataError(f"{where}: a JSON {json_type(rec)}, not an object; each line must be one record, {_EXPECTED}")
+    keys = set(rec)
+    for name in ([shape] if shape else []) + list(SHAPES):
+        required, optional = SHAPES[name]
+        if keys & required and keys <= required | optional:
+            missing = ", ".join(repr(k) for k in sorted(required - keys))
+            return DataError(f"{where}: record lacks {missing} (shape {name!r}: {_SHAPE_KEYS[name]})")
+    return DataError(f"{where}: unknown record shape {sorted(keys)}; {_EXPECTED}")
+
+
 def _check_record(rec: dict, shape: str, where: str) -> None:
-    def need_str(key):
-        if not isinstance(rec.get(key), str):
-            raise DataError(f"{where}: {key!r} must be a string, got {type(rec.get(key)).__name__}")
+    def need_str(key, nonempty=False):
+        v = rec.get(key)
+        if not isinstance(v, str):
+            raise DataError(f"{where}: {key!r} must be a string, got {_shown(v)}")
+        if nonempty and not v:
+            raise DataError(f"{where}: {key!r} is empty")
 
     if shape == "prompt-completion":
-        need_str("prompt"), need_str("completion")
-        if not rec["completion"]:
-            raise DataError(f"{where}: 'completion' is empty")
+        need_str("prompt"), need_str("completion", nonempty=True)
     elif shape == "alpaca":
-        need_str("instruction"), need_str("output")
-        if "input" in rec and not isinstance(rec["input"], str):
-            raise DataError(f"{where}: 'input' must be a string")
+        need_str("instruction", nonempty=True), need_str("output", nonempty=True)
+        if "input" in rec:
+            need_str("input")
     elif shape == "text":
-        need_str("text")
-        if not rec["text"]:
-            raise DataError(f"{where}: 'text' is empty")
+        need_str("text", nonempty=True)
     elif shape == "messages":
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
+            raise DataError(f"{where}: 'messages' must be a non-empty list, got {_shown(msgs)}")
         for j, m in enumerate(msgs):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise DataError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
@@ -137,19 +168,16 @@ def read_jsonl(path: str | os.PathLike) -> Dataset:
     """Read a JSONL file of one record shape (through ``jsonl.read_objects``).
 
     Raises:
-        DataError: a missing file or a folder, invalid JSON (the line number is named), a record of an unknown or
-            different shape, a field of the wrong type, or no records at all.
+        DataError: a missing file or a folder, invalid JSON, a line that is not an object, a record
+            of an unknown or different shape or lacking a key, a field of the wrong type or empty,
+            or no records at all (file and line named; see also ``jsonl.read_objects``).
     """
     records, lines, shape = [], [], None
     for lineno, rec in read_objects(path):
         where = f"{path}:{lineno}"
         s = detect_shape(rec)
         if s is None:
-            keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise DataError(
-                f"{where}: unknown record shape {keys}; expected one of "
-                "{prompt, completion}, {messages}, {instruction, input?, output}, {text}"
-            )
+            raise _shape_error(rec, where, shape)
         if shape is None:
             shape = s
         elif s != shape:

@@ -1,7 +1,8 @@
-"""Atomic write of a whole folder (merged model, dequantised GGUF cache, training checkpoint): built
-in a temporary sibling, flushed to disk, and renamed into place, so readers see the old folder or the
-new one, never half, even after a crash or power loss. Single files go through
-``lorakit.io.write_atomic`` and ``lorakit.io.write_json``."""
+"""Reading a text file as UTF-8 with a clear error, and atomic write of a whole folder (merged
+model, dequantised GGUF cache, training checkpoint): built in a temporary sibling, flushed to
+disk, and renamed into place, so readers see the old folder or the new one, never half, even
+after a crash or power loss. Single files go through ``lorakit.io.write_atomic`` and
+``lorakit.io.write_json``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from lorakit.errors import LoRAError
 
 
 def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace: bool = False) -> None:
@@ -50,3 +53,16 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             _fsync(Path(folder) / name)
         _fsync(Path(folder))
+
+
+def read_utf8(path: str | os.PathLike, error: type[LoRAError]) -> str:
+    """A whole text file (a config or metadata file) decoded as UTF-8.
+
+    Raises:
+        error: the file is not UTF-8 (the file, byte and offset named).
+    """
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{str(path)!r} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None

@@ -269,8 +269,9 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
 
     Each logged record (passed to ``on_log``) has ``step``, ``loss`` (mean per loss unit of that
     step: nats per label token, or per example; None for a skipped non-finite step, which also has
-    ``skipped: true``; after the first, every record counts them in ``skipped_steps``), ``lr``, ``tokens_per_s`` (non-padding tokens per second of that step,
-    forward + backward + update) and, at evaluation steps, ``val_loss``.
+    ``skipped: true``; after the first, every record counts them in ``skipped_steps``), ``lr``,
+    ``tokens_per_s`` (non-padding tokens per second of that step, forward + backward + update)
+    and, at evaluation steps, ``val_loss``.
 
     With ``checkpoints`` (``checkpoint.Checkpointing``): a checkpoint every ``every`` steps and when
     SIGINT or SIGTERM arrives (then ``TrainingInterrupted``); ``resume`` restores the newest one and
@@ -293,8 +294,6 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
         TrainingInterrupted: SIGINT / SIGTERM, after the checkpoint was written.
         KeyboardInterrupt: a second SIGINT, or SIGINT without ``checkpoints``.
     """
-    from tqdm.auto import tqdm
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no trainable parameters (inject an adapter first)")
@@ -311,19 +310,32 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     resumed_from = state.step if checkpoints is not None and checkpoints.resume else 0
     for rec in state.history if on_log else ():
         on_log(rec)
+    tokens, seconds = _steps(model, task, cfg, (named, opt, sched), state, total, on_log, progress, checkpoints)
+    model.eval()
+    return {"steps": total, "tokens": tokens, "train_seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from}
+
+
+def _steps(model, task: Task, cfg: TrainConfig, optimizing: tuple, state: checkpoint.TrainState, total: int,
+           on_log, progress: bool, ck: Checkpointing | None) -> tuple[int, float]:
+    """Steps ``state.step + 1 .. total``, updating ``state``: (real tokens, seconds) of this process's steps."""
+    from tqdm.auto import tqdm
+
+    named, opt, sched = optimizing
     batches = task.batches(state.step * cfg.grad_accum)
     model.train()
     tokens_all, seconds_all = 0, 0.0
     bar = tqdm(range(state.step + 1, total + 1), desc="train", disable=not progress, dynamic_ncols=True,
                initial=state.step, total=total)
-    with _Signals(checkpoints is not None) as signals, compile_blocks(model, cfg.compile):
+    with _Signals(ck is not None) as signals, compile_blocks(model, cfg.compile):
         if state.rng is not None:  # last, so nothing above draws from the restored generators
             checkpoint.set_rng_state(state.rng)
         for step in bar:
             try:
                 rec, tokens, dt = _step(model, task, cfg, named, opt, sched, batches)
             except NonFiniteError as e:
-                raise NonFiniteError(f"step {step}: {e}{_last_good(checkpoints)}") from None
+                raise NonFiniteError(f"step {step}: {e}{_last_good(ck)}") from None
             state.skipped += "skipped" in rec
             rec = {"step": step, **rec} | ({"skipped_steps": state.skipped} if state.skipped else {})
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
@@ -336,12 +348,9 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
             state.step = step
             if on_log:
                 on_log(rec)
-            _maybe_checkpoint(checkpoints, signals, model, cfg, (named, opt, sched), state, task.n_examples, total)
+            _maybe_checkpoint(ck, signals, model, cfg, optimizing, state, task.n_examples, total)
     bar.close()
-    model.eval()
-    return {"steps": total, "tokens": tokens_all, "train_seconds": seconds_all,
-            "tokens_per_s": tokens_all / seconds_all if seconds_all else 0.0,
-            "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from}
+    return tokens_all, seconds_all
 
 
 def _validate(model, task: Task, cfg: TrainConfig) -> float:

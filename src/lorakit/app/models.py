@@ -28,7 +28,7 @@ from lorakit.errors import AdapterLoadError, ModelLoadError
 from lorakit.io import write_json
 
 from .console import log
-from .files import write_folder
+from .files import read_utf8, write_folder
 
 DEFAULT_MODEL = "default"  # the built-in SmolLM2-135M-Instruct GGUF
 DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default is, in adapter configs
@@ -212,13 +212,13 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     """The ``lorakit.json`` of an adapter or merged folder, or ``{}`` if there is none.
 
     Raises:
-        ModelLoadError: the file exists but is not a JSON object.
+        ModelLoadError: the file exists but is not UTF-8 or not a JSON object.
     """
     f = Path(folder) / METADATA_NAME
     if not f.is_file():
         return {}
     try:
-        d = json.loads(f.read_text())
+        d = json.loads(read_utf8(f, ModelLoadError))
     except json.JSONDecodeError as e:
         raise ModelLoadError(f"{str(f)!r} is not valid JSON: {e}") from None
     if not isinstance(d, dict):

@@ -22,6 +22,7 @@ from lorakit.config import ALL_LINEAR
 from lorakit.errors import CheckpointError, ConfigError, UsageError
 
 from . import classify, g2p
+from .files import read_utf8
 from .loop import TrainConfig
 from .models import DEFAULT_MODEL
 
@@ -149,7 +150,7 @@ def read_config_file(path: str) -> dict:
 
     Raises:
         UsageError: no such file.
-        UsageError: not valid YAML/JSON, not a mapping, or an unknown key.
+        UsageError: not UTF-8, not valid YAML/JSON, not a mapping, or an unknown key.
     """
     import yaml
 
@@ -158,7 +159,8 @@ def read_config_file(path: str) -> dict:
         raise UsageError(f"config file {path!r} does not exist")
     kind = "JSON" if f.suffix == ".json" else "YAML"
     try:
-        d = json.loads(f.read_text()) if kind == "JSON" else yaml.safe_load(f.read_text())
+        text = read_utf8(f, UsageError)
+        d = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise UsageError(f"config file {path!r} is not valid {kind}: {e}".replace("\n", " ")) from None
     if d is None:
