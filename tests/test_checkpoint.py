@@ -96,13 +96,14 @@ def test_checkpoint_files_and_state(tmp_path):
     doc = json.loads((path / "trainer_state.json").read_text())
     assert doc["step"] == 6 and doc["adapters"] == ["default"]
     # 6 micro-batches of 5 per epoch: epoch 1, one batch into it
-    assert doc["data"] == {"epoch": 1, "batches_in_epoch": 1, "micro_batches": 6, "order_seed": 0}
+    assert doc["data"] == {"epoch": 1, "batches_in_epoch": 1, "micro_batches": 6, "order_seed": 0, "ranks": 1}
     assert doc["config"]["run"] == {"data": "x"} and doc["config"]["train"]["lr"] == 1e-2
     assert doc["config"]["adapters"]["default"]["r"] == 4
     assert len(doc["config_hash"]) == 64 and [r["step"] for r in doc["log_history"]] == list(range(1, 7))
     assert doc["scheduler"]["last_epoch"] == 6
-    assert doc["rng"]["python"][1] == list(random.getstate()[1])  # nothing in training draws from Python's
-    assert doc["rng"]["numpy"][1] == np.random.get_state()[1].tolist()
+    assert doc["rng"][0]["python"][1] == list(random.getstate()[1])  # nothing in training draws from Python's
+    assert doc["rng"][0]["numpy"][1] == np.random.get_state()[1].tolist()
+    assert set(ckpt.load_file(str(path / "rng.safetensors"))) == {"rank0.torch"}
     cfg = json.loads((path / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8  # the adapter in PEFT's format
     weights = ckpt.load_file(str(path / "adapter_model.safetensors"))

@@ -6,7 +6,8 @@ Data flow of ``lorakit train``::
     cli (parser, dispatch) -> options (TrainOptions: defaults < config file < flags)
       -> cmd_train: jsonl -> data / g2p (records -> tokenised Examples) -> batches
                     models (base model) -> lorakit.inject
-                    loop.train(Task from lm_loss / classify; checkpoint every N steps / resume)
+                    loop.train(Task from lm_loss / classify; checkpoint every N steps / resume,
+                               interrupt on signals, distributed under torchrun)
                       -> lorakit.save_adapter
                     evaluate (before / after) -> files (eval.json), plots (loss.png)
     commands: eval, generate, merge (files.write_folder), info

@@ -6,9 +6,9 @@ was, so that both end with byte-identical adapters:
 - the trained adapters in PEFT's format (``adapter_config.json``, ``adapter_model.safetensors``;
   an adapter other than ``default`` in a subfolder of its name, as PEFT saves several);
 - ``optimizer.safetensors``: AdamW's per-parameter state (step, exp_avg, exp_avg_sq);
-- ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+- ``rng.safetensors``: torch's CPU (and CUDA) generator states, of each rank (``rank0.torch``, ...);
 - ``trainer_state.json``: the global step, the optimizer's hyperparameters and parameter names, the
-  learning-rate scheduler's state, Python's and NumPy's generator states, the data position (epoch,
+  learning-rate scheduler's state, Python's and NumPy's generator states of each rank, the data position (epoch,
   order seed, batches consumed), the run's configuration and its SHA-256, the log history, the
   skipped non-finite steps, the caller's extra state, and the SHA-256 of every other file.
 
@@ -111,14 +111,16 @@ def changed_keys(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
-def run_config(model, cfg, extra: dict) -> dict:
+def run_config(model, cfg, extra: dict, world: int = 1) -> dict:
     """The configuration a checkpoint must match: the caller's ``extra``, the loop's settings (all
-    but ``on_nonfinite``, which a resume may change) and each active adapter's config."""
+    but ``on_nonfinite``, which a resume may change), the number of processes and each active
+    adapter's config."""
     train = {k: v for k, v in vars(cfg).items() if k != "on_nonfinite"}
     configs = model_state(model).configs
     adapters = {n: {k: v for k, v in configs[n].to_dict().items() if k not in ("base_model_name_or_path", "revision")}
                 for n in active_adapters(model)}
-    return json.loads(json.dumps({"run": extra, "train": train, "adapters": adapters}, default=str))
+    return json.loads(json.dumps({"run": extra, "train": train, "world_size": world, "adapters": adapters},
+                                 default=str))
 
 
 def steps_in(folder: str | Path) -> list[tuple[int, Path]]:
@@ -160,7 +162,8 @@ def latest(folder: str | Path, log=print) -> tuple[Path, dict]:
                           "nothing to resume")
 
 
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """This process's Python, NumPy and torch (CPU, CUDA) generator states: (JSON part, tensors)."""
     import numpy as np
 
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -211,15 +214,17 @@ def _optimizer_parts(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict
 
 
 def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], state: TrainState,
-         data: dict, config: dict) -> Path:
+         data: dict, config: dict, rngs: list[tuple[dict, dict]]) -> Path:
     """Write ``ck.folder/checkpoint-STEP`` atomically, then drop all but the newest ``ck.keep``.
+
+    ``rngs``: each rank's ``rng_state()`` (one entry in a single process).
 
     Raises:
         SaveError: the write failed (disk full, permission); the path is named, the temporary
             folder removed, every earlier checkpoint left as it was.
     """
     dest = Path(ck.folder) / f"{PREFIX}{step}"
-    rng_plain, rng_tensors = _rng_state()
+    rng_tensors = {f"rank{k}.{name}": t for k, (_, ts) in enumerate(rngs) for name, t in ts.items()}
     opt_plain, opt_tensors = _optimizer_parts(opt, names)
     active = active_adapters(model)
 
@@ -231,7 +236,7 @@ def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], stat
         files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         doc = {"format": FORMAT, "step": step, "config_hash": digest(config), "config": config,
                "adapters": active, "optimizer": opt_plain, "scheduler": sched.state_dict(),
-               "rng": rng_plain, "data": data, "skipped_steps": state.skipped,
+               "rng": [plain for plain, _ in rngs], "data": data, "skipped_steps": state.skipped,
                "val_loss_start": state.val_loss_start, "extra": state.extra, "log_history": state.history,
                "files": files}
         (tmp / STATE).write_text(json.dumps(doc, indent=1) + "\n")
@@ -254,8 +259,9 @@ def remove_partial(folder: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: dict) -> TrainState:
-    """Load a checkpoint (``latest``'s result) into the model, optimizer and scheduler.
+def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: dict, rank: int = 0) -> TrainState:
+    """Load a checkpoint (``latest``'s result) into the model, optimizer and scheduler; the generator
+    states to restore before the next step are rank ``rank``'s.
 
     Raises:
         CheckpointError: the configuration, adapters or parameters differ from the checkpoint's
@@ -286,4 +292,6 @@ def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: 
     opt.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
     sched.load_state_dict(doc["scheduler"])
     return TrainState(step=doc["step"], skipped=doc["skipped_steps"], val_loss_start=doc["val_loss_start"],
-                      history=doc["log_history"], extra=doc["extra"], rng=(doc["rng"], rng_tensors))
+                      history=doc["log_history"], extra=doc["extra"],
+                      rng=(doc["rng"][rank], {k.split(".", 1)[1]: t for k, t in rng_tensors.items()
+                                              if k.split(".", 1)[0] == f"rank{rank}"}))

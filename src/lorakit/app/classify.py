@@ -199,22 +199,24 @@ def classify_task(recs: list[dict], tokenizer, label2id: dict, batch_size: int, 
     """The classification ``Task`` for ``loop.train``: each epoch a new shuffle (``random.Random(seed)``)
     cut into batches of ``batch_size`` texts; the loss is the cross entropy summed over the batch's examples."""
 
-    def batches(start: int):
+    def batches(start: int, size: int):
         rng = random.Random(seed)
-        per_epoch = math.ceil(len(recs) / batch_size)
+        per_epoch = math.ceil(len(recs) / size)
         while True:
             order = list(range(len(recs)))
             rng.shuffle(order)  # every epoch's shuffle runs, so a resumed stream replays the same orders
             skip, start = min(start, per_epoch), max(0, start - per_epoch)
-            for i in range(skip * batch_size, len(order), batch_size):
-                chunk = [recs[j] for j in order[i : i + batch_size]]
-                yield _encode(tokenizer, chunk, max_length), torch.tensor([label2id[c["label"]] for c in chunk])
+            for i in range(skip * size, len(order), size):
+                yield [recs[j] for j in order[i : i + size]]
+
+    def collate(chunk):
+        return _encode(tokenizer, chunk, max_length), torch.tensor([label2id[c["label"]] for c in chunk])
 
     def loss(model, batch):
         enc, y = batch
         return torch.nn.functional.cross_entropy(model(**enc).logits, y, reduction="sum")
 
-    return Task(n_examples=len(recs), batches=batches, loss=loss, units=lambda b: len(b[1]),
+    return Task(n_examples=len(recs), batches=batches, collate=collate, loss=loss, units=lambda b: len(b[1]),
                 tokens=lambda b: int(b[0]["attention_mask"].sum()))
 
 

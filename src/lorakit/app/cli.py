@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 
 from lorakit.errors import LoRAError, TrainingInterrupted, UsageError
 
 from .cmd_train import cmd_train
+from .distributed import resume_command
 from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
 from .options import add_train_flags
 
@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         _reexec_passive()
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --nproc passes to torchrun
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"lorakit: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"lorakit: interrupted: {e}\nresume with: lorakit train --resume {shlex.quote(str(e.checkpoint.parent))}",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"lorakit: interrupted: {e}\nresume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
         return 128 + e.signal
     except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"

@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
+import sys
 import time
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -21,8 +24,9 @@ from lorakit import disable_adapters, inject, merge, save_adapter, trainable_par
 from lorakit.errors import CheckpointError, CLIError, SaveError
 from lorakit.io import write_json
 
-from . import checkpoint, classify, g2p, loop
+from . import checkpoint, classify, distributed, g2p, loop
 from .checkpoint import Checkpointing
+from .distributed import Dist
 from .console import log, pct, quiet_transformers
 from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
@@ -42,7 +46,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if o.resume is not None:
         resume = _resume_point(o)
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
+    if o.nproc > 1 and not distributed.launched():  # a resumed run keeps its --nproc
+        argv = _without_nproc(getattr(args, "argv", None) or sys.argv[1:])
+        return distributed.launch(argv + ([] if resume is None else [f"--nproc={o.nproc}"]), o.nproc)
     return train_lm(o, t_start, resume)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc N`` (what each torchrun worker runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc="):
+            skip = False
+            continue
+        skip = a == "--nproc"
+        if not skip:
+            out.append(a)
+    return out
 
 
 def output_folder(o: TrainOptions, name: str, adapter_dir: str = ".") -> Path:
@@ -154,22 +174,25 @@ def _evaluate(model, tok, data: Dataset, split, val_ex, label: str) -> tuple[dic
 
 
 def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: Path,
-         ck: Checkpointing) -> tuple[dict, list[dict]]:
-    """``loop.train`` with each step's record appended to ``out/metrics.jsonl``: (summary, records).
+         ck: Checkpointing, d: Dist | None) -> tuple[dict, list[dict]]:
+    """``loop.train`` with each step's record appended to ``out/metrics.jsonl`` (by rank 0):
+    (summary, records).
 
     A resumed run rewrites ``metrics.jsonl`` from the checkpoint's records, then appends its own."""
     if o.gradient_checkpointing:
         loop.set_checkpointing(model, True)
-    out.mkdir(parents=True, exist_ok=True)
+    main = d is None or d.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
-    with open(out / "metrics.jsonl", "w") as metrics_file:
+    with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file:
 
         def on_log(rec: dict) -> None:
             history.append(rec)
             metrics_file.write(json.dumps(rec) + "\n")
             metrics_file.flush()
 
-        summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck)
+        summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck, dist=d)
     if o.gradient_checkpointing:
         loop.set_checkpointing(model, False)
     done = f"steps {summary['resumed_from'] + 1}-{summary['steps']}" if summary["resumed_from"] else \
@@ -198,7 +221,8 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
     return meta
 
 
-def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, dict] | None) -> Checkpointing:
+def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, dict] | None,
+                   main: bool = True) -> Checkpointing:
     """How this run checkpoints: every ``--save-every`` steps, and on SIGINT / SIGTERM.
 
     Raises:
@@ -209,10 +233,10 @@ def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, di
         if changed:
             raise CheckpointError(f"--resume {str(out)!r}: the run's files changed since {str(resume[0])!r}: "
                                   f"{', '.join(changed)}")
-    elif o.overwrite:
+    elif o.overwrite and main:
         for _, old in checkpoint.steps_in(out):  # an earlier run's, which --overwrite replaces
             shutil.rmtree(old)
-    if out.is_dir():
+    if out.is_dir() and main:
         checkpoint.remove_partial(out)
     changeable = {k: v for k, v in dataclasses.asdict(o).items() if k not in run["options"]}
     return Checkpointing(out, o.save_every, o.keep, run, resume=resume is not None, extra={"options": changeable})
@@ -233,10 +257,24 @@ def _save_adapter(model, out: Path, meta: dict) -> None:
 
 def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None = None) -> int:
     """The causal-LM job (see the module docstring). Returns 0; the adapter is written only after
-    training, checkpoints while it runs (``resume``: the checkpoint to continue from and its state)."""
+    training, checkpoints while it runs (``resume``: the checkpoint to continue from and its state).
+    Under torchrun every rank trains its share; rank 0 alone evaluates, prints and writes."""
+    d = distributed.setup()
+    quiet = open(os.devnull, "w") if d is not None and not d.main else None
+    try:
+        with redirect_stdout(quiet) if quiet else nullcontext(), redirect_stderr(quiet) if quiet else nullcontext():
+            return _train_lm(o, t_start, resume, d)
+    finally:
+        distributed.teardown(d)
+        if quiet:
+            quiet.close()
+
+
+def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None, d: Dist | None) -> int:
+    main = d is None or d.main
     out = output_folder(o, "g2p" if o.builtin else "lora")
     run = _run_config(o)
-    ck = _checkpointing(o, out, run, resume)
+    ck = _checkpointing(o, out, run, resume, main)
     train_data, val_data, split = _read_data(o)
     if o.bf16 and not _bf16_supported():
         log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
@@ -249,19 +287,37 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
     train_ex = tokenize_dataset(tok, train_data, o.max_length)
     val_ex = tokenize_dataset(tok, val_data, o.max_length) if val_data is not None else None
     tcfg = o.train_config()
-    n_steps = tcfg.total_steps(len(train_ex))
+    world = d.world if d is not None else 1
+    n_steps = tcfg.total_steps(len(train_ex), world)
+    ranks = f" on each of {world} processes (torchrun, DDP)" if d is not None else ""
     print(f"data: {len(train_ex):,} training examples ({train_data.shape}), {n_steps} steps of "
-          f"{tcfg.batch_size}x{tcfg.grad_accum}, max length {o.max_length}", flush=True)
+          f"{tcfg.batch_size}x{tcfg.grad_accum}{ranks}, max length {o.max_length}", flush=True)
     results: dict = {}
     if resume is not None:  # evaluated before the interrupted run's first step
         results["before"], before_preds = resume[1]["extra"]["before"], resume[1]["extra"]["before_preds"]
         print(f"resuming from {resume[0]} (step {resume[1]['step']} of {n_steps})", flush=True)
-    else:
+    elif main:
         with disable_adapters(model):  # the base model (B = 0 would give the same outputs, slower)
             results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
+    else:
+        results["before"], before_preds = None, None
+    if d is not None:
+        d.barrier()  # the other ranks wait for rank 0's evaluation
     ck.extra |= {"before": results["before"], "before_preds": before_preds}
-    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out, ck)
-    _save_adapter(model, out, _metadata(o, lm, train_data, n_steps, trainable, base_params))
+    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out, ck, d)
+    if main:
+        meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
+        _finish(model, tok, out, meta, (train_data, split, val_ex), results, before_preds, summary, history, t_start)
+    if d is not None:
+        d.barrier()
+    return 0
+
+
+def _finish(model, tok, out: Path, meta: dict, data: tuple, results: dict, before_preds, summary: dict,
+            history: list[dict], t_start: float) -> None:
+    """After training: the adapter, the evaluation after (merged), ``eval.json`` and ``loss.png``."""
+    train_data, split, val_ex = data
+    _save_adapter(model, out, meta)
     merge(model)  # faster decoding; unmerge restores the weights exactly
     try:
         results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after")
@@ -278,4 +334,3 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
     write_json(out / "eval.json", results)
     plot_losses(history, out / "loss.png", summary.get("val_loss_start"))
     print(f"saved adapter, metrics.jsonl, eval.json, loss.png to {out} ({time.perf_counter() - t_start:.0f} s total)")
-    return 0

@@ -96,7 +96,8 @@ def lm_task(examples: list[Example], pad_id: int, cfg: TrainConfig, val_examples
 
     return Task(
         n_examples=len(examples),
-        batches=lambda start: (collate(b, pad_id) for b in batch_stream(examples, cfg.batch_size, cfg.seed, start)),
+        batches=lambda start, size: batch_stream(examples, size, cfg.seed, start),
+        collate=lambda b: collate(b, pad_id),
         loss=lambda model, batch: label_loss(model, *batch, pack=True)[0],
         units=units,
         tokens=lambda batch: int(batch[1].sum()),

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .checkpoint import Checkpointing
+from .distributed import Dist
+from .interrupt import Signals
 
 
 @dataclass
@@ -69,11 +70,12 @@ class TrainConfig:
     compile: bool = False
     on_nonfinite: str = "error"
 
-    def total_steps(self, n_examples: int) -> int:
-        """Number of optimizer steps for ``n_examples`` training examples."""
+    def total_steps(self, n_examples: int, world: int = 1) -> int:
+        """Number of optimizer steps for ``n_examples`` training examples (on ``world`` processes of
+        ``batch_size`` examples each)."""
         if self.steps is not None:
             return self.steps
-        per_epoch = math.ceil(n_examples / self.batch_size / self.grad_accum)
+        per_epoch = math.ceil(n_examples / (self.batch_size * world) / self.grad_accum)
         return max(1, math.ceil((self.epochs or 1.0) * per_epoch))
 
 
@@ -83,9 +85,11 @@ class Task:
 
     Attributes:
         n_examples: training examples (with ``TrainConfig.epochs``, gives the number of steps).
-        batches: ``batches(start)``: endless micro-batches in training order (any object the functions
-            below take) from the ``start``-th on (0-based, counted across epochs of
-            ``ceil(n_examples / batch_size)`` batches), so a resumed run continues the same order.
+        batches: ``batches(start, size)``: endless micro-batches of ``size`` examples (lists, in training
+            order) from the ``start``-th on (0-based, counted across epochs of ``ceil(n_examples / size)``
+            batches), so a resumed run continues the same order; ``size`` is the batch size times
+            the number of processes, each of which takes its slice (``distributed.share``).
+        collate: ``collate(examples)``: a list of examples as the batch the functions below take.
         loss: ``loss(model, batch)``: the loss summed over the batch's units (label tokens,
             examples), a scalar tensor.
         units: ``units(batch)``: how many units ``loss`` sums over; a step's loss is the sum over
@@ -95,7 +99,8 @@ class Task:
     """
 
     n_examples: int
-    batches: Callable[[int], Iterator[Any]]
+    batches: Callable[[int, int], Iterator[list]]
+    collate: Callable[[list], Any]
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     units: Callable[[Any], int]
     tokens: Callable[[Any], int]
@@ -186,85 +191,119 @@ def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
     return "none (the loss alone)"
 
 
-def _step(model, task: Task, cfg: TrainConfig, named, opt, sched, batches) -> tuple[dict, int, float]:
-    """One optimizer step over ``cfg.grad_accum`` micro-batches: (log record, real tokens, seconds).
+class _Run:
+    """One training run's moving parts: the model, task and settings, the optimizer and schedule,
+    checkpointing, and (under torchrun) this process's rank and its DDP replica."""
 
-    A non-finite loss or gradient norm skips the update (``on_nonfinite="skip"``: the record says
-    ``skipped``) or raises ``NonFiniteError`` before the optimizer touches the weights.
-    """
-    t0 = time.perf_counter()
-    micro = [next(batches) for _ in range(cfg.grad_accum)]
-    n_all = sum(task.units(b) for b in micro)
-    loss_sum = 0.0
-    for batch in micro:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = task.loss(model, batch)
-        (loss / max(1, n_all)).backward()  # mean over all loss units of the step
-        loss_sum += float(loss.detach())
-    grads = [p.grad for _, p in named if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    lr = sched.get_last_lr()[0]
-    finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
-    if not finite and cfg.on_nonfinite != "skip":
-        raise NonFiniteError(f"non-finite loss or gradient (loss {loss_sum}, gradient norm {float(norm)}); "
-                             f"first parameter affected: {_first_nonfinite(named)}")
-    if finite:
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_([p for _, p in named], cfg.max_grad_norm, norm)
-        opt.step()
-    sched.step()  # a skipped step still counts: the schedule stays tied to the step number
-    opt.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    tokens = sum(task.tokens(b) for b in micro)
-    rec = {"loss": loss_sum / max(1, n_all) if finite else None, "lr": lr, "tokens_per_s": tokens / dt}
-    return rec | ({} if finite else {"skipped": True}), tokens, dt
+    def __init__(self, model, task: Task, cfg: TrainConfig, ck: Checkpointing | None, d: Dist | None) -> None:
+        self.model, self.task, self.cfg, self.ck, self.d = model, task, cfg, ck, d
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.world = d.world if d is not None else 1
+        self.total = cfg.total_steps(task.n_examples, self.world)
+        self.opt = adamw([p for _, p in self.named], cfg.lr, cfg.weight_decay)
+        self.sched = schedule(self.opt, cfg.schedule, cfg.warmup, self.total)
+        self.replica = distributed.Replica(model, task.loss, d) if d is not None else None
+        self.main = d is None or d.main
 
+    def config(self) -> dict:
+        return checkpoint.run_config(self.model, self.cfg, self.ck.config, self.world)
 
-class _Signals:
-    """SIGINT / SIGTERM during training: the first asks the loop to checkpoint and stop after the
-    current step; a second SIGINT raises ``KeyboardInterrupt`` at once (a second SIGTERM kills)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\nlorakit: {signal.Signals(signum).name} received: checkpointing after this step "
-              "(again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "_Signals":
-        if self.on:
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-
-def _start(model, task: Task, cfg: TrainConfig, ck: Checkpointing | None, named, opt, sched, total: int):
-    """The state to start from: a checkpoint's (``ck.resume``: adapters, optimizer and scheduler
-    restored) or a fresh one with the validation loss of the untrained adapter (the curve's start)."""
-    if ck is not None and ck.resume:
-        path, doc = checkpoint.latest(ck.folder)
-        if doc["step"] > total:
-            raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {total} steps")
-        state = checkpoint.restore(path, doc, model, opt, sched, [n for n, _ in named],
-                                   checkpoint.run_config(model, cfg, ck.config))
-        state.extra |= ck.extra  # the caller's newer values win
+    def start(self) -> checkpoint.TrainState:
+        """The state to start from: a checkpoint's (``ck.resume``: adapters, optimizer and scheduler
+        restored) or a fresh one with the validation loss of the untrained adapter (the curve's start)."""
+        ck = self.ck
+        if ck is not None and ck.resume:
+            path, doc = checkpoint.latest(ck.folder, log=print if self.main else lambda *_: None)
+            if doc["step"] > self.total:
+                raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {self.total} steps")
+            state = checkpoint.restore(path, doc, self.model, self.opt, self.sched, [n for n, _ in self.named],
+                                       self.config(), self.d.rank if self.d is not None else 0)
+            state.extra |= ck.extra  # the caller's newer values win
+            return state
+        if self.d is not None:
+            distributed.broadcast_trainable(self.model)  # one initialisation for all ranks
+        state = checkpoint.TrainState(extra=ck.extra if ck is not None else {})
+        if self.task.validate is not None and self.cfg.eval_every > 0 and self.main:
+            state.val_loss_start = self.task.validate(self.model)
         return state
-    state = checkpoint.TrainState(extra=ck.extra if ck is not None else {})
-    if task.validate is not None and cfg.eval_every > 0:
-        state.val_loss_start = task.validate(model)
-    return state
+
+    def step(self, batches) -> tuple[dict, int, float]:
+        """One optimizer step over ``cfg.grad_accum`` micro-batches: (log record, real tokens, seconds).
+
+        A non-finite loss or gradient norm skips the update (``on_nonfinite="skip"``: the record says
+        ``skipped``) or raises ``NonFiniteError`` before the optimizer touches the weights.
+        """
+        cfg, task, named, d = self.cfg, self.task, self.named, self.d
+        t0 = time.perf_counter()
+        micro = [distributed.share(next(batches), d) for _ in range(cfg.grad_accum)]
+        micro = [(task.collate(b), 0.0 if empty else 1.0) for b, empty in micro]  # an empty slice weighs 0
+        n_all = sum(task.units(b) * w for b, w in micro)
+        tokens = sum(task.tokens(b) * w for b, w in micro)
+        n_all = int(d.sum([n_all])[0]) if d is not None else n_all
+        loss_sum = 0.0
+        for i, (batch, w) in enumerate(micro):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                if self.replica is None:
+                    loss = task.loss(self.model, batch)
+                    (loss / max(1, n_all)).backward()  # mean over all loss units of the step
+                else:  # DDP averages the ranks' gradients: times world, the mean over all ranks' units
+                    with self.replica.no_sync(i < len(micro) - 1):
+                        loss = self.replica.loss(batch, w)
+                        (loss / max(1, n_all) * d.world).backward()
+            loss_sum += float(loss.detach())
+        if d is not None:
+            loss_sum, tokens = d.sum([loss_sum, tokens])
+        grads = [p.grad for _, p in named if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        lr = self.sched.get_last_lr()[0]
+        finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
+        if not finite and cfg.on_nonfinite != "skip":
+            raise NonFiniteError(f"non-finite loss or gradient (loss {loss_sum}, gradient norm {float(norm)}); "
+                                 f"first parameter affected: {_first_nonfinite(named)}")
+        if finite:
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_([p for _, p in named], cfg.max_grad_norm, norm)
+            self.opt.step()
+        self.sched.step()  # a skipped step still counts: the schedule stays tied to the step number
+        self.opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        rec = {"loss": loss_sum / max(1, n_all) if finite else None, "lr": lr, "tokens_per_s": tokens / dt}
+        return rec | ({} if finite else {"skipped": True}), int(tokens), dt
+
+    def stopping(self, signals: Signals) -> int | None:
+        """The signal that stops the run, if any rank received one (every rank gets the same answer)."""
+        if self.d is None:
+            return signals.received
+        return self.d.max(signals.received or 0) or None
+
+    def last_good(self) -> str:
+        found = checkpoint.steps_in(self.ck.folder) if self.ck is not None else []
+        return f"; the last good checkpoint is {str(found[-1][1])!r}" if found else ""
+
+    def maybe_checkpoint(self, state: checkpoint.TrainState, stop: int | None) -> None:
+        """Write a checkpoint at every ``ck.every``-th step and on a signal (then raise
+        ``TrainingInterrupted``); under torchrun rank 0 writes it, with every rank's generators."""
+        ck, cfg, d = self.ck, self.cfg, self.d
+        if ck is None or not ((ck.every and state.step % ck.every == 0) or stop):
+            return
+        consumed = state.step * cfg.grad_accum  # global micro-batches; an epoch has ceil(n / size) of them
+        per_epoch = math.ceil(self.task.n_examples / (cfg.batch_size * self.world))
+        data = {"epoch": consumed // per_epoch, "batches_in_epoch": consumed % per_epoch, "micro_batches": consumed,
+                "order_seed": cfg.seed, "ranks": self.world}
+        rngs = d.gather(checkpoint.rng_state()) if d is not None else [checkpoint.rng_state()]
+        path = Path(ck.folder) / f"{checkpoint.PREFIX}{state.step}"
+        if self.main:
+            path = checkpoint.save(ck, state.step, self.model, self.opt, self.sched, [n for n, _ in self.named],
+                                   state, data, self.config(), rngs)
+        if d is not None:
+            d.barrier()
+        if stop:
+            raise TrainingInterrupted(f"{signal.Signals(stop).name} at step {state.step} of {self.total}: "
+                                      f"checkpoint saved to {str(path)!r}", state.step, path, stop)
 
 
 def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | None = None,
-          progress: bool = True, checkpoints: Checkpointing | None = None) -> dict:
+          progress: bool = True, checkpoints: Checkpointing | None = None, dist: Dist | None = None) -> dict:
     """Train the model's trainable (LoRA) parameters in place on ``task``.
 
     Each logged record (passed to ``on_log``) has ``step``, ``loss`` (mean per loss unit of that
@@ -276,17 +315,19 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     With ``checkpoints`` (``checkpoint.Checkpointing``): a checkpoint every ``every`` steps and when
     SIGINT or SIGTERM arrives (then ``TrainingInterrupted``); ``resume`` restores the newest one and
     first replays its logged records through ``on_log``, so the caller sees every step once, and
-    the run ends bit for bit where an uninterrupted one would.
+    the run ends bit for bit where an uninterrupted one would. With ``dist`` (``distributed.setup()``
+    under torchrun): DDP over the trainable parameters, each rank on its slice of every global batch
+    of ``batch_size × world`` examples (``distributed``); rank 0 alone validates and checkpoints.
 
     Returns:
         ``{"steps", "tokens", "train_seconds", "tokens_per_s", "val_loss_start", "skipped_steps",
-        "resumed_from"}``: totals over this process's steps (validation time excluded), the
-        validation loss before the first step (None without validation), the non-finite steps
-        skipped, and the step resumed from (0 for a fresh run).
+        "resumed_from"}``: totals over this process's steps (all ranks' tokens; validation time
+        excluded), the validation loss before the first step (None without validation or off rank 0),
+        the non-finite steps skipped, and the step resumed from (0 for a fresh run).
 
     Raises:
         DataError: no training examples.
-        ConfigError: no trainable parameters.
+        ConfigError: no trainable parameters, or an unknown ``on_nonfinite``.
         NonFiniteError: a non-finite loss or gradient with ``cfg.on_nonfinite == "error"`` (step and
             first parameter named); the weights keep the previous step's values.
         CheckpointError: nothing to resume, or a checkpoint of another configuration (keys listed).
@@ -294,52 +335,48 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
         TrainingInterrupted: SIGINT / SIGTERM, after the checkpoint was written.
         KeyboardInterrupt: a second SIGINT, or SIGINT without ``checkpoints``.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the model has no trainable parameters (inject an adapter first)")
     if not task.n_examples:
         raise DataError("no training examples")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}")
     if checkpoints is not None:
-        checkpoint.check_covered(model, [p for _, p in named])
-    total = cfg.total_steps(task.n_examples)
-    opt = adamw([p for _, p in named], cfg.lr, cfg.weight_decay)
-    sched = schedule(opt, cfg.schedule, cfg.warmup, total)
-    state = _start(model, task, cfg, checkpoints, named, opt, sched, total)
+        checkpoint.check_covered(model, [p for p in model.parameters() if p.requires_grad])
+    run = _Run(model, task, cfg, checkpoints, dist)
+    state = run.start()
     resumed_from = state.step if checkpoints is not None and checkpoints.resume else 0
     for rec in state.history if on_log else ():
         on_log(rec)
-    tokens, seconds = _steps(model, task, cfg, (named, opt, sched), state, total, on_log, progress, checkpoints)
+    tokens, seconds = _steps(run, state, on_log, progress)
     model.eval()
-    return {"steps": total, "tokens": tokens, "train_seconds": seconds,
+    return {"steps": run.total, "tokens": tokens, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
             "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from}
 
 
-def _steps(model, task: Task, cfg: TrainConfig, optimizing: tuple, state: checkpoint.TrainState, total: int,
-           on_log, progress: bool, ck: Checkpointing | None) -> tuple[int, float]:
+def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> tuple[int, float]:
     """Steps ``state.step + 1 .. total``, updating ``state``: (real tokens, seconds) of this process's steps."""
     from tqdm.auto import tqdm
 
-    named, opt, sched = optimizing
-    batches = task.batches(state.step * cfg.grad_accum)
+    model, task, cfg = run.model, run.task, run.cfg
+    batches = task.batches(state.step * cfg.grad_accum, cfg.batch_size * run.world)
     model.train()
     tokens_all, seconds_all = 0, 0.0
-    bar = tqdm(range(state.step + 1, total + 1), desc="train", disable=not progress, dynamic_ncols=True,
-               initial=state.step, total=total)
-    with _Signals(ck is not None) as signals, compile_blocks(model, cfg.compile):
+    bar = tqdm(range(state.step + 1, run.total + 1), desc="train", disable=not (progress and run.main),
+               dynamic_ncols=True, initial=state.step, total=run.total)
+    with Signals(run.ck is not None) as signals, compile_blocks(model, cfg.compile):
         if state.rng is not None:  # last, so nothing above draws from the restored generators
             checkpoint.set_rng_state(state.rng)
         for step in bar:
             try:
-                rec, tokens, dt = _step(model, task, cfg, named, opt, sched, batches)
+                rec, tokens, dt = run.step(batches)
             except NonFiniteError as e:
-                raise NonFiniteError(f"step {step}: {e}{_last_good(ck)}") from None
+                raise NonFiniteError(f"step {step}: {e}{run.last_good()}") from None
             state.skipped += "skipped" in rec
             rec = {"step": step, **rec} | ({"skipped_steps": state.skipped} if state.skipped else {})
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
-            if state.val_loss_start is not None and (step % cfg.eval_every == 0 or step == total):
+            if state.val_loss_start is not None and (step % cfg.eval_every == 0 or step == run.total):
                 rec["val_loss"] = _validate(model, task, cfg)
             if rec["loss"] is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
@@ -348,7 +385,7 @@ def _steps(model, task: Task, cfg: TrainConfig, optimizing: tuple, state: checkp
             state.step = step
             if on_log:
                 on_log(rec)
-            _maybe_checkpoint(ck, signals, model, cfg, optimizing, state, task.n_examples, total)
+            run.maybe_checkpoint(state, run.stopping(signals))
     bar.close()
     return tokens_all, seconds_all
 
@@ -357,29 +394,3 @@ def _validate(model, task: Task, cfg: TrainConfig) -> float:
     # compiled blocks validate eagerly: a no-grad graph would be a second compilation
     with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
         return task.validate(model)
-
-
-def _last_good(ck: Checkpointing | None) -> str:
-    found = checkpoint.steps_in(ck.folder) if ck is not None else []
-    return f"; the last good checkpoint is {str(found[-1][1])!r}" if found else ""
-
-
-def _maybe_checkpoint(ck: Checkpointing | None, signals: _Signals, model, cfg: TrainConfig, optimizing: tuple,
-                      state: checkpoint.TrainState, n_examples: int, total: int) -> None:
-    """Write a checkpoint at every ``ck.every``-th step and on a signal (then raise ``TrainingInterrupted``).
-
-    ``optimizing``: (named trainable parameters, optimizer, scheduler).
-    """
-    if ck is None or not ((ck.every and state.step % ck.every == 0) or signals.received):
-        return
-    named, opt, sched = optimizing
-    consumed = state.step * cfg.grad_accum  # micro-batches; an epoch has ceil(n / batch_size) of them
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
-    data = {"epoch": consumed // per_epoch, "batches_in_epoch": consumed % per_epoch, "micro_batches": consumed,
-            "order_seed": cfg.seed}
-    path = checkpoint.save(ck, state.step, model, opt, sched, [n for n, _ in named], state, data,
-                           checkpoint.run_config(model, cfg, ck.config))
-    if signals.received:
-        name = signal.Signals(signals.received).name
-        raise TrainingInterrupted(f"{name} at step {state.step} of {total}: checkpoint saved to {str(path)!r}",
-                                  state.step, path, signals.received)

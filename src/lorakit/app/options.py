@@ -36,7 +36,7 @@ NONFINITE = ("error", "skip")
 # options a resumed run may change: they do not change what is trained (the others are hashed
 # into each checkpoint, and a resume that changes them is refused)
 RESUME_MAY_CHANGE = frozenset({"output", "overwrite", "progress", "save_every", "keep", "resume", "on_nonfinite",
-                               "gradient_checkpointing"})
+                               "gradient_checkpointing", "nproc"})  # the loop checks the number of processes
 
 
 def _default(cls, name: str):
@@ -89,6 +89,8 @@ class TrainOptions:
                               "(options not given are the run's own)", type=str)
     on_nonfinite: str = _opt("error", "a NaN/inf loss or gradient: 'error' stops naming the step and parameter, "
                              "'skip' drops that step's update", type=str)
+    nproc: int = _opt(1, "train on N processes: starts torchrun --standalone --nproc_per_node N (DDP; gloo on "
+                      "CPU, nccl on GPU); each takes --batch-size examples per micro-batch", type=int)
     overwrite: bool = _opt(False, "reuse an output folder holding an adapter or checkpoints")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
@@ -233,7 +235,7 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
 
 def _check_numbers(o: TrainOptions) -> None:
     for key, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("max_length", 1), ("test_size", 1),
-                     ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1)):
+                     ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1), ("nproc", 1)):
         v = getattr(o, key)
         if (v is not None or low == 0) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")

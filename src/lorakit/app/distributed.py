@@ -1,0 +1,156 @@
+"""Training on several processes with torchrun: DistributedDataParallel over the LoRA parameters.
+
+``torchrun --standalone --nproc_per_node N -m lorakit.app.cli train ...`` (or ``lorakit train
+--nproc N``, which starts torchrun) sets ``RANK`` / ``WORLD_SIZE``; ``setup`` then joins the process
+group (gloo on CPU, nccl on GPU). The data is cut so that N ranks with batch b train exactly what one
+process with batch N·b trains: every rank walks the same global batch order (``batch_size × N``
+examples per micro-batch) and takes its own slice; the loss of each rank is divided by the global
+number of loss units, so DDP's gradient average times N is the one-process gradient. DDP syncs only
+parameters that require gradients (the adapters); the frozen base is loaded by every rank and never
+sent. Every trainable parameter joins every backward (``+ 0·Σp``), so an adapter that gets no
+gradient on a rank in a step (an empty slice, a loss that skips part of the model) cannot stall
+the reduction. Rank 0 alone evaluates and writes outputs, logs and the progress bar.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job.
+
+    Attributes:
+        rank: 0..world-1; rank 0 writes the outputs.
+        world: number of processes.
+        device: ``cuda:LOCAL_RANK`` with nccl, else ``cpu`` (gloo).
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, value: int) -> int:
+        """The largest ``value`` over the ranks."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (small, picklable values between this job's processes)."""
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def resume_command(folder: str) -> str:
+    """How to resume a run in ``folder`` from this process: ``lorakit train --resume`` (which starts
+    torchrun again for a ``--nproc`` run), or the torchrun command that started this job."""
+    quoted = shlex.quote(str(folder))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "LORAKIT_NPROC" not in os.environ:
+        return f"torchrun --standalone --nproc_per_node {world} -m lorakit.app.cli train --resume {quoted}"
+    return f"lorakit train --resume {quoted}"
+
+
+def launched() -> bool:
+    """True inside a torchrun job of more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup() -> Dist | None:
+    """Join the torchrun job (gloo on CPU, nccl where CUDA is available); None outside one."""
+    if not launched():
+        return None
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown(d: Dist | None) -> None:
+    if d is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(batch: list, d: Dist | None) -> tuple[list, bool]:
+    """This rank's slice of a global batch: ``(examples, empty)``; an empty slice (a short last batch)
+    is the batch's first example, to be weighted 0, so every rank runs the same forward count."""
+    if d is None:
+        return batch, False
+    per = -(-len(batch) // d.world)
+    mine = batch[d.rank * per:(d.rank + 1) * per]
+    return (mine, False) if mine else (batch[:1], True)
+
+
+def broadcast_trainable(model: nn.Module) -> None:
+    """Rank 0's values of every trainable parameter on every rank (the frozen base is not sent)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
+
+
+class _Loss(nn.Module):
+    """The task's loss as a module's forward, so that DDP sees the forward (tasks call submodules,
+    e.g. the decoder without the LM head, which DDP's own forward would not cover)."""
+
+    def __init__(self, model: nn.Module, loss) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch, weight: float):
+        out = self.loss(self.model, batch) * weight
+        # every trainable parameter in every backward, with a zero gradient where the loss skipped it
+        return out + sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+
+
+class Replica:
+    """DDP over a model's trainable parameters and a task's loss."""
+
+    def __init__(self, model: nn.Module, loss, d: Dist) -> None:
+        self.d = d
+        self.ddp = nn.parallel.DistributedDataParallel(
+            _Loss(model, loss), device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            forward_sync_buffers=False, init_sync=False)
+
+    def loss(self, batch, weight: float = 1.0) -> torch.Tensor:
+        return self.ddp(batch, weight)
+
+    def no_sync(self, skip: bool):
+        """Accumulate without the all-reduce (every micro-batch of a step but the last)."""
+        return self.ddp.no_sync() if skip else nullcontext()
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Run ``lorakit <argv>`` under ``torchrun --standalone --nproc_per_node nproc``; its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lorakit.app.cli", *argv]
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), LORAKIT_NPROC=str(nproc))
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,157 @@
+"""Training on 2 processes with real torchrun (gloo on CPU): 2 ranks × batch b equal 1 process × batch
+2b, the ranks end bitwise equal, several adapters and adapters without a gradient on a rank train,
+``--nproc`` starts torchrun itself, and a 2-rank run killed with SIGKILL resumes bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _tiny import tiny_model_folder, write_jsonl
+from lorakit.app import checkpoint as ckpt
+from test_resume_cli import records
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT = 180
+STEPS = 60
+
+
+def env():
+    return dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+
+
+def lorakit(*args) -> list[str]:
+    return [sys.executable, "-m", "lorakit.app.cli", *map(str, args)]
+
+
+def train_args(out, batch, *extra):
+    return ["train", "--model", "model", "--data", "train.jsonl", "--eval-data", "val.jsonl", "--steps", STEPS,
+            "--batch-size", batch, "--eval-every", 20, "--no-progress", "--output", out, *extra]
+
+
+def run(cmd, cwd):
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    tiny_model_folder(root / "model")
+    write_jsonl(root / "train.jsonl", records())
+    write_jsonl(root / "val.jsonl", records(seed=3)[:8])
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(world):
+    run(torchrun("-m", "lorakit.app.cli", *train_args("two", 2)), world)
+    return world / "two"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def metrics(folder):
+    return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(world, two_ranks):
+    p = run(lorakit(*train_args("one", 4)), world)
+    one = world / "one"
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two_ranks / "adapter_model.safetensors")
+    assert set(a) == set(b) and len(a) == 28
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    m1, m2 = metrics(one), metrics(two_ranks)
+    assert [r["step"] for r in m2] == list(range(1, STEPS + 1))  # rank 0 alone logs: one record per step
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(m1, m2)) < 1e-5
+    assert [r["step"] for r in m2 if "val_loss" in r] == [20, 40, 60]
+    assert max(abs(x["val_loss"] - y["val_loss"]) for x, y in zip(m1, m2) if "val_loss" in x) < 1e-5
+    e1, e2 = json.loads((one / "eval.json").read_text()), json.loads((two_ranks / "eval.json").read_text())
+    assert e1["before"] == e2["before"]  # rank 0 evaluates the same base model
+    assert abs(e1["after"]["loss"] - e2["after"]["loss"]) < 1e-5
+    assert "4x1, max length" in p.stdout
+
+
+def test_ranks_end_bitwise_equal_with_several_adapters_and_no_gradient_on_a_rank(world):
+    run(torchrun(HERE / "_ddp_worker.py", world / "worker2"), world)
+    run([sys.executable, str(HERE / "_ddp_worker.py"), world / "worker1"], world)
+    r0, r1 = load_file(world / "worker2" / "rank0.safetensors"), load_file(world / "worker2" / "rank1.safetensors")
+    assert len(r0) == 8 and all(torch.equal(r0[k], r1[k]) for k in r0)  # 2 adapters x 2 layers x (A, B)
+    ref = load_file(world / "worker1" / "rank0.safetensors")
+    assert max(float((ref[k] - r0[k]).abs().max()) for k in ref) < 1e-5
+    init_b = [k for k in ref if "adapters.b" in k and k.startswith("2.")]
+    assert init_b and all(float(ref[k].abs().max()) > 0 for k in init_b)  # the skipped layer trained too
+    l_ref = json.loads((world / "worker1" / "losses0.json").read_text())
+    l_two = json.loads((world / "worker2" / "losses0.json").read_text())
+    assert len(l_two) == 8 and max(abs(a - b) for a, b in zip(l_ref, l_two)) < 1e-5
+
+
+def test_nproc_starts_torchrun(world, two_ranks):
+    run(lorakit(*train_args("nproc", 2, "--nproc", 2)), world)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (world / "nproc" / name).read_bytes() == (two_ranks / name).read_bytes()
+
+
+def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks):
+    out = world / "killed"
+    p = subprocess.Popen(torchrun("-m", "lorakit.app.cli", *train_args("killed", 2, "--save-every", 7)), cwd=world,
+                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint-7").is_dir():
+        assert p.poll() is None and time.monotonic() < deadline, "no checkpoint-7"
+        time.sleep(0.003)
+    procs = [p.pid, *descendants(p.pid)]  # torchrun starts its workers in sessions of their own
+    assert len(procs) >= 3
+    for pid in procs:
+        os.kill(pid, signal.SIGKILL)
+    p.wait(timeout=TIMEOUT)
+    for pid in procs[1:]:
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, f"worker {pid} outlived SIGKILL"
+            time.sleep(0.01)
+    newest = ckpt.steps_in(out)[-1][0]
+    assert newest < STEPS and not (out / "adapter_model.safetensors").exists()
+    doc = ckpt.latest(out)[1]
+    assert doc["config"]["world_size"] == 2 and len(doc["rng"]) == 2 and doc["data"]["ranks"] == 2
+    res = run(torchrun("-m", "lorakit.app.cli", "train", "--resume", "killed", "--no-progress"), world)
+    assert f"checkpoint-{newest} (step {newest} of {STEPS})" in res.stdout
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (two_ranks / name).read_bytes(), name
+    assert [(r["step"], r["loss"]) for r in metrics(out)] == [(r["step"], r["loss"]) for r in metrics(two_ranks)]
+
+
+def test_resume_on_another_number_of_processes_is_refused(world):
+    out = world / "refuse"
+    run(torchrun("-m", "lorakit.app.cli", *train_args("refuse", 2, "--save-every", 30, "--steps", 30)), world)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lorakit.json", "eval.json"):
+        (out / name).unlink()
+    p = subprocess.run(lorakit("train", "--resume", "refuse"), cwd=world, env=env(), capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr
