@@ -155,3 +155,22 @@ def test_resume_on_another_number_of_processes_is_refused(world):
     p = subprocess.run(lorakit("train", "--resume", "refuse"), cwd=world, env=env(), capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr
+
+
+def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step(world):
+    out = world / "ctrlc"
+    p = subprocess.Popen(torchrun("-m", "lorakit.app.cli", *train_args("ctrlc", 2, "--steps", 100000)), cwd=world,
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert p.poll() is None and time.monotonic() < deadline, "no three steps"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)  # what Ctrl-C sends to torchrun, which passes SIGTERM on to the workers
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    step = ckpt.steps_in(out)[-1][0]
+    doc = ckpt.latest(out)[1]
+    assert doc["step"] == step == len(metrics(out)) and len(doc["rng"]) == 2
+    assert f"checkpoint saved to '{out.name}/checkpoint-{step}'" in err
+    assert "resume with: torchrun --standalone --nproc_per_node 2 -m lorakit.app.cli train --resume ctrlc" in err
+    assert err.count("resume with:") == 1  # rank 0 speaks for all
