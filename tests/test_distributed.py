@@ -82,9 +82,14 @@ def metrics(folder):
     return [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_equal_one_process_with_twice_the_batch(world, two_ranks):
+@pytest.fixture(scope="module")
+def one_process(world):
     p = run(lorakit(*train_args("one", 4)), world)
-    one = world / "one"
+    return world / "one", p.stdout
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(world, two_ranks, one_process):
+    one, stdout = one_process
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two_ranks / "adapter_model.safetensors")
     assert set(a) == set(b) and len(a) == 28
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
@@ -96,7 +101,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(world, two_ranks):
     e1, e2 = json.loads((one / "eval.json").read_text()), json.loads((two_ranks / "eval.json").read_text())
     assert e1["before"] == e2["before"]  # rank 0 evaluates the same base model
     assert abs(e1["after"]["loss"] - e2["after"]["loss"]) < 1e-5
-    assert "4x1, max length" in p.stdout
+    assert "4x1, max length" in stdout
 
 
 def test_ranks_end_bitwise_equal_with_several_adapters_and_no_gradient_on_a_rank(world):
@@ -174,3 +179,34 @@ def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step(world):
     assert f"checkpoint saved to '{out.name}/checkpoint-{step}'" in err
     assert "resume with: torchrun --standalone --nproc_per_node 2 -m lorakit.app.cli train --resume ctrlc" in err
     assert err.count("resume with:") == 1  # rank 0 speaks for all
+
+
+def test_fsdp_adapter_reloaded_in_one_process_gives_the_unsharded_outputs(world, one_process):
+    from lorakit import load_adapter
+    from transformers import AutoModelForCausalLM
+
+    run(lorakit(*train_args("fsdp", 2, "--nproc", 2, "--fsdp")), world)
+    one, fsdp = one_process[0], world / "fsdp"
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
+    assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # whole, not a shard
+    ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for folder in (one, fsdp):
+        model = AutoModelForCausalLM.from_pretrained(world / "model").eval()
+        load_adapter(model, folder)
+        with torch.no_grad():
+            outs.append(model(input_ids=ids).logits)
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    e1, e2 = json.loads((one / "eval.json").read_text()), json.loads((fsdp / "eval.json").read_text())
+    assert e1["before"] == e2["before"] and abs(e1["after"]["loss"] - e2["after"]["loss"]) < 1e-5
+    assert [r["step"] for r in metrics(fsdp)] == list(range(1, STEPS + 1))
+
+
+def test_fsdp_needs_several_processes_and_no_checkpoints(world):
+    p = subprocess.run(lorakit(*train_args("fsdp1", 2, "--fsdp")), cwd=world, env=env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
+    assert p.returncode == 1 and "--fsdp shards the model across processes" in p.stderr
+    p = subprocess.run(lorakit(*train_args("fsdp1", 2, "--fsdp", "--nproc", 2, "--save-every", 5)), cwd=world,
+                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2 and "--fsdp does not write or resume checkpoints yet" in p.stderr
+    assert not (world / "fsdp1").exists()

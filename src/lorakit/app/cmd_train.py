@@ -259,7 +259,9 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
     """The causal-LM job (see the module docstring). Returns 0; the adapter is written only after
     training, checkpoints while it runs (``resume``: the checkpoint to continue from and its state).
     Under torchrun every rank trains its share; rank 0 alone evaluates, prints and writes."""
-    d = distributed.setup()
+    if o.fsdp and not distributed.launched():
+        raise CLIError("--fsdp shards the model across processes: add --nproc N (N > 1) or run under torchrun")
+    d = distributed.setup(fsdp=o.fsdp)
     quiet = open(os.devnull, "w") if d is not None and not d.main else None
     try:
         with redirect_stdout(quiet) if quiet else nullcontext(), redirect_stderr(quiet) if quiet else nullcontext():
@@ -304,25 +306,36 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     if d is not None:
         d.barrier()  # the other ranks wait for rank 0's evaluation
     ck.extra |= {"before": results["before"], "before_preds": before_preds}
-    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out, ck, d)
-    if main:
-        meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
-        _finish(model, tok, out, meta, (train_data, split, val_ex), results, before_preds, summary, history, t_start)
+    summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
+                            None if o.fsdp else ck, d)
+    meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
+    with distributed.unsharded(model) if o.fsdp else nullcontext():  # all ranks gather, rank 0 writes
+        if main:
+            _save_adapter(model, out, meta)
+        if d is not None:
+            d.barrier()
+    if main or o.fsdp:  # a sharded model evaluates on every rank together; rank 0 writes
+        _finish(model, tok, out, (train_data, split, val_ex), results, before_preds, summary, history, t_start,
+                merged=not o.fsdp, write=main)
     if d is not None:
         d.barrier()
     return 0
 
 
-def _finish(model, tok, out: Path, meta: dict, data: tuple, results: dict, before_preds, summary: dict,
-            history: list[dict], t_start: float) -> None:
-    """After training: the adapter, the evaluation after (merged), ``eval.json`` and ``loss.png``."""
+def _finish(model, tok, out: Path, data: tuple, results: dict, before_preds, summary: dict,
+            history: list[dict], t_start: float, merged: bool = True, write: bool = True) -> None:
+    """After training: the evaluation after (merged, unless the model is sharded), ``eval.json`` and
+    ``loss.png`` (``write``)."""
     train_data, split, val_ex = data
-    _save_adapter(model, out, meta)
-    merge(model)  # faster decoding; unmerge restores the weights exactly
+    if merged:
+        merge(model)  # faster decoding; unmerge restores the weights exactly
     try:
         results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after")
     finally:
-        unmerge(model)
+        if merged:
+            unmerge(model)
+    if not write:
+        return
     if split is not None:
         results["examples"] = [
             {"word": w, "reference": [" ".join(p) for p in refs], "before": b, "after": a}

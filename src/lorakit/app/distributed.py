@@ -18,7 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +34,13 @@ class Dist:
         rank: 0..world-1; rank 0 writes the outputs.
         world: number of processes.
         device: ``cuda:LOCAL_RANK`` with nccl, else ``cpu`` (gloo).
+        fsdp: shard each decoder layer, frozen base included, with FSDP2 (``shard_blocks``) instead of DDP.
     """
 
     rank: int
     world: int
     device: torch.device
+    fsdp: bool = False
 
     @property
     def main(self) -> bool:
@@ -81,7 +83,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup() -> Dist | None:
+def setup(fsdp: bool = False) -> Dist | None:
     """Join the torchrun job (gloo on CPU, nccl where CUDA is available); None outside one."""
     if not launched():
         return None
@@ -91,7 +93,7 @@ def setup() -> Dist | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, fsdp)
 
 
 def teardown(d: Dist | None) -> None:
@@ -154,3 +156,39 @@ def launch(argv: list[str], nproc: int) -> int:
            "-m", "lorakit.app.cli", *argv]
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), LORAKIT_NPROC=str(nproc))
     return subprocess.call(cmd, env=env)
+
+
+def shard_blocks(blocks: list[nn.Module]) -> None:
+    """FSDP2 (``fully_shard``) on each block: its parameters, frozen base and adapters alike, are
+    split across the ranks and gathered for the block's forward and backward only; the adapters'
+    gradients are reduce-scattered (averaged, like DDP's). Parameters outside the blocks (embeddings,
+    final norm, LM head) stay whole on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    for b in blocks:
+        fully_shard(b)
+
+
+def sharded_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def unsharded(model: nn.Module):
+    """Every FSDP block gathered whole on every rank inside the context (a collective: all ranks
+    enter it), so rank 0 can save the whole adapter; sharded again on exit."""
+    mods = sharded_modules(model)
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole (a collective), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t

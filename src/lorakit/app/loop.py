@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +23,7 @@ import torch
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
 from . import checkpoint, distributed
+from .blocks import blocks, compile_blocks, set_checkpointing  # noqa: F401  (set_checkpointing: the loop's API)
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .interrupt import Signals
@@ -135,60 +136,26 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def blocks(model) -> list[torch.nn.Module]:
-    """The model's transformer blocks: the longest ``nn.ModuleList`` whose entries share one type."""
-    best: list[torch.nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > len(best) and len({type(b) for b in m}) == 1:
-            best = list(m)
-    return best
-
-
-@contextmanager
-def compile_blocks(model, on: bool = True):
-    """``torch.compile`` each transformer block (``blocks``) inside the context; eager again after.
-
-    One compiled graph serves every block (same code, parameters are graph inputs) and dynamic
-    shapes cover the packed rows' changing length. The compiled graph fuses the blocks' elementwise
-    work (norms, rotary embedding, activation, residual adds and their backward), which on CPU
-    costs per op rather than per FLOP. Outputs equal eager within float rounding.
-    """
-    compiled = blocks(model) if on else []
-    for b in compiled:
-        b.compile(dynamic=True)
-    try:
-        yield
-    finally:
-        for b in compiled:
-            b._compiled_call_impl = None  # what nn.Module.compile set: back to eager
-
-
-def set_checkpointing(model, on: bool) -> None:
-    """Switch activation (gradient) checkpointing of a transformers model on or off.
-
-    Non-reentrant checkpointing, so LoRA layers inside checkpointed blocks get gradients
-    even though the (frozen) embedding output does not require grad.
-    """
-    if on:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
-
-
 def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
     """The first parameter whose value, else whose gradient, is not finite (``name (value|gradient)``)."""
-    for name, p in named:
-        if not torch.isfinite(p).all():
+    for name, p in named:  # full(): every rank takes the same path (FSDP gathers each shard)
+        if not torch.isfinite(distributed.full(p)).all():
             return f"{name} (value)"
     for name, p in named:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        if p.grad is not None and not torch.isfinite(distributed.full(p.grad)).all():
             return f"{name} (gradient)"
     return "none (the loss alone)"
+
+
+def _clip(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the parameters' gradients to the global L2 norm ``max_norm`` (``norm``: their current one)."""
+    if any(hasattr(p, "full_tensor") for p in params):  # FSDP shards: one scalar for every shard
+        coef = min(1.0, max_norm / (float(norm) + 1e-6))
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
 
 class _Run:
@@ -197,13 +164,19 @@ class _Run:
 
     def __init__(self, model, task: Task, cfg: TrainConfig, ck: Checkpointing | None, d: Dist | None) -> None:
         self.model, self.task, self.cfg, self.ck, self.d = model, task, cfg, ck, d
+        self.fsdp = d is not None and d.fsdp
+        if d is not None and not (ck is not None and ck.resume):
+            distributed.broadcast_trainable(model)  # one initialisation for all ranks (a resume loads one)
+        if self.fsdp:  # before the optimizer: sharding replaces the parameters
+            distributed.shard_blocks(blocks(model))
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.world = d.world if d is not None else 1
         self.total = cfg.total_steps(task.n_examples, self.world)
         self.opt = adamw([p for _, p in self.named], cfg.lr, cfg.weight_decay)
         self.sched = schedule(self.opt, cfg.schedule, cfg.warmup, self.total)
-        self.replica = distributed.Replica(model, task.loss, d) if d is not None else None
+        self.replica = distributed.Replica(model, task.loss, d) if d is not None and not self.fsdp else None
         self.main = d is None or d.main
+        self.validates = self.main or self.fsdp  # a sharded model validates on every rank together
 
     def config(self) -> dict:
         return checkpoint.run_config(self.model, self.cfg, self.ck.config, self.world)
@@ -220,10 +193,8 @@ class _Run:
                                        self.config(), self.d.rank if self.d is not None else 0)
             state.extra |= ck.extra  # the caller's newer values win
             return state
-        if self.d is not None:
-            distributed.broadcast_trainable(self.model)  # one initialisation for all ranks
         state = checkpoint.TrainState(extra=ck.extra if ck is not None else {})
-        if self.task.validate is not None and self.cfg.eval_every > 0 and self.main:
+        if self.task.validate is not None and self.cfg.eval_every > 0 and self.validates:
             state.val_loss_start = self.task.validate(self.model)
         return state
 
@@ -243,9 +214,12 @@ class _Run:
         loss_sum = 0.0
         for i, (batch, w) in enumerate(micro):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                if self.replica is None:
+                if d is None:
                     loss = task.loss(self.model, batch)
                     (loss / max(1, n_all)).backward()  # mean over all loss units of the step
+                elif self.replica is None:  # FSDP: reduce-scatter averages like DDP
+                    loss = task.loss(self.model, batch) * w
+                    (loss / max(1, n_all) * d.world).backward()
                 else:  # DDP averages the ranks' gradients: times world, the mean over all ranks' units
                     with self.replica.no_sync(i < len(micro) - 1):
                         loss = self.replica.loss(batch, w)
@@ -254,7 +228,7 @@ class _Run:
         if d is not None:
             loss_sum, tokens = d.sum([loss_sum, tokens])
         grads = [p.grad for _, p in named if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = distributed.full(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
         lr = self.sched.get_last_lr()[0]
         finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
         if not finite and cfg.on_nonfinite != "skip":
@@ -262,7 +236,7 @@ class _Run:
                                  f"first parameter affected: {_first_nonfinite(named)}")
         if finite:
             if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_([p for _, p in named], cfg.max_grad_norm, norm)
+                _clip([p for _, p in named], cfg.max_grad_norm, norm)
             self.opt.step()
         self.sched.step()  # a skipped step still counts: the schedule stays tied to the step number
         self.opt.zero_grad(set_to_none=True)
