@@ -1,9 +1,10 @@
-"""Wall time and peak memory of ``lorakit train`` on 1 process against ``--nproc 2`` (torchrun, DDP).
+"""Wall time and peak memory of ``lorakit train`` on 1 process against ``--nproc 2`` (torchrun, DDP)
+and ``--nproc 2 --fsdp`` (FSDP2, the base sharded).
 
-Runs the two commands one after the other (``--runs`` times each, interleaved), samples every
+Runs the three commands one after the other (``--runs`` times each, interleaved), samples every
 process of each run's tree for its peak resident memory (``VmHWM`` in /proc), and prints the wall
-times, their ratio and the peak RSS of each training process. Extra arguments go to both runs
-(default: the built-in main job).
+times, their ratios and the peak RSS of each training process (the ``--nproc`` launcher left out).
+Extra arguments go to every run (default: the built-in main job).
 
     .venv/bin/python benchmarks/ddp.py                       # the default run, 1 vs 2 processes
     .venv/bin/python benchmarks/ddp.py -- --steps 20         # shorter
@@ -59,7 +60,7 @@ def measure(argv: list[str]) -> tuple[float, list[int]]:
     while p.poll() is None:
         for pid in _tree(p.pid):
             got = _hwm(pid)
-            if got and "lorakit.app.cli" in got[0] and "train" in got[0] and "torch.distributed.run" not in got[0]:
+            if got and "lorakit.app.cli train" in got[0] and "--nproc" not in got[0]:  # the workers, not the launcher
                 peaks[pid] = max(peaks.get(pid, 0), got[1])
         time.sleep(0.5)
     if p.returncode != 0:
@@ -76,9 +77,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.runs):
             one = measure(cli + ["--output", f"{tmp}/one{i}"])
-            two = measure(cli + ["--output", f"{tmp}/two{i}", "--nproc", "2"])
-            print(f"run {i + 1}: 1 process {one[0]:.0f} s (peak RSS {one[1]} MiB); 2 processes {two[0]:.0f} s "
-                  f"(peak RSS per rank {two[1]} MiB); wall 2/1 = {two[0] / one[0]:.2f}x", flush=True)
+            ddp = measure(cli + ["--output", f"{tmp}/ddp{i}", "--nproc", "2"])
+            fsdp = measure(cli + ["--output", f"{tmp}/fsdp{i}", "--nproc", "2", "--fsdp"])
+            print(f"run {i + 1}: 1 process {one[0]:.0f} s (peak RSS {one[1]} MiB); "
+                  f"2 processes DDP {ddp[0]:.0f} s (peak RSS per rank {ddp[1]} MiB, wall {ddp[0] / one[0]:.2f}x); "
+                  f"2 processes FSDP {fsdp[0]:.0f} s (peak RSS per rank {fsdp[1]} MiB, wall {fsdp[0] / one[0]:.2f}x)",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -227,14 +227,17 @@ def test_nonfinite_skip_drops_the_update_and_counts_it():
     assert not all(torch.equal(snapshots[1][k], snapshots[0][k]) for k in snapshots[0])
 
 
-@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, "safetensors"])
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, err):
+    from safetensors import SafetensorError
     real = ckpt.save_file
     calls = {"n": 0}
 
     def failing(tensors, filename, metadata=None):
         calls["n"] += 1
         if calls["n"] == 5:  # the third checkpoint's optimizer file (two files per checkpoint)
+            if err == "safetensors":  # how safetensors reports a full disk
+                raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
             raise OSError(err, "injected", filename)
         return real(tensors, filename, metadata=metadata)
 

@@ -170,8 +170,8 @@ def one_line(err):
     (["--r", "4"], "r (8 -> 4)"),
     (["--target-modules", "q_proj,v_proj"], "target_modules"),
     (["--batch-size", "3"], "batch_size (2 -> 3)"),
-    (["--model", "model2"], "model ('model' -> 'model2')"),
-    (["--data", "other.jsonl"], "data ('train.jsonl' -> 'other.jsonl')"),
+    (["--model", "model2"], "/model' -> '"),  # paths are kept absolute, so a resume works from any folder
+    (["--data", "other.jsonl"], "/train.jsonl' -> '"),
 ])
 def test_resume_with_changed_options_is_refused(world, crashed, capsys, flags, key):
     if "model2" in flags and not (world / "model2").exists():
@@ -196,19 +196,70 @@ def test_resume_with_changed_data_file_is_refused(world, crashed, capsys):
     assert code == 1 and "data_sha256.data" in line and "checkpoint-4" in line
 
 
-@pytest.mark.parametrize("make", ["missing", "empty", "partial-only", "finished"])
-def test_resume_without_a_complete_checkpoint(world, reference, capsys, tmp_path, make):
+@pytest.mark.parametrize("make, says", [
+    ("missing", "does not exist"), ("a-file", "is not a folder"), ("empty", "no complete checkpoint"),
+    ("partial-only", "no complete checkpoint"), ("finished", "finished run"), ("a-checkpoint", "give its run folder"),
+])
+def test_resume_without_a_complete_checkpoint(world, reference, crashed, capsys, tmp_path, make, says):
     target = tmp_path / "run"
-    if make == "empty":
+    if make == "a-file":
+        target.write_text("x")
+    elif make == "empty":
         target.mkdir()
     elif make == "partial-only":
         (target / ".checkpoint-6.x1y2").mkdir(parents=True)
     elif make == "finished":
         shutil.copytree(reference, target)
+    elif make == "a-checkpoint":
+        target = crashed / "checkpoint-4"
     code, _, err = in_world(world, ["train", "--resume", target], capsys)
     line = one_line(err)
-    assert code == 1 and str(target) in line
-    assert ("finished run" in line) if make == "finished" else ("no complete checkpoint" in line)
+    assert code == 1 and str(target) in line and says in line, line
+
+
+def test_resume_refuses_an_edited_base_model_of_the_same_size(world, crashed, capsys):
+    f = world / "model" / "config.json"
+    before, stat = f.read_bytes(), f.stat()
+    try:
+        edited = before.replace(b'"rms_norm_eps": 1e-06', b'"rms_norm_eps": 2e-06')
+        assert edited != before
+        f.write_bytes(edited)
+        assert f.stat().st_size == stat.st_size
+        code, _, err = in_world(world, ["train", "--resume", "crashed"], capsys)
+    finally:
+        f.write_bytes(before)
+        os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    line = one_line(err)
+    assert code == 1 and "model_files.config.json" in line
+
+
+def test_hand_edited_trainer_state_counts_as_damage(world, crashed, capsys):
+    import json as _json
+    state = crashed / "checkpoint-4" / "trainer_state.json"
+    original = state.read_text()
+    try:
+        doc = _json.loads(original)
+        doc["step"] = 3
+        state.write_text(_json.dumps(doc))
+        path, got = ckpt.latest(crashed)
+    finally:
+        state.write_text(original)
+    assert path.name == "checkpoint-2" and got["step"] == 2
+    assert "was changed after it was written" in capsys.readouterr().out
+
+
+def test_resume_from_another_folder(world, crashed, capsys, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(crashed, copy)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # neither model nor train.jsonl is here: the run recorded absolute paths
+    try:
+        code = cli.main(["train", "--resume", str(copy), "--no-progress"])
+    finally:
+        os.chdir(cwd)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "resuming from" in out and (copy / "adapter_model.safetensors").is_file()
 
 
 def test_new_run_refuses_a_folder_with_checkpoints(world, crashed, capsys):
@@ -216,12 +267,17 @@ def test_new_run_refuses_a_folder_with_checkpoints(world, crashed, capsys):
     assert code == 1 and "--resume" in one_line(err) and "checkpoints of an earlier run" in one_line(err)
 
 
-def test_full_disk_on_the_final_adapter_keeps_the_previous_one(world, reference, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("as_safetensors", [False, True])
+def test_full_disk_on_the_final_adapter_keeps_the_previous_one(world, reference, capsys, monkeypatch, tmp_path,
+                                                               as_safetensors):
     out = tmp_path / "done"
     shutil.copytree(reference, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.name.startswith(("adapter", "lorakit"))}
 
-    def full(*a, **k):
+    def full(*a, **k):  # safetensors reports a full disk as its own error, not an OSError
+        if as_safetensors:
+            from safetensors import SafetensorError
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("lorakit.io.save_file", full)

@@ -57,6 +57,12 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers see old or new, never half."""
     path = Path(path)
@@ -64,6 +70,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

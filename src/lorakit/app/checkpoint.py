@@ -7,10 +7,11 @@ was, so that both end with byte-identical adapters:
   an adapter other than ``default`` in a subfolder of its name, as PEFT saves several);
 - ``optimizer.safetensors``: AdamW's per-parameter state (step, exp_avg, exp_avg_sq);
 - ``rng.safetensors``: torch's CPU (and CUDA) generator states, of each rank (``rank0.torch``, ...);
-- ``trainer_state.json``: the global step, the optimizer's hyperparameters and parameter names, the
-  learning-rate scheduler's state, Python's and NumPy's generator states of each rank, the data position (epoch,
-  order seed, batches consumed), the run's configuration and its SHA-256, the log history, the
-  skipped non-finite steps, the caller's extra state, and the SHA-256 of every other file.
+- ``trainer_state.json``: the global step, the optimizer's hyperparameters and parameter names,
+  the learning-rate scheduler's state, Python's and NumPy's generator states of each rank, the data
+  position (epoch, order seed, batches consumed), the run's configuration and its SHA-256, the log
+  history, the skipped non-finite steps, the caller's extra state, the SHA-256 of every other file
+  and its own (so a hand edit counts as damage, like a truncated file).
 
 Nothing is unpickled on load: tensors come from safetensors, the rest from JSON. The folder is
 built beside its final name, fsynced and renamed (``files.write_folder``), so a crash at any
@@ -135,9 +136,12 @@ def _verify(path: Path) -> dict:
     """The checkpoint's trainer state, after checking every file against its recorded SHA-256."""
     try:
         state = json.loads((path / STATE).read_text())
-        files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        files, own = state["files"], state.pop("state_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{str(path / STATE)!r} is missing or corrupt: {e}") from None
+    if own != digest(state) or state.get("step") != int(_NAME.fullmatch(path.name).group(1)):
+        raise CheckpointError(f"{str(path / STATE)!r} was changed after it was written (its SHA-256 or step "
+                              "does not match)")
     for rel, sha in files.items():
         f = path / rel
         if not f.is_file() or file_digest(f) != sha:
@@ -239,12 +243,14 @@ def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], stat
                "rng": [plain for plain, _ in rngs], "data": data, "skipped_steps": state.skipped,
                "val_loss_start": state.val_loss_start, "extra": state.extra, "log_history": state.history,
                "files": files}
+        doc["state_sha256"] = digest(doc)  # a hand-edited state counts as damaged
         (tmp / STATE).write_text(json.dumps(doc, indent=1) + "\n")
 
     try:
         write_folder(dest, fill, replace=True)
-    except OSError as e:
-        raise SaveError(f"could not write checkpoint {str(dest)!r}: {e.strerror or e}; "
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise SaveError(f"could not write checkpoint {str(dest)!r}: {reason}; "
                         "the earlier checkpoints are unchanged") from None
     if ck.keep:
         for _, old in steps_in(ck.folder)[:-ck.keep]:

@@ -19,9 +19,10 @@ from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
-from lorakit.errors import CheckpointError, CLIError, SaveError
+from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
 from lorakit.io import write_json
 
 from . import checkpoint, classify, distributed, g2p, loop
@@ -92,9 +93,13 @@ def _resume_point(o: TrainOptions) -> tuple[Path, dict]:
         CheckpointError: no complete checkpoint, or one not written by ``lorakit train``.
     """
     folder = Path(o.resume)
+    if not folder.exists() or not folder.is_dir():
+        raise CLIError(f"--resume {str(folder)!r} " + ("does not exist" if not folder.exists() else "is not a folder"))
+    if checkpoint.steps_in(folder.parent) and folder in [p for _, p in checkpoint.steps_in(folder.parent)]:
+        raise CLIError(f"--resume {str(folder)!r} is a checkpoint; give its run folder: --resume {str(folder.parent)!r}")
     if (folder / "adapter_config.json").exists():
         raise CLIError(f"{str(folder)!r} holds a finished run's adapter; nothing to resume")
-    path, doc = checkpoint.latest(folder, log=log)
+    path, doc = checkpoint.latest(folder, log=lambda *_: None)  # the training loop notes damaged ones
     if not {"options"} <= set(doc.get("config", {}).get("run", {})) or "options" not in doc.get("extra", {}):
         raise CheckpointError(f"{str(path)!r} was not written by lorakit train; resume it with the library's "
                               "loop.train(checkpoints=...)")
@@ -102,14 +107,23 @@ def _resume_point(o: TrainOptions) -> tuple[Path, dict]:
 
 
 def _run_config(o: TrainOptions) -> dict:
-    """What a checkpoint of this run is bound to: the options that shape the adapter, and the SHA-256 of
-    the data files and the size of the local base model's files (a changed file is a changed run)."""
+    """What a checkpoint of this run is bound to: the options that shape the adapter, the SHA-256 of the
+    data files, and the size and modification time of the local base model's files (a changed file is a
+    changed run).
+
+    Raises:
+        DataError: a data file does not exist.
+    """
     files = {"data": o.data, "eval_data": o.eval_data}
-    digests = {k: checkpoint.file_digest(v) if v and Path(v).is_file() else None for k, v in files.items()}
+    for v in files.values():
+        if v and not Path(v).is_file():
+            raise DataError(f"data file {v!r} does not exist")
+    digests = {k: checkpoint.file_digest(v) if v else None for k, v in files.items()}
     model = Path(o.model)
-    sizes = {p.name: p.stat().st_size for p in ([model] if model.is_file() else sorted(model.iterdir()))
-             if p.is_file()} if model.exists() else None
-    return {"options": run_options(o), "data_sha256": digests, "model_files": sizes}
+    stamps = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]  # not hashed: a base can be many GB
+              for p in ([model] if model.is_file() else sorted(model.iterdir())) if p.is_file()} \
+        if model.exists() else None
+    return {"options": run_options(o), "data_sha256": digests, "model_files": stamps}
 
 
 def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
@@ -195,8 +209,8 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
         summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck, dist=d)
     if o.gradient_checkpointing:
         loop.set_checkpointing(model, False)
-    done = f"steps {summary['resumed_from'] + 1}-{summary['steps']}" if summary["resumed_from"] else \
-        f"{summary['steps']} steps"
+    first, last = summary["resumed_from"] + 1, summary["steps"]
+    done = f"{last} steps" if first == 1 else f"steps {first}-{last}" if first <= last else "no steps (resumed at the last)"
     skipped = f" ({summary['skipped_steps']} non-finite steps skipped)" if summary["skipped_steps"] else ""
     print(f"trained {done}, {summary['tokens']:,} tokens in {summary['train_seconds']:.0f} s: "
           f"{summary['tokens_per_s']:.0f} tokens/s{skipped}", flush=True)
@@ -248,11 +262,16 @@ def _save_adapter(model, out: Path, meta: dict) -> None:
     Raises:
         SaveError: a write failed (the folder named; files already there are left as they were).
     """
+    new = [f for f in (out / "adapter_model.safetensors", out / "adapter_config.json", out / "lorakit.json")
+           if not f.exists()]
     try:
         save_adapter(model, out)  # the weights first: a failure there leaves every file as it was
         write_metadata(out, meta)
-    except OSError as e:
-        raise SaveError(f"could not write the adapter to {str(out)!r}: {e.strerror or e}") from None
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        for f in new:  # no half adapter where there was none
+            f.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise SaveError(f"could not write the adapter to {str(out)!r}: {reason}") from None
 
 
 def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None = None) -> int:

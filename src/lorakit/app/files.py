@@ -27,9 +27,12 @@ def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    mask = os.umask(0)
+    os.umask(mask)
     try:
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would make the folder private to its writer
         fill(tmp)
-        _fsync_tree(tmp)
+        _settle(tmp, mask)
         if replace and dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -47,10 +50,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (contents first, then the folders naming them)."""
+def _settle(root: Path, mask: int) -> None:
+    """Give every file under ``root`` the umask's mode (some writers create 0600 files), then fsync
+    every file and folder (contents first, then the folders naming them)."""
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~mask)
             _fsync(Path(folder) / name)
         _fsync(Path(folder))
 

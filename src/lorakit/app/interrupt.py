@@ -30,7 +30,7 @@ class Signals:
         # torchrun answers Ctrl-C by sending SIGTERM to workers that got the SIGINT too: let them finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"\nlorakit: {signal.Signals(signum).name} received: checkpointing after this step "
-              "(again to stop at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "Signals":
         if self.on:

@@ -136,7 +136,7 @@ def adamw(params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
+def _first_nonfinite(named: list[tuple[str, torch.Tensor]], loss_finite: bool) -> str:
     """The first parameter whose value, else whose gradient, is not finite (``name (value|gradient)``)."""
     for name, p in named:  # full(): every rank takes the same path (FSDP gathers each shard)
         if not torch.isfinite(distributed.full(p)).all():
@@ -144,7 +144,7 @@ def _first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> str:
     for name, p in named:
         if p.grad is not None and not torch.isfinite(distributed.full(p.grad)).all():
             return f"{name} (gradient)"
-    return "none (the loss alone)"
+    return "none: every value and gradient is finite, their norm overflows" if loss_finite else "none (the loss alone)"
 
 
 def _clip(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
@@ -233,7 +233,7 @@ class _Run:
         finite = math.isfinite(loss_sum) and bool(torch.isfinite(norm))
         if not finite and cfg.on_nonfinite != "skip":
             raise NonFiniteError(f"non-finite loss or gradient (loss {loss_sum}, gradient norm {float(norm)}); "
-                                 f"first parameter affected: {_first_nonfinite(named)}")
+                                 f"first parameter affected: {_first_nonfinite(named, math.isfinite(loss_sum))}")
         if finite:
             if cfg.max_grad_norm is not None:
                 _clip([p for _, p in named], cfg.max_grad_norm, norm)

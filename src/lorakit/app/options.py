@@ -215,6 +215,10 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
     if o.on_nonfinite not in NONFINITE:
         raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE)}, got {o.on_nonfinite!r}")
     _check_numbers(o)
+    for key in ("data", "eval_data", "model"):  # absolute: a resume may start in another folder
+        v = getattr(o, key)
+        if isinstance(v, str) and (key != "model" or Path(v).exists()):
+            setattr(o, key, str(Path(v).absolute()))
     tm = o.target_modules
     if isinstance(tm, str):
         o.target_modules = ALL_LINEAR if tm.strip() == ALL_LINEAR else [s.strip() for s in tm.split(",") if s.strip()]
@@ -233,7 +237,7 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         raise UsageError("--fsdp does not write or resume checkpoints yet; drop --save-every / --resume")
     if o.task == "classify":
         _check_classify(o, given)
-    elif o.builtin and o.eval_data is not None:
+    elif o.builtin and o.eval_data is not None and o.resume is None:  # a resumed run's --data is the run's
         raise UsageError("--eval-data needs --data (the built-in task has its own validation split)")
 
 
