@@ -301,7 +301,7 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
 
     Raises:
         DataError: no training examples.
-        ConfigError: no trainable parameters, or an unknown ``on_nonfinite``.
+        ConfigError: no trainable parameters, an unknown ``on_nonfinite``, or checkpoints with FSDP.
         NonFiniteError: a non-finite loss or gradient with ``cfg.on_nonfinite == "error"`` (step and
             first parameter named); the weights keep the previous step's values.
         CheckpointError: nothing to resume, or a checkpoint of another configuration (keys listed).
@@ -315,6 +315,8 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
         raise DataError("no training examples")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}")
+    if checkpoints is not None and dist is not None and dist.fsdp:
+        raise ConfigError("checkpoints of an FSDP-sharded run are not supported yet; train with DDP to checkpoint")
     if checkpoints is not None:
         checkpoint.check_covered(model, [p for p in model.parameters() if p.requires_grad])
     run = _Run(model, task, cfg, checkpoints, dist)
