@@ -124,10 +124,12 @@ def test_nproc_starts_torchrun(world, two_ranks):
         assert (world / "nproc" / name).read_bytes() == (two_ranks / name).read_bytes()
 
 
-def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks):
-    out = world / "killed"
-    p = subprocess.Popen(torchrun("-m", "lorakit.app.cli", *train_args("killed", 2, "--save-every", 7)), cwd=world,
-                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
+def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks, launcher):
+    out = world / f"killed-{launcher}"
+    args = train_args(out.name, 2, "--save-every", 7)
+    cmd = torchrun("-m", "lorakit", *args) if launcher == "torchrun" else lorakit(*args, "--nproc", 2)
+    p = subprocess.Popen(cmd, cwd=world, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT
     while not (out / "checkpoint-7").is_dir():
         assert p.poll() is None and time.monotonic() < deadline, "no checkpoint-7"
@@ -145,7 +147,8 @@ def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks):
     assert newest < STEPS and not (out / "adapter_model.safetensors").exists()
     doc = ckpt.latest(out)[1]
     assert doc["config"]["world_size"] == 2 and len(doc["rng"]) == 2 and doc["data"]["ranks"] == 2
-    res = run(torchrun("-m", "lorakit.app.cli", "train", "--resume", "killed", "--no-progress"), world)
+    resume = ["train", "--resume", out.name, "--no-progress"]  # an --nproc run: lorakit starts the processes again
+    res = run(torchrun("-m", "lorakit.app.cli", *resume) if launcher == "torchrun" else lorakit(*resume), world)
     assert f"checkpoint-{newest} (step {newest} of {STEPS})" in res.stdout
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (out / name).read_bytes() == (two_ranks / name).read_bytes(), name
@@ -157,8 +160,8 @@ def test_resume_on_another_number_of_processes_is_refused(world):
     run(torchrun("-m", "lorakit.app.cli", *train_args("refuse", 2, "--save-every", 30, "--steps", 30)), world)
     for name in ("adapter_model.safetensors", "adapter_config.json", "lorakit.json", "eval.json"):
         (out / name).unlink()
-    p = subprocess.run(lorakit("train", "--resume", "refuse"), cwd=world, env=env(), capture_output=True, text=True,
-                       timeout=TIMEOUT)
+    p = subprocess.run(lorakit("train", "--resume", "refuse", "--nproc", 1), cwd=world, env=env(), capture_output=True,
+                       text=True, timeout=TIMEOUT)
     assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr
 
 
@@ -177,7 +180,7 @@ def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step(world):
     doc = ckpt.latest(out)[1]
     assert doc["step"] == step == len(metrics(out)) and len(doc["rng"]) == 2
     assert f"checkpoint saved to '{out.name}/checkpoint-{step}'" in err
-    assert "resume with: torchrun --standalone --nproc_per_node 2 -m lorakit.app.cli train --resume ctrlc" in err
+    assert "resume with: torchrun --standalone --nproc_per_node 2 -m lorakit train --resume ctrlc" in err
     assert err.count("resume with:") == 1  # rank 0 speaks for all
 
 
@@ -210,3 +213,27 @@ def test_fsdp_needs_several_processes_and_no_checkpoints(world):
                        env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 2 and "--fsdp does not write or resume checkpoints yet" in p.stderr
     assert not (world / "fsdp1").exists()
+
+
+def test_sigterm_to_the_nproc_launcher_reaches_the_workers(world):
+    out = world / "term"
+    p = subprocess.Popen(lorakit(*train_args("term", 2, "--steps", 100000, "--nproc", 2)), cwd=world, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert p.poll() is None and time.monotonic() < deadline, "no three steps"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # the launcher alone, as a job scheduler would
+    _, err = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 143, err
+    step = ckpt.steps_in(out)[-1][0]
+    assert ckpt.latest(out)[1]["step"] == step and f"resume with: lorakit train --resume {out.name}" in err
+    assert not descendants(p.pid)
+
+
+def test_nproc_user_error_is_one_line(world):
+    p = subprocess.run(lorakit(*train_args("err", 2, "--nproc", 2, "--data", "missing.jsonl")), cwd=world, env=env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith(("loading model", "loaded in"))]
+    assert p.returncode == 1 and lines == [f"lorakit: error: data file '{world / 'missing.jsonl'}' does not exist"], p.stderr
+    assert not (world / "err").exists()

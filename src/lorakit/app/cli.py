@@ -105,6 +105,13 @@ def _reexec_passive() -> None:
         pass  # keep going with the default policy
 
 
+def _say(message: str) -> None:
+    """A final message on stderr; under torchrun only rank 0's (the ranks fail alike; the launcher
+    names another rank that fails alone)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorakit`` console script. Returns the exit status.
 
@@ -119,19 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = list(argv) if argv is not None else sys.argv[1:]  # what --nproc passes to torchrun
         return COMMANDS[args.command](args)
     except UsageError as e:
-        print(f"lorakit: error: {e}", file=sys.stderr)
+        _say(f"lorakit: error: {e}")
         return 2
     except TrainingInterrupted as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
-            print(f"lorakit: interrupted: {e}\nresume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
+        _say(f"lorakit: interrupted: {e}\nresume with: {resume_command(e.checkpoint.parent)}")
         return 128 + e.signal
     except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
-        print(f"lorakit: error: {msg}".splitlines()[0], file=sys.stderr)
+        _say(f"lorakit: error: {msg}".splitlines()[0])
         return 1
     except KeyboardInterrupt:
-        print("\nlorakit: interrupted; no adapter was written (the last complete checkpoint, if any, is intact)",
-              file=sys.stderr)
+        _say("\nlorakit: interrupted; no adapter was written (the last complete checkpoint, if any, is intact)")
         return 130
     except ModuleNotFoundError as e:  # the core alone is installed: the CLI needs the app's packages
         extra = "serve" if e.name in ("fastapi", "uvicorn", "prometheus_client", "starlette") else "app"

@@ -43,13 +43,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     o, given = train_options(args)
     if o.task == "classify":
         return train_classify(o, given)
+    if distributed.launched():  # a worker: the job's size, recorded so that --resume starts as many
+        o = dataclasses.replace(o, nproc=int(os.environ["WORLD_SIZE"]))
     resume = None
     if o.resume is not None:
         resume = _resume_point(o)
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
-    if o.nproc > 1 and not distributed.launched():  # a resumed run keeps its --nproc
-        argv = _without_nproc(getattr(args, "argv", None) or sys.argv[1:])
-        return distributed.launch(argv + ([] if resume is None else [f"--nproc={o.nproc}"]), o.nproc)
+    if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
+        return distributed.launch(_without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc)
     return train_lm(o, t_start, resume)
 
 
@@ -227,7 +228,8 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         "max_length": o.max_length,
         "base_parameters": base_params,
         "trainable_parameters": trainable,
-        "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed")}
+        "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed",
+                                             "nproc")}
         | {"steps": n_steps},
     }
     if o.builtin:
@@ -310,7 +312,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     tcfg = o.train_config()
     world = d.world if d is not None else 1
     n_steps = tcfg.total_steps(len(train_ex), world)
-    ranks = f" on each of {world} processes (torchrun, DDP)" if d is not None else ""
+    ranks = f" on each of {world} processes ({'FSDP' if o.fsdp else 'DDP'})" if d is not None else ""
     print(f"data: {len(train_ex):,} training examples ({train_data.shape}), {n_steps} steps of "
           f"{tcfg.batch_size}x{tcfg.grad_accum}{ranks}, max length {o.max_length}", flush=True)
     results: dict = {}

@@ -1,8 +1,8 @@
 """Training on several processes with torchrun: DistributedDataParallel over the LoRA parameters.
 
-``torchrun --standalone --nproc_per_node N -m lorakit.app.cli train ...`` (or ``lorakit train
---nproc N``, which starts torchrun) sets ``RANK`` / ``WORLD_SIZE``; ``setup`` then joins the process
-group (gloo on CPU, nccl on GPU). The data is cut so that N ranks with batch b train exactly what one
+``torchrun --standalone --nproc_per_node N -m lorakit train ...`` (or ``lorakit train --nproc N``,
+which runs torch's elastic launcher itself, ``launch``) sets ``RANK`` / ``WORLD_SIZE``; ``setup``
+then joins the process group (gloo on CPU, nccl on GPU). The data is cut so that N ranks with batch b train exactly what one
 process with batch N·b trains: every rank walks the same global batch order (``batch_size × N``
 examples per micro-batch) and takes its own slice; the loss of each rank is divided by the global
 number of loss units, so DDP's gradient average times N is the one-process gradient. DDP syncs only
@@ -14,9 +14,9 @@ the reduction. Rank 0 alone evaluates and writes outputs, logs and the progress 
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -74,7 +74,7 @@ def resume_command(folder: str) -> str:
     quoted = shlex.quote(str(folder))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and "LORAKIT_NPROC" not in os.environ:
-        return f"torchrun --standalone --nproc_per_node {world} -m lorakit.app.cli train --resume {quoted}"
+        return f"torchrun --standalone --nproc_per_node {world} -m lorakit train --resume {quoted}"
     return f"lorakit train --resume {quoted}"
 
 
@@ -151,11 +151,36 @@ class Replica:
 
 
 def launch(argv: list[str], nproc: int) -> int:
-    """Run ``lorakit <argv>`` under ``torchrun --standalone --nproc_per_node nproc``; its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "lorakit.app.cli", *argv]
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), LORAKIT_NPROC=str(nproc))
-    return subprocess.call(cmd, env=env)
+    """Run ``lorakit <argv>`` on ``nproc`` processes, as ``torchrun --standalone --nproc_per_node nproc``
+    does (torch's elastic launcher, in this process); the exit status.
+
+    SIGINT / SIGTERM reach the workers (which checkpoint, then exit); a failing worker stops the others
+    and its status is returned (rank 0's message says why; another rank's failure is named here).
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks report for themselves
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: the ranks share the cores
+    os.environ["LORAKIT_NPROC"] = str(nproc)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", "lorakit.app.cli", *argv)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        own = e.failures.get(0)
+        if own is not None and own.exitcode > 0:  # rank 0 failed by itself: it printed why
+            return own.exitcode
+        rank, failure = e.get_first_failure()
+        status = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        print(f"lorakit: error: process {rank} of {nproc} exited with status {status}", file=sys.stderr)
+        return status
+    return 0
 
 
 def shard_blocks(blocks: list[nn.Module]) -> None:
