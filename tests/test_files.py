@@ -3,7 +3,7 @@
 import pytest
 
 from lorakit.app.files import write_folder
-from lorakit.io import write_json
+from lorakit.durable import write_json
 
 
 def test_write_json(tmp_path):

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from . import modules_to_save as mts
 from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
+from .durable import read_utf8, write_atomic, write_json
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
 from .inject import biases, find_targets, inject, trained_biases
 from .tree import STATE_ATTR, activate, is_merged, lora_layers, model_state, set_submodule
@@ -55,40 +55,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     for name, bias in trained_biases(model, model_state(model).configs[adapter_name], adapter_name).items():
         out[PREFIX + name] = bias  # bias="all" / "lora_only": the model's own biases, PEFT's keys
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its writer
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON with a trailing newline, atomically (``write_atomic``)."""
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
-
-    write_atomic(Path(path), write)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -185,12 +151,7 @@ def _read_config(cfg_file: Path) -> LoRAConfig:
     Raises:
         AdapterLoadError: not UTF-8, not JSON (line and column named), or a bad field (named).
     """
-    raw = cfg_file.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AdapterLoadError(f"{str(cfg_file)!r} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset "
-                               f"{e.start})") from None
+    text = read_utf8(cfg_file, AdapterLoadError, "utf-8-sig")
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:

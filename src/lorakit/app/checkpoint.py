@@ -198,7 +198,7 @@ def _adapter_folder(root: Path, name: str) -> Path:
     return root if name == "default" else root / name
 
 
-def check_covered(model, params: list[torch.Tensor]) -> None:
+def check_covered(model) -> None:
     """Every trainable parameter must belong to an active adapter: checkpoints hold adapters only.
 
     Raises:

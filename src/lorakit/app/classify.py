@@ -31,7 +31,7 @@ import torch
 
 from lorakit import LoRAConfig, inject, save_adapter, trainable_parameters
 from lorakit.errors import ConfigError, DataError
-from lorakit.io import write_json
+from lorakit.durable import write_json
 
 from .jsonl import read_objects, write_records
 from .loop import Task, TrainConfig, train

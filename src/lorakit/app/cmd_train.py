@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from lorakit import disable_adapters, inject, merge, save_adapter, trainable_parameters, unmerge
 from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
-from lorakit.io import write_json
+from lorakit.durable import write_json
 
 from . import checkpoint, classify, distributed, g2p, loop
 from .checkpoint import Checkpointing
@@ -96,7 +96,7 @@ def _resume_point(o: TrainOptions) -> tuple[Path, dict]:
     folder = Path(o.resume)
     if not folder.exists() or not folder.is_dir():
         raise CLIError(f"--resume {str(folder)!r} " + ("does not exist" if not folder.exists() else "is not a folder"))
-    if checkpoint.steps_in(folder.parent) and folder in [p for _, p in checkpoint.steps_in(folder.parent)]:
+    if folder in [p for _, p in checkpoint.steps_in(folder.parent)]:
         raise CLIError(f"--resume {str(folder)!r} is a checkpoint; give its run folder: --resume {str(folder.parent)!r}")
     if (folder / "adapter_config.json").exists():
         raise CLIError(f"{str(folder)!r} holds a finished run's adapter; nothing to resume")
@@ -121,9 +121,9 @@ def _run_config(o: TrainOptions) -> dict:
             raise DataError(f"data file {v!r} does not exist")
     digests = {k: checkpoint.file_digest(v) if v else None for k, v in files.items()}
     model = Path(o.model)
-    stamps = {p.name: [p.stat().st_size, p.stat().st_mtime_ns]  # not hashed: a base can be many GB
-              for p in ([model] if model.is_file() else sorted(model.iterdir())) if p.is_file()} \
-        if model.exists() else None
+    entries = ([model] if model.is_file() else sorted(model.iterdir())) if model.exists() else None
+    stamps = {p.name: [(st := p.stat()).st_size, st.st_mtime_ns]  # not hashed: a base can be many GB
+              for p in entries if p.is_file()} if entries is not None else None
     return {"options": run_options(o), "data_sha256": digests, "model_files": stamps}
 
 

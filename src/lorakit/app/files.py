@@ -1,8 +1,8 @@
-"""Reading a text file as UTF-8 with a clear error, and atomic write of a whole folder (merged
-model, dequantised GGUF cache, training checkpoint): built in a temporary sibling, flushed to
-disk, and renamed into place, so readers see the old folder or the new one, never half, even
-after a crash or power loss. Single files go through ``lorakit.io.write_atomic`` and
-``lorakit.io.write_json``."""
+"""Atomic write of a whole folder (merged model, dequantised GGUF cache, training checkpoint): built
+in a temporary sibling, flushed to disk, and renamed into place, so readers see the old folder or
+the new one, never half, even after a crash or power loss. Single files go through
+``lorakit.durable.write_atomic`` and ``lorakit.durable.write_json``; text files are read with
+``lorakit.durable.read_utf8``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from lorakit.errors import LoRAError
+from lorakit.durable import umask
 
 
 def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace: bool = False) -> None:
@@ -27,8 +27,7 @@ def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = umask()
     try:
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would make the folder private to its writer
         fill(tmp)
@@ -59,15 +58,3 @@ def _settle(root: Path, mask: int) -> None:
             _fsync(Path(folder) / name)
         _fsync(Path(folder))
 
-
-def read_utf8(path: str | os.PathLike, error: type[LoRAError]) -> str:
-    """A whole text file (a config or metadata file) decoded as UTF-8.
-
-    Raises:
-        error: the file is not UTF-8 (the file, byte and offset named).
-    """
-    raw = Path(path).read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{str(path)!r} is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None

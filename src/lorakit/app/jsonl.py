@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from lorakit.errors import DataError
-from lorakit.io import write_atomic
+from lorakit.durable import write_atomic
 
 
 MAX_LINE_BYTES = 1 << 20  # one record of at most 1 MiB: a longer line is a file without newlines, or not data
@@ -69,7 +69,7 @@ def _decode(path: Path, lineno: int, raw: bytes) -> str:
 
 
 def write_records(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write ``records`` as JSONL, atomically (``lorakit.io.write_atomic``)."""
+    """Write ``records`` as JSONL, atomically (``lorakit.durable.write_atomic``)."""
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:

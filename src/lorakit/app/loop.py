@@ -318,7 +318,7 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     if checkpoints is not None and dist is not None and dist.fsdp:
         raise ConfigError("checkpoints of an FSDP-sharded run are not supported yet; train with DDP to checkpoint")
     if checkpoints is not None:
-        checkpoint.check_covered(model, [p for p in model.parameters() if p.requires_grad])
+        checkpoint.check_covered(model)
     run = _Run(model, task, cfg, checkpoints, dist)
     state = run.start()
     resumed_from = state.step if checkpoints is not None and checkpoints.resume else 0

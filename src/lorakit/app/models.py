@@ -25,10 +25,10 @@ from safetensors import SafetensorError
 
 from lorakit import load_adapter, read_adapter
 from lorakit.errors import AdapterLoadError, ModelLoadError
-from lorakit.io import write_json
+from lorakit.durable import read_utf8, write_json
 
 from .console import log
-from .files import read_utf8, write_folder
+from .files import write_folder
 
 DEFAULT_MODEL = "default"  # the built-in SmolLM2-135M-Instruct GGUF
 DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default is, in adapter configs

@@ -20,9 +20,10 @@ from pathlib import Path
 from lorakit import LoRAConfig
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import CheckpointError, ConfigError, UsageError
+from lorakit.durable import read_utf8
 
 from . import classify, g2p
-from .files import read_utf8
+from .checkpoint import changed_keys
 from .loop import TrainConfig
 from .models import DEFAULT_MODEL
 
@@ -281,7 +282,8 @@ def resumed_options(o: TrainOptions, given: frozenset[str], run: dict, changeabl
         CheckpointError: an option given now differs from the run's (each changed key listed).
     """
     now = run_options(o)
-    changed = [f"{k} ({run.get(k)!r} -> {now[k]!r})" for k in sorted(given & set(now)) if run.get(k) != now[k]]
+    asked = given & set(now)
+    changed = changed_keys({k: run.get(k) for k in asked}, {k: now[k] for k in asked})
     if changed:
         raise CheckpointError(f"--resume {o.resume!r}: the run was trained with other options; changed: "
                               f"{', '.join(changed)} (resume with the run's own options, or start a new run)")
