@@ -66,8 +66,8 @@ def test_peft_config_round_trip():
 def test_unknown_peft_keys_only_accepted_at_neutral_value():
     d = LoRAConfig().to_dict()
     assert LoRAConfig.from_dict({**d, "use_dora": False, "lora_bias": False, "megatron_config": None}).r == 8
-    with pytest.raises(ConfigError, match="use_dora"):
-        LoRAConfig.from_dict({**d, "use_dora": True})
+    with pytest.raises(ConfigError, match="use_qalora"):
+        LoRAConfig.from_dict({**d, "use_qalora": True})
     with pytest.raises(ConfigError, match="loftq_config"):
         LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}})
     with pytest.raises(ConfigError, match="no_such_key"):
@@ -79,7 +79,7 @@ def test_unknown_peft_keys_only_accepted_at_neutral_value():
 @pytest.mark.parametrize("kwargs,message", [
     ({"lora_alpah": 16}, r"unknown LoRAConfig option 'lora_alpah'.*did you mean 'lora_alpha'"),
     ({"target_module": ["q_proj"]}, r"did you mean 'target_modules'"),
-    ({"use_dora": True}, r"use_dora=True is a PEFT LoraConfig option lorakit does not support"),
+    ({"use_qalora": True}, r"use_qalora=True is a PEFT LoraConfig option lorakit does not support"),
     ({"xyzzy": 1}, r"unknown LoRAConfig option 'xyzzy'.*valid options: r, lora_alpha"),
 ])
 def test_unknown_or_unsupported_keywords_raise_config_error_with_a_near_miss(kwargs, message):
@@ -89,8 +89,8 @@ def test_unknown_or_unsupported_keywords_raise_config_error_with_a_near_miss(kwa
 
 
 def test_peft_options_at_their_neutral_value_are_accepted_as_keywords():
-    cfg = LoRAConfig(r=4, use_dora=False, lora_bias=False, megatron_config=None)
-    assert cfg.r == 4 and "use_dora" not in vars(cfg)
+    cfg = LoRAConfig(r=4, use_qalora=False, lora_bias=False, megatron_config=None)
+    assert cfg.r == 4 and "use_qalora" not in vars(cfg) and "megatron_config" not in vars(cfg)
 
 
 @pytest.mark.parametrize("value", [[""], 3, "(unclosed", [1]])

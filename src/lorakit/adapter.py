@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .dora import NormCache
 from .errors import ConfigError
 
 HALF = (torch.float16, torch.bfloat16)  # base dtypes whose adapters are kept in float32
@@ -97,6 +98,9 @@ class LoRAAdapter(nn.Module):
         name: the adapter's name.
         r, lora_alpha, use_rslora: as in ``LoRAConfig``; ``scaling`` = ``scaling(r, lora_alpha, use_rslora)``.
         lora_dropout: dropout on the bypass input (``nn.Identity`` when p = 0).
+        lora_magnitude_vector: DoRA's magnitude ``m`` (Liu et al. 2024, eq. 5), a Parameter with one
+            value per output feature in PEFT's shape ((out,), or (1, out, 1, 1) on a Conv2d); None
+            for plain LoRA. ``use_dora`` tells which.
 
     Dtypes: A and B are float32 on a float16/bfloat16 base, so small updates are not lost to
     rounding, also after the model is cast with ``.to(dtype)``, ``.half()`` or ``.bfloat16()``
@@ -105,10 +109,13 @@ class LoRAAdapter(nn.Module):
     """
 
     def __init__(self, name: str, a: torch.Tensor, b: torch.Tensor, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False) -> None:
+                 lora_dropout: float = 0.0, use_rslora: bool = False, magnitude: torch.Tensor | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
+        self.use_dora = magnitude is not None
+        self.lora_magnitude_vector = nn.Parameter(magnitude) if self.use_dora else None
+        self.norm_cache = NormCache()  # DoRA's detached ‖W + s·B·A‖_c
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._dropout = lora_dropout > 0
         self.name = name
@@ -129,6 +136,7 @@ class LoRAAdapter(nn.Module):
                 return t.to(device=out.device, dtype=torch.float32)
             return out
 
+        self.norm_cache.clear()
         return super()._apply(keep_float32, recurse)
 
     def _down(self, x: torch.Tensor, down: Op) -> torch.Tensor:
@@ -168,7 +176,8 @@ class LoRAAdapter(nn.Module):
         return product(sb, a)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return f"name={self.name!r}, r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}{dora}"
 
 
 def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

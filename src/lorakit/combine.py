@@ -60,7 +60,7 @@ def add_weighted_adapter(
         AdapterExistsError: ``adapter_name`` already exists.
         ConfigError: mismatched lengths, non-finite weights, unknown
             ``combination_type``, a bad ``svd_rank``, "linear" where it is not exact,
-            or a source layer that is not ``nn.Linear``.
+            a source layer that is not ``nn.Linear``, or a DoRA or bias-training source adapter.
         MergeStateError: adapters are merged.
     """
     adapters, weights, svd_rank = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank)
@@ -99,6 +99,10 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
     if trains_bias:  # its biases are the model's own: there is no per-adapter bias to weigh
         raise ConfigError(f"adapter {trains_bias[0]!r} trains base biases (bias={configs[trains_bias[0]].bias!r}); "
                           "add_weighted_adapter combines only bias='none' adapters")
+    dora = [a for a in adapters if configs[a].use_dora]
+    if dora:  # W' = m ⊙ (W + ΔW)/‖W + ΔW‖_c is not linear in ΔW: weighted sums of DoRA adapters mean nothing
+        raise ConfigError(f"adapter {dora[0]!r} uses DoRA (use_dora=True); its magnitude rescales the weight "
+                          "non-linearly, so add_weighted_adapter combines only LoRA adapters")
     if combination_type == "svd":
         svd_rank = max(configs[a].r for a in adapters) if svd_rank is None else svd_rank
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:

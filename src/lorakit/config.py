@@ -37,7 +37,6 @@ _NEUTRAL = {
     "eva_config": (None,),
     "corda_config": (None,),
     "lora_ga_config": (None,),
-    "use_dora": (False,),
     "velora_config": (None,),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False,),
@@ -68,6 +67,11 @@ class LoRAConfig:
         lora_alpha: scaling numerator, float > 0.
         lora_dropout: dropout probability on the bypass input, 0 <= p < 1.
         use_rslora: use ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        use_dora: DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. 5):
+            ``W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖_c`` with a trainable magnitude ``m`` per output
+            feature, initialised to the weight's norm; the norm is detached (§4.3). Saved as PEFT's
+            ``lora_magnitude_vector``. Such adapters merge and unmerge exactly and mix per row
+            (``mixed_batch``), but are not combined (``add_weighted_adapter`` refuses them).
         target_modules: list of module names (an entry matches a module whose
             qualified name equals it or ends with ``"." + entry``), a string taken
             as a full-match regex over qualified names, or ``"all-linear"``
@@ -120,6 +124,7 @@ class LoRAConfig:
     revision: str | None = None
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         self.r = _check_rank("r", self.r)
@@ -128,7 +133,7 @@ class LoRAConfig:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {p!r}")
         self.lora_dropout = float(p)
-        for name in ("use_rslora", "fan_in_fan_out"):
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.target_modules = _check_targets(self.target_modules)
@@ -189,7 +194,7 @@ class LoRAConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
         d["lora_alpha"] = float(self.lora_alpha)
-        d.update(peft_type="LORA", use_dora=False, inference_mode=True)
+        d.update(peft_type="LORA", inference_mode=True)
         return d
 
     @classmethod
@@ -197,7 +202,7 @@ class LoRAConfig:
         """Build a config from an ``adapter_config.json`` dict (PEFT's or ours).
 
         Keys PEFT knows but lorakit does not implement are accepted only at their
-        neutral value (e.g. ``use_dora: false``).
+        neutral value (e.g. ``lora_bias: false``).
 
         Raises:
             ConfigError: not a LoRA config, an unknown key, or a PEFT feature that is

@@ -131,7 +131,7 @@ def _target(name: str, module: nn.Module, config: LoRAConfig, adapter_name: str,
         raise AdapterExistsError(f"adapter {adapter_name!r} is already injected into {name!r}")
     r = config.rank_for(name)
     n_in, n_out = cls.features(base)
-    return Target(name, r, config.alpha_for(name), n_in, n_out, cls.peft_shapes(base, r))
+    return Target(name, r, config.alpha_for(name), n_in, n_out, cls.peft_shapes(base, r, config.use_dora))
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[Target]:
@@ -275,6 +275,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         _wrap(model, t.name, shared).add_adapter(
             adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
+            use_dora=config.use_dora,
         )
     mts.add_copies(model, saved, adapter_name)
     for bias in trained_biases(model, config, adapter_name).values():

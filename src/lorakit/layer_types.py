@@ -81,6 +81,10 @@ class LoRAConv1D(LoRALayer):
         return int(n_in), int(n_out)
 
     _product = staticmethod(_transposed)
+    weight_out_axis = 1
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x @ weight
 
 
 class LoRAEmbedding(LoRALayer):
@@ -131,6 +135,10 @@ class LoRAEmbedding(LoRALayer):
         )
 
     _product = staticmethod(_transposed)
+    weight_out_axis = 1  # (num_embeddings, embedding_dim): DoRA's magnitude is per embedding dimension
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._down(x, weight.T)
 
 
 class LoRAConv2d(LoRALayer):
@@ -153,6 +161,15 @@ class LoRAConv2d(LoRALayer):
 
     base_type = nn.Conv2d
     linear_up = False
+    output_axis = 1  # (N, out, H', W')
+
+    @classmethod
+    def magnitude_shape(cls, base_layer: nn.Conv2d) -> tuple[int, ...]:
+        """DoRA's magnitude as PEFT stores it for a convolution: (1, out, 1, 1)."""
+        return (1, base_layer.out_channels, 1, 1)
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight, None)
 
     @staticmethod
     def check_base(base_layer: nn.Conv2d, name: str) -> None:

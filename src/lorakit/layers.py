@@ -12,9 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
+
+
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's key suffix of DoRA's magnitude
 
 
 class LoRALayer(AdapterModule):
@@ -43,6 +47,8 @@ class LoRALayer(AdapterModule):
     supports_dropout = True
     linear_up = True  # _up is F.linear, so _up_add may fuse it into one addmm_
     tied_with: tuple[str, ...] = ()
+    weight_out_axis = 0  # the output-feature axis of the base weight (DoRA's norm is taken across the others)
+    output_axis = -1  # the output-feature axis of the layer's output
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, self.base_type):
@@ -83,9 +89,17 @@ class LoRALayer(AdapterModule):
         return (r, n_in), (n_out, r)
 
     @classmethod
-    def peft_shapes(cls, base_layer: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    def magnitude_shape(cls, base_layer: nn.Module) -> tuple[int, ...]:
+        """Shape of DoRA's ``lora_magnitude_vector`` (PEFT's): (out,) here."""
+        return (cls.features(base_layer)[1],)
+
+    @classmethod
+    def peft_shapes(cls, base_layer: nn.Module, r: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
         """PEFT key suffix -> shape, for the tensors an adapter of rank ``r`` has on ``base_layer``."""
-        return dict(zip(cls.peft_suffixes, cls.factor_shapes(base_layer, r)))
+        shapes = dict(zip(cls.peft_suffixes, cls.factor_shapes(base_layer, r)))
+        if use_dora:
+            shapes[MAGNITUDE] = cls.magnitude_shape(base_layer)
+        return shapes
 
     def _init(self, a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights) -> None:
         init_factors(a, b, r, init_lora_weights)
@@ -105,6 +119,14 @@ class LoRALayer(AdapterModule):
 
     def _product(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return b @ a
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base op with ``weight`` and no bias (DoRA's ``W x`` on a dropped input)."""
+        return F.linear(x, weight)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as a dense ``dtype`` tensor (DoRA's norm), detached."""
+        return self.base_layer.weight.detach().to(dtype)
 
     # --- adapters -------------------------------------------------------------------------
 
@@ -136,10 +158,13 @@ class LoRALayer(AdapterModule):
             raise AdapterNotFoundError(f"adapter {name!r} not found; this layer has {self.adapter_names}") from None
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str | None = True) -> LoRAAdapter:
+                    use_rslora: bool = False, init_lora_weights: bool | str | None = True,
+                    use_dora: bool = False) -> LoRAAdapter:
         """Create adapter ``name`` with rank ``r`` and scaling alpha/r (alpha/sqrt(r) with rsLoRA).
 
-        ``init_lora_weights``: see ``adapter.init_factors``; None leaves A and B uninitialised.
+        ``init_lora_weights``: see ``adapter.init_factors``; None leaves A and B (and DoRA's
+        magnitude) uninitialised. ``use_dora``: add DoRA's magnitude, ``‖W + s·B·A‖_c`` of the
+        initial factors (Liu et al. 2024, eq. 5; ``lorakit.dora``).
 
         Raises:
             AdapterExistsError: ``name`` already exists on this layer.
@@ -152,7 +177,13 @@ class LoRALayer(AdapterModule):
         b = torch.empty(b_shape, device=w.device, dtype=self.adapter_dtype)
         self._init(a, b, r, init_lora_weights)
         dropout = lora_dropout if self.supports_dropout else 0.0
-        self.adapters[adapter_key(name)] = ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora)
+        m = torch.empty(self.magnitude_shape(self.base_layer), device=w.device, dtype=a.dtype) if use_dora else None
+        ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora, m)
+        if use_dora and init_lora_weights is not None:
+            with torch.no_grad():
+                m.copy_(dora.initial_magnitude(self.dense_weight(a.dtype), ad.delta(self._product, a.dtype),
+                                               self.weight_out_axis).reshape(m.shape))
+        self.adapters[adapter_key(name)] = ad
         self._adapters_version += 1
         return ad
 
@@ -171,7 +202,7 @@ class LoRALayer(AdapterModule):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         ad = self.adapter(name)
-        return [ad.lora_A, ad.lora_B]
+        return [ad.lora_A, ad.lora_B] + ([ad.lora_magnitude_vector] if ad.use_dora else [])
 
     def lora_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` Parameters of adapter ``name``, as stored (PEFT's layout)."""
@@ -179,8 +210,12 @@ class LoRALayer(AdapterModule):
         return ad.lora_A, ad.lora_B
 
     def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """PEFT key suffix -> tensor of adapter ``name`` (the live Parameters)."""
-        return dict(zip(self.peft_suffixes, self.lora_weights(name)))
+        """PEFT key suffix -> tensor of adapter ``name`` (the live Parameters; DoRA's magnitude too)."""
+        ad = self.adapter(name)
+        out = dict(zip(self.peft_suffixes, (ad.lora_A, ad.lora_B)))
+        if ad.use_dora:
+            out[MAGNITUDE] = ad.lora_magnitude_vector
+        return out
 
     def unwrapped(self, merge: bool) -> nn.Module:
         """The base module, holding ``W + deltas`` of the active adapters (``merge``) or ``W``."""
@@ -243,7 +278,10 @@ class LoRALayer(AdapterModule):
         for name in state.active:
             ad = adapters.get(adapter_key(name))
             if ad is not None and name not in self.merged_adapters:
-                ad.add_bypass_(out, x, self._down, self._up_add)
+                if ad.use_dora:
+                    dora.add_dora_(self, ad, out, x)
+                else:
+                    ad.add_bypass_(out, x, self._down, self._up_add)
         return out
 
     # --- merge ----------------------------------------------------------------------------
@@ -257,7 +295,9 @@ class LoRALayer(AdapterModule):
 
         Already merged adapters are skipped, so merging twice adds nothing twice. The weight
         becomes ``W + sum of all merged deltas``, formed in float32 (float64 for a float64
-        weight) from the original W and rounded once to the weight dtype.
+        weight) from the original W and rounded once to the weight dtype. A DoRA adapter rescales
+        the sum so far instead: ``m/‖W + ΔW‖_c · (sum + ΔW)`` (Liu et al. 2024, eq. 5), in the
+        order the adapters merge, as the forward applies them.
 
         Raises:
             AdapterNotFoundError: a name this layer does not have.
@@ -275,9 +315,15 @@ class LoRALayer(AdapterModule):
             if self._original_weight is None:
                 self._original_weight = w.detach().clone()
             acc = torch.promote_types(w.dtype, torch.float32)
-            total = self._original_weight.to(acc, copy=True)
-            for n in self.merged_adapters + todo:
-                total += self.delta_weight(n, acc).to(total.device)
+            original = self._original_weight.to(acc)
+            total = original.clone()
+            for n in self.merged_adapters + todo:  # in turn, as the forward applies them (DoRA rescales)
+                ad = self.adapter(n)
+                delta = ad.delta(self._product, acc).to(total.device)
+                if ad.use_dora:
+                    total = dora.merge_fold(total, original, delta, ad, self.weight_out_axis)
+                else:
+                    total += delta
             w.copy_(total)
         self.merged_adapters.extend(todo)
 

