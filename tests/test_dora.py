@@ -367,3 +367,25 @@ def test_cli_train_dora_saves_a_peft_dora_adapter_that_merges_to_the_same_model(
         torch.testing.assert_close(plain(ids).logits, pm(ids).logits, rtol=0, atol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         assert (base(ids).logits - pm(ids).logits).abs().max() > 1e-4  # the adapter trained: the magnitudes moved
+
+
+def test_plain_then_dora_adapter_on_conv1d_with_gradients_matches_peft(tmp_path):
+    """A plain adapter writes the Conv1D output (a view) in place first; DoRA's in-place write after it
+    must still work with autograd on, and both together give PEFT's output."""
+    build, x, *_ = FAMILIES["gpt2"]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                     init_lora_weights=False))
+    pm.add_adapter("d", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                        use_dora=True, init_lora_weights=False))
+    randomize_(pm)
+    pm.save_pretrained(tmp_path / "p")
+    pm.base_model.set_adapter(["default", "d"])
+    expected = out(pm, x).detach()
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "p", "default")
+    lorakit.load_adapter(model, tmp_path / "p" / "d", "d")
+    lorakit.set_adapter(model, ["default", "d"])
+    got = out(model, x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    got.sum().backward()
+    assert model.transformer.h[0].attn.c_attn.adapter("d").lora_magnitude_vector.grad is not None

@@ -101,6 +101,8 @@ class LoRAAdapter(nn.Module):
         lora_magnitude_vector: DoRA's magnitude ``m`` (Liu et al. 2024, eq. 5), a Parameter with one
             value per output feature in PEFT's shape ((out,), or (1, out, 1, 1) on a Conv2d); None
             for plain LoRA. ``use_dora`` tells which.
+        lora_B_bias: PEFT's ``lora_bias=True``: a bias (out,) of B, scaled like the bypass
+            (``s·(B A x + b_B)``), saved as ``lora_B.bias``; None without it.
 
     Dtypes: A and B are float32 on a float16/bfloat16 base, so small updates are not lost to
     rounding, also after the model is cast with ``.to(dtype)``, ``.half()`` or ``.bfloat16()``
@@ -109,13 +111,15 @@ class LoRAAdapter(nn.Module):
     """
 
     def __init__(self, name: str, a: torch.Tensor, b: torch.Tensor, r: int, lora_alpha: float,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, magnitude: torch.Tensor | None = None) -> None:
+                 lora_dropout: float = 0.0, use_rslora: bool = False, magnitude: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(b)
         self.use_dora = magnitude is not None
         self.lora_magnitude_vector = nn.Parameter(magnitude) if self.use_dora else None
         self.norm_cache = NormCache()  # DoRA's detached ‖W + s·B·A‖_c
+        self.lora_B_bias = nn.Parameter(bias) if bias is not None else None
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._dropout = lora_dropout > 0
         self.name = name

@@ -99,6 +99,10 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
     if trains_bias:  # its biases are the model's own: there is no per-adapter bias to weigh
         raise ConfigError(f"adapter {trains_bias[0]!r} trains base biases (bias={configs[trains_bias[0]].bias!r}); "
                           "add_weighted_adapter combines only bias='none' adapters")
+    biased = [a for a in adapters if configs[a].lora_bias]
+    if biased:
+        raise ConfigError(f"adapter {biased[0]!r} has lora_bias=True; add_weighted_adapter combines only adapters "
+                          "without a bias of B")
     dora = [a for a in adapters if configs[a].use_dora]
     if dora:  # W' = m ⊙ (W + ΔW)/‖W + ΔW‖_c is not linear in ΔW: weighted sums of DoRA adapters mean nothing
         raise ConfigError(f"adapter {dora[0]!r} uses DoRA (use_dora=True); its magnitude rescales the weight "

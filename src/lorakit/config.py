@@ -43,7 +43,6 @@ _NEUTRAL = {
     "qalora_group_size": None,  # any value: only read when use_qalora is true
     "monteclora_config": (None,),
     "layer_replication": (None,),
-    "lora_bias": (False,),
     "target_parameters": (None, []),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
@@ -72,6 +71,10 @@ class LoRAConfig:
             feature, initialised to the weight's norm; the norm is detached (§4.3). Saved as PEFT's
             ``lora_magnitude_vector``. Such adapters merge and unmerge exactly and mix per row
             (``mixed_batch``), but are not combined (``add_weighted_adapter`` refuses them).
+        lora_bias: PEFT's option: B gets a bias, ``h = W x + s·(B A x + b_B)``, saved as
+            ``lora_B.bias``; merging adds ``s·b_B`` to the base bias (a base layer without a bias
+            cannot merge it). Not with DoRA, ``init_lora_weights="gaussian"`` or on nn.Embedding
+            (as in PEFT).
         target_modules: list of module names (an entry matches a module whose
             qualified name equals it or ends with ``"." + entry``), a string taken
             as a full-match regex over qualified names, or ``"all-linear"``
@@ -125,6 +128,7 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         self.r = _check_rank("r", self.r)
@@ -133,7 +137,7 @@ class LoRAConfig:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {p!r}")
         self.lora_dropout = float(p)
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.target_modules = _check_targets(self.target_modules)
@@ -147,6 +151,9 @@ class LoRAConfig:
             raise ConfigError(
                 f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        if self.lora_bias and (self.use_dora or self.init_lora_weights == "gaussian"):
+            clash = "use_dora=True" if self.use_dora else "init_lora_weights='gaussian'"
+            raise ConfigError(f"lora_bias=True does not combine with {clash} (PEFT refuses it too)")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
         ms = self.modules_to_save
@@ -202,7 +209,7 @@ class LoRAConfig:
         """Build a config from an ``adapter_config.json`` dict (PEFT's or ours).
 
         Keys PEFT knows but lorakit does not implement are accepted only at their
-        neutral value (e.g. ``lora_bias: false``).
+        neutral value (e.g. ``use_qalora: false``).
 
         Raises:
             ConfigError: not a LoRA config, an unknown key, or a PEFT feature that is

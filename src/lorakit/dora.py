@@ -29,6 +29,13 @@ def along(v: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
+def writable(out: torch.Tensor) -> torch.Tensor:
+    """A fresh view of ``out`` for in-place writes. ``out`` may itself be a view (a transformers
+    ``Conv1D`` output) whose autograd history went stale when an earlier adapter wrote through another
+    view of it (a fused ``addmm_``); torch then refuses a direct in-place op on it as on a leaf."""
+    return out.view(out.shape)
+
+
 def initial_magnitude(weight: torch.Tensor, delta: torch.Tensor, out_axis: int) -> torch.Tensor:
     """``m₀ = ‖W + s·B·A‖_c`` (eq. 5 at initialisation: W' = W while B·A = 0), in ``delta``'s dtype."""
     with torch.no_grad():
@@ -89,12 +96,5 @@ def add_dora_(layer, ad, out: torch.Tensor, x: torch.Tensor) -> None:
         base = out.to(dtype, copy=True) if bias is None else (out - along(bias, out.dim(), layer.output_axis)).to(dtype)
     lora = layer._up(layer._down(x, a) * ad.scaling, ad._parameters["lora_B"])
     g = along(g, out.dim(), layer.output_axis)
-    out.add_(((g - 1) * base + g * lora).to(out.dtype))
+    writable(out).add_(((g - 1) * base + g * lora).to(out.dtype))
 
-
-def merge_fold(total: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, ad, out_axis: int) -> torch.Tensor:
-    """One adapter merged into ``total``, everything in ``total``'s dtype: ``m/‖W + ΔW‖_c · (total + ΔW)``,
-    the norm taken on the original weight ``W`` as the forward does (eq. 5; several adapters merge in
-    turn, as they apply)."""
-    g = ad.lora_magnitude_vector.detach().reshape(-1).to(total) / column_norm(weight + delta, out_axis)
-    return (total + delta) * along(g, total.dim(), out_axis)

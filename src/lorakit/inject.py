@@ -127,11 +127,14 @@ def _target(name: str, module: nn.Module, config: LoRAConfig, adapter_name: str,
             f"(supported: {', '.join(t.__name__ for t in lora_classes())})"
         )
     cls.check_base(base, name)
+    if config.lora_bias and not cls.supports_lora_bias:
+        raise TargetModuleError(f"target module {name!r} is a {type(base).__name__}, which takes no lora_bias "
+                                "(PEFT neither); leave it out of target_modules or set lora_bias=False")
     if isinstance(module, LoRALayer) and module.has_adapter(adapter_name):
         raise AdapterExistsError(f"adapter {adapter_name!r} is already injected into {name!r}")
     r = config.rank_for(name)
     n_in, n_out = cls.features(base)
-    return Target(name, r, config.alpha_for(name), n_in, n_out, cls.peft_shapes(base, r, config.use_dora))
+    return Target(name, r, config.alpha_for(name), n_in, n_out, cls.peft_shapes(base, r, config.use_dora, config.lora_bias))
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[Target]:
@@ -275,7 +278,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         _wrap(model, t.name, shared).add_adapter(
             adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
-            use_dora=config.use_dora,
+            use_dora=config.use_dora, lora_bias=config.lora_bias,
         )
     mts.add_copies(model, saved, adapter_name)
     for bias in trained_biases(model, config, adapter_name).values():

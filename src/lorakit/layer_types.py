@@ -113,6 +113,7 @@ class LoRAEmbedding(LoRALayer):
     base_type = nn.Embedding
     peft_suffixes = ("lora_embedding_A", "lora_embedding_B")
     supports_dropout = False
+    supports_lora_bias = False
 
     @staticmethod
     def features(base_layer: nn.Embedding) -> tuple[int, int]:

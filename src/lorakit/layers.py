@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora
+from . import dora, fold
+from . import lora_bias as lora_bias_
 from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
 
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's key suffix of DoRA's magnitude
+B_BIAS = "lora_B.bias"  # PEFT's key suffix of B's bias (lora_bias=True)
 
 
 class LoRALayer(AdapterModule):
@@ -45,6 +47,7 @@ class LoRALayer(AdapterModule):
     base_type: type = nn.Module
     peft_suffixes = ("lora_A.weight", "lora_B.weight")  # file keys of A and B under the module's name
     supports_dropout = True
+    supports_lora_bias = True  # PEFT's lora_bias (a bias of B)
     linear_up = True  # _up is F.linear, so _up_add may fuse it into one addmm_
     tied_with: tuple[str, ...] = ()
     weight_out_axis = 0  # the output-feature axis of the base weight (DoRA's norm is taken across the others)
@@ -60,6 +63,7 @@ class LoRALayer(AdapterModule):
         self.in_features, self.out_features = self.features(base_layer)
         self.merged_adapters: list[str] = []
         self._original_weight: torch.Tensor | None = None
+        self._original_bias: torch.Tensor | None = None
         self._shared_weight: nn.Parameter | None = None
         self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
@@ -94,11 +98,14 @@ class LoRALayer(AdapterModule):
         return (cls.features(base_layer)[1],)
 
     @classmethod
-    def peft_shapes(cls, base_layer: nn.Module, r: int, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
+    def peft_shapes(cls, base_layer: nn.Module, r: int, use_dora: bool = False,
+                    lora_bias: bool = False) -> dict[str, tuple[int, ...]]:
         """PEFT key suffix -> shape, for the tensors an adapter of rank ``r`` has on ``base_layer``."""
         shapes = dict(zip(cls.peft_suffixes, cls.factor_shapes(base_layer, r)))
         if use_dora:
             shapes[MAGNITUDE] = cls.magnitude_shape(base_layer)
+        if lora_bias:
+            shapes[B_BIAS] = (cls.features(base_layer)[1],)
         return shapes
 
     def _init(self, a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights) -> None:
@@ -159,12 +166,14 @@ class LoRALayer(AdapterModule):
 
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: bool | str | None = True,
-                    use_dora: bool = False) -> LoRAAdapter:
+                    use_dora: bool = False, lora_bias: bool = False) -> LoRAAdapter:
         """Create adapter ``name`` with rank ``r`` and scaling alpha/r (alpha/sqrt(r) with rsLoRA).
 
         ``init_lora_weights``: see ``adapter.init_factors``; None leaves A and B (and DoRA's
         magnitude) uninitialised. ``use_dora``: add DoRA's magnitude, ``‖W + s·B·A‖_c`` of the
-        initial factors (Liu et al. 2024, eq. 5; ``lorakit.dora``).
+        initial factors (Liu et al. 2024, eq. 5; ``lorakit.dora``). ``lora_bias``: give B a bias
+        (PEFT's ``lora_bias``), zeros unless ``init_lora_weights`` is False (then nn.Linear's uniform
+        init with fan-in r).
 
         Raises:
             AdapterExistsError: ``name`` already exists on this layer.
@@ -178,7 +187,8 @@ class LoRALayer(AdapterModule):
         self._init(a, b, r, init_lora_weights)
         dropout = lora_dropout if self.supports_dropout else 0.0
         m = torch.empty(self.magnitude_shape(self.base_layer), device=w.device, dtype=a.dtype) if use_dora else None
-        ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora, m)
+        bias = lora_bias_.initial(self.out_features, a, r, init_lora_weights) if lora_bias else None
+        ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora, m, bias)
         if use_dora and init_lora_weights is not None:
             with torch.no_grad():
                 m.copy_(dora.initial_magnitude(self.dense_weight(a.dtype), ad.delta(self._product, a.dtype),
@@ -202,7 +212,8 @@ class LoRALayer(AdapterModule):
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         ad = self.adapter(name)
-        return [ad.lora_A, ad.lora_B] + ([ad.lora_magnitude_vector] if ad.use_dora else [])
+        extra = [p for p in (ad.lora_magnitude_vector, ad.lora_B_bias) if p is not None]
+        return [ad.lora_A, ad.lora_B, *extra]
 
     def lora_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` Parameters of adapter ``name``, as stored (PEFT's layout)."""
@@ -215,6 +226,8 @@ class LoRALayer(AdapterModule):
         out = dict(zip(self.peft_suffixes, (ad.lora_A, ad.lora_B)))
         if ad.use_dora:
             out[MAGNITUDE] = ad.lora_magnitude_vector
+        if ad.lora_B_bias is not None:
+            out[B_BIAS] = ad.lora_B_bias
         return out
 
     def unwrapped(self, merge: bool) -> nn.Module:
@@ -223,7 +236,7 @@ class LoRALayer(AdapterModule):
             self.merge()
         else:
             self.unmerge()
-        self._original_weight = None  # the merged weight is now the weight
+        self._original_weight = self._original_bias = None  # the merged weight is now the weight
         self._shared_weight = None  # a merged tied head keeps its private weight
         return self.base_layer
 
@@ -282,6 +295,8 @@ class LoRALayer(AdapterModule):
                     dora.add_dora_(self, ad, out, x)
                 else:
                     ad.add_bypass_(out, x, self._down, self._up_add)
+                    if ad.lora_B_bias is not None:
+                        lora_bias_.add_(out, ad, self.output_axis)
         return out
 
     # --- merge ----------------------------------------------------------------------------
@@ -297,15 +312,19 @@ class LoRALayer(AdapterModule):
         becomes ``W + sum of all merged deltas``, formed in float32 (float64 for a float64
         weight) from the original W and rounded once to the weight dtype. A DoRA adapter rescales
         the sum so far instead: ``m/‖W + ΔW‖_c · (sum + ΔW)`` (Liu et al. 2024, eq. 5), in the
-        order the adapters merge, as the forward applies them.
+        order the adapters merge, as the forward applies them (``lorakit.fold``). A ``lora_bias``
+        adds ``s·b_B`` to the base bias the same way (the original bias is kept aside too).
 
         Raises:
             AdapterNotFoundError: a name this layer does not have.
+            MergeStateError: an adapter with ``lora_bias`` on a base layer without a bias.
         """
         names = self.active_adapters if names is None else list(names)
         todo = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
         for n in todo:
-            self.adapter(n)
+            if self.adapter(n).lora_B_bias is not None and getattr(self.base_layer, "bias", None) is None:
+                raise MergeStateError(f"adapter {n!r} has lora_bias=True but {type(self.base_layer).__name__} "
+                                      f"{self.extra_repr()} has no bias to merge it into; keep it unmerged")
         if not todo:
             return
         with torch.no_grad():  # a block, not a decorator: mutation testing (mutmut) skips decorated functions
@@ -314,17 +333,13 @@ class LoRALayer(AdapterModule):
             w = self.base_layer.weight
             if self._original_weight is None:
                 self._original_weight = w.detach().clone()
+                b = getattr(self.base_layer, "bias", None)
+                self._original_bias = b.detach().clone() if b is not None else None
             acc = torch.promote_types(w.dtype, torch.float32)
-            original = self._original_weight.to(acc)
-            total = original.clone()
-            for n in self.merged_adapters + todo:  # in turn, as the forward applies them (DoRA rescales)
-                ad = self.adapter(n)
-                delta = ad.delta(self._product, acc).to(total.device)
-                if ad.use_dora:
-                    total = dora.merge_fold(total, original, delta, ad, self.weight_out_axis)
-                else:
-                    total += delta
-            w.copy_(total)
+            weight, bias = fold.merged(self, self.merged_adapters + todo, self._original_weight, self._original_bias, acc)
+            w.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
         self.merged_adapters.extend(todo)
 
     def unmerge(self) -> None:
@@ -332,7 +347,9 @@ class LoRALayer(AdapterModule):
         with torch.no_grad():
             if self._original_weight is not None:
                 self.base_layer.weight.copy_(self._original_weight)
-        self._original_weight = None
+            if self._original_bias is not None:
+                self.base_layer.bias.copy_(self._original_bias)
+        self._original_weight = self._original_bias = None
         self.merged_adapters = []
         if self._shared_weight is not None:  # tie back: the base module gets the shared Parameter again
             self.base_layer.weight = self._shared_weight
@@ -348,6 +365,8 @@ class LoRALayer(AdapterModule):
         super()._apply(fn, recurse)
         if self._original_weight is not None:
             self._original_weight = fn(self._original_weight)
+        if self._original_bias is not None:
+            self._original_bias = fn(self._original_bias)
         self._bank = self._hot = None  # restacked on the new device / dtype when next needed
         return self
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import dora
+from . import dora, lora_bias
 from .adapter import masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .rows import BankLayout, Padded, RowPlan, bank_layout, plan_rows
@@ -58,7 +58,7 @@ class _Route:
     ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
     (k, in, r), ``b_t`` (k, r, out), gathered) and ``pad()``."""
 
-    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "dora", "_bank", "_banked", "_stacked",
+    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "dora", "biased", "_bank", "_banked", "_stacked",
                  "_columns")
 
     def __init__(self, layer, plan: RowPlan, router) -> None:
@@ -67,6 +67,8 @@ class _Route:
         self.names = tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
         self.dora = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments if layer.adapter(n).use_dora)
+        self.biased = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments
+                            if layer.adapter(n).lora_B_bias is not None)
         self._bank = self._banked = self._stacked = self._columns = None
 
     def bank_segments(self):
@@ -118,7 +120,7 @@ def _rescale_dora_rows_(layer, ad, out: torch.Tensor, rows: torch.Tensor) -> Non
         sub = (sub - bias) * dora.along(g, sub.dim(), layer.output_axis) + bias
     else:
         sub = sub * dora.along(g, sub.dim(), layer.output_axis)
-    out.index_copy_(0, rows, sub.to(out.dtype))
+    dora.writable(out).index_copy_(0, rows, sub.to(out.dtype))
 
 
 class RowRouter:
@@ -183,6 +185,8 @@ class RowRouter:
             xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
             for name, s, e in route.segments:
                 layer.add_bypass_(out, name, xs[s:e], rows=plan.perm[s:e])
+        for ad, rows in route.biased:  # the bypasses above leave out lora_bias: added to their rows here
+            lora_bias.add_(out, ad, layer.output_axis, rows)
         for ad, rows in route.dora:
             _rescale_dora_rows_(layer, ad, out, rows)
         return out
