@@ -70,8 +70,10 @@ def test_unknown_peft_keys_only_accepted_at_neutral_value():
         LoRAConfig.from_dict({**d, "use_qalora": True})
     with pytest.raises(ConfigError, match="loftq_config"):
         LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}})
-    with pytest.raises(ConfigError, match="no_such_key"):
-        LoRAConfig.from_dict({**d, "no_such_key": 1})
+    with pytest.warns(lorakit.LoRAWarning, match=r"\['no_such_key'\].*ignored"):  # as PEFT: named, not fatal
+        assert LoRAConfig.from_dict({**d, "no_such_key": 1}).r == 8
+    with pytest.raises(ConfigError, match="did you mean 'lora_alpha'"):  # a misspelt field would change the math
+        LoRAConfig.from_dict({**d, "lora_alpah": 1})
     with pytest.raises(ConfigError, match="IA3"):
         LoRAConfig.from_dict({**d, "peft_type": "IA3"})
 

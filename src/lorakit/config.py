@@ -11,11 +11,12 @@ import difflib
 import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .adapter import scaling
-from .errors import ConfigError
+from .errors import ConfigError, LoRAWarning
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BIAS_MODES = ("none", "all", "lora_only")
@@ -49,6 +50,13 @@ _NEUTRAL = {
     "kasa_config": (None,),
     "ensure_weight_tying": (False,),
     "runtime_config": None,  # runtime-only options (e.g. GPU offload), no effect on weights
+}
+
+# Keys of older PEFT versions (2023: loralib-era MergedLinear), with the values that leave the math
+# unchanged (None: any value). Files carrying them load with a warning, as in PEFT.
+_LEGACY = {
+    "enable_lora": (None,),  # which of q/k/v a fused layer adapted; set, it changes the math
+    "merge_weights": None,  # loralib's merge-on-eval switch: no effect on the weights
 }
 
 
@@ -209,31 +217,51 @@ class LoRAConfig:
         """Build a config from an ``adapter_config.json`` dict (PEFT's or ours).
 
         Keys PEFT knows but lorakit does not implement are accepted only at their
-        neutral value (e.g. ``use_qalora: false``).
+        neutral value (e.g. ``use_qalora: false``). Keys of older PEFT versions
+        (``enable_lora: null``, ``merge_weights``) and keys no version knows are ignored with one
+        ``LoRAWarning`` naming them, as PEFT does, unless they change the math or look like a
+        misspelt field (``lora_alpah``).
 
         Raises:
-            ConfigError: not a LoRA config, an unknown key, or a PEFT feature that is
-                switched on which lorakit does not implement (the key and value named).
+            ConfigError: not a LoRA config, a PEFT feature that is switched on which lorakit
+                does not implement, a legacy key at a value that changes the math, or a near miss
+                of a field (the key, value and nearest field named).
         """
         if not isinstance(d, dict):
             raise ConfigError(f"adapter config must be a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ConfigError(f"peft_type={d.get('peft_type')!r} is not a LoRA adapter (expected 'LORA')")
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
+        kwargs, ignored = {}, []
         for k, v in d.items():
             if k in names:
                 kwargs[k] = v
             elif k in _METADATA_KEYS:
                 continue
-            else:
+            elif k in _LEGACY:
+                if _LEGACY[k] is not None and v not in _LEGACY[k]:
+                    raise ConfigError(f"adapter config key {k!r}={v!r} (from an older PEFT) changes the adapter's math; "
+                                      "lorakit loads it only when null")
+                ignored.append(k)
+            elif k in _NEUTRAL or _near(k):
                 _check_foreign(k, v, "adapter config key")
+            else:
+                ignored.append(k)
+        if ignored:
+            warnings.warn(f"adapter config keys {ignored} are not LoRA options of this PEFT version; ignored (as PEFT "
+                          "does)", LoRAWarning, stacklevel=2)
         if kwargs.get("target_modules") is None:
             kwargs.pop("target_modules", None)
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
         return cls(**kwargs)
+
+
+def _near(key: Any) -> list[str]:
+    """The field ``key`` looks like a misspelling of (difflib ratio >= 0.8), if any."""
+    valid = [f.name for f in dataclasses.fields(LoRAConfig)]
+    return difflib.get_close_matches(key, valid, n=1, cutoff=0.8) if isinstance(key, str) else []
 
 
 def _check_foreign(key: str, value: Any, what: str) -> None:

@@ -113,3 +113,8 @@ class TrainingInterrupted(LoRAError, RuntimeError):
     def __init__(self, message: str, step: int, checkpoint, signal: int) -> None:
         super().__init__(message)
         self.step, self.checkpoint, self.signal = step, checkpoint, signal
+
+
+class LoRAWarning(UserWarning):
+    """Something lorakit went on past, named in the message: e.g. an adapter_config.json key from
+    another PEFT version that does not change the adapter's math, ignored."""

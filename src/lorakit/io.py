@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,18 +30,19 @@ from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .durable import read_utf8, write_atomic, write_json
-from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, MergeStateError
+from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError
 from .inject import biases, find_targets, inject, trained_biases
+from .keys import PREFIX, clean, mismatch, normalize
 from .tree import STATE_ATTR, activate, is_merged, lora_layers, model_state, set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 
 def _peft_key(module_name: str, suffix: str) -> str:
-    """``base_model.model.<module>.<suffix>``; suffix e.g. ``lora_A.weight`` or ``lora_embedding_A``."""
-    return f"{PREFIX}{module_name}.{suffix}"
+    """``base_model.model.<module>.<suffix>``; suffix e.g. ``lora_A.weight`` or ``lora_embedding_A``. Wrapper
+    segments (``torch.compile``'s ``_orig_mod``) are left out: the file fits the plain and the wrapped model."""
+    return f"{PREFIX}{clean(module_name)}.{suffix}"
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -51,9 +53,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
             for suffix, t in layer.peft_tensors(adapter_name).items():
                 out[_peft_key(name, suffix)] = t
     for key, t in mts.state_for(model, adapter_name).items():
-        out[PREFIX + key] = t
+        out[PREFIX + clean(key)] = t
     for name, bias in trained_biases(model, model_state(model).configs[adapter_name], adapter_name).items():
-        out[PREFIX + name] = bias  # bias="all" / "lora_only": the model's own biases, PEFT's keys
+        out[PREFIX + clean(name)] = bias  # bias="all" / "lora_only": the model's own biases, PEFT's keys
     return out
 
 
@@ -158,9 +160,14 @@ def _read_config(cfg_file: Path) -> LoRAConfig:
         raise AdapterLoadError(f"{str(cfg_file)!r} is not valid JSON: {e.msg} at line {e.lineno} column "
                                f"{e.colno}") from None
     try:
-        return LoRAConfig.from_dict(d)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LoRAWarning)
+            config = LoRAConfig.from_dict(d)
     except (ConfigError, TypeError) as e:
         raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
+    for w in caught:  # re-issued naming the file
+        warnings.warn(f"{str(cfg_file)!r}: {w.message}", w.category, stacklevel=3)
+    return config
 
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -211,25 +218,17 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
         for suffix, shape in t.shapes.items():
             shapes[_peft_key(t.name, suffix)] = tuple(shape)
     for name, bias in biases(model, config, {t.name for t in targets}).items():
-        shapes[PREFIX + name] = tuple(bias.shape)
+        shapes[PREFIX + clean(name)] = tuple(bias.shape)
     for name in mts.find_modules_to_save(model, config, adapter_name):
         for k, v in model.get_submodule(name).state_dict().items():
-            shapes[f"{PREFIX}{name}.{k}"] = tuple(v.shape)
+            shapes[f"{PREFIX}{clean(name)}.{k}"] = tuple(v.shape)
     return shapes
 
 
 def _check_keys(expected: dict[str, tuple], tensors: dict[str, torch.Tensor], path) -> None:
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        raise AdapterLoadError(
-            f"{str(path)!r} lacks key {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    extra = [k for k in tensors if k not in expected]
-    if extra:
-        raise AdapterLoadError(
-            f"{str(path)!r} has key {extra[0]!r}, which matches no adapted module of the model"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
+    why = mismatch(expected, tensors, str(path))
+    if why:
+        raise AdapterLoadError(why)
     for k, shape in expected.items():
         got = tuple(tensors[k].shape)
         if got != shape:
@@ -313,7 +312,7 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
             "delete_adapter it first or load under another name"
         )
     expected = _expected_shapes(model, config, adapter_name)
-    tensors = _drop_base_copies(model, tensors, weights)
+    tensors = normalize(_drop_base_copies(model, tensors, weights), expected, weights)  # other tools' key layouts
     _check_keys(expected, tensors, weights)
 
     previous_active = active_adapters(model)

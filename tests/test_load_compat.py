@@ -1,0 +1,205 @@
+"""Loading adapters other tools and versions wrote (issue 15, item 1).
+
+A compatibility matrix of adapters written by PEFT itself with varied configs (PEFT's outputs are the
+expected values), plus hand-made files in the legacy layouts PEFT also loads: a 2023
+adapter_config.json, keys carrying the adapter name, keys without the ``base_model.model.`` prefix,
+and ``torch.compile``'s ``_orig_mod.`` segments. Expected values are computed by hand or by PEFT."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import lorakit
+from lorakit import AdapterLoadError, LoRAConfig, LoRAWarning
+
+from test_families import FAMILIES, TOL, out, train
+
+peft = pytest.importorskip("peft")
+warnings.filterwarnings("ignore", module="peft")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+# --- PEFT writes, lorakit loads: one row per config ------------------------------------------------
+
+MATRIX = {  # row -> (family, PEFT LoraConfig keywords)
+    "r-alpha-dropout": ("llama", dict(r=4, lora_alpha=7, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])),
+    "rslora": ("llama", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "o_proj"])),
+    "rank-alpha-pattern": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                         rank_pattern={"v_proj": 5}, alpha_pattern={"q_proj": 9})),
+    "regex-targets": ("llama", dict(r=2, lora_alpha=4, target_modules=r".*\.(q|k)_proj")),
+    "all-linear": ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear")),
+    "exclude-modules": ("llama", dict(r=2, lora_alpha=4, target_modules="all-linear", exclude_modules=["down_proj"])),
+    "layers-to-transform": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1],
+                                          layers_pattern="layers")),
+    "gaussian-init": ("llama", dict(r=2, lora_alpha=4, target_modules=["k_proj"], init_lora_weights="gaussian")),
+    "dora": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True)),
+    "lora-bias": ("bert", dict(r=2, lora_alpha=4, target_modules=["query"], lora_bias=True)),
+    "bias-all": ("bert", dict(r=2, lora_alpha=4, target_modules=["query"], bias="all")),
+    "modules-to-save": ("bert", dict(r=2, lora_alpha=4, target_modules=["value"], modules_to_save=["classifier"],
+                                     task_type="SEQ_CLS")),
+    "conv1d-embedding": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn", "wte"], fan_in_fan_out=True)),
+    "conv2d": ("cnn", dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2"])),
+    "embedding": ("emb", dict(r=3, lora_alpha=3, target_modules=["emb"])),
+}
+
+
+@pytest.mark.parametrize("row", list(MATRIX))
+def test_adapter_written_by_peft_loads_with_peft_outputs(row, tmp_path):
+    family, kw = MATRIX[row]
+    build, x, *_ = FAMILIES[family]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(**kw))
+    train(pm, x, [p for p in pm.parameters() if p.requires_grad])
+    pm.eval()
+    expected = out(pm, x).detach()
+    pm.save_pretrained(tmp_path / "p")
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "p")
+    torch.testing.assert_close(out(model.eval(), x), expected, atol=TOL, rtol=0)
+
+
+def test_peft_state_dict_with_adapter_name_infixes_loads(tmp_path):
+    """``PeftModel.state_dict()`` holds ``...lora_A.default.weight`` and ``...lora_magnitude_vector.default.weight``."""
+    build, x, *_ = FAMILIES["llama"]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True,
+                                                     init_lora_weights=False)).eval()
+    expected = out(pm, x).detach()
+    pm.save_pretrained(tmp_path / "p")
+    state = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    assert any(".lora_A.default.weight" in k for k in state) and any("magnitude_vector.default.weight" in k for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "p" / "adapter_model.safetensors")
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "p")
+    torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
+
+
+# --- hand-made files in legacy layouts -------------------------------------------------------------
+
+
+def _write(folder, tensors, config):
+    folder.mkdir()
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture
+def factors():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g)
+
+
+LAYOUTS = {
+    "legacy-config": (("base_model.model.lin.lora_A.weight", "base_model.model.lin.lora_B.weight"),
+                      {"enable_lora": None, "merge_weights": False}),
+    "adapter-name-infix": (("base_model.model.lin.lora_A.default.weight", "base_model.model.lin.lora_B.default.weight"), {}),
+    "no-prefix": (("lin.lora_A.weight", "lin.lora_B.weight"), {}),
+    "no-prefix-and-infix": (("lin.lora_A.my_task.weight", "lin.lora_B.my_task.weight"), {}),
+    "compiled": (("base_model.model._orig_mod.lin.lora_A.weight", "base_model.model._orig_mod.lin.lora_B.weight"), {}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_legacy_layouts_give_base_plus_two_b_a(layout, factors, tmp_path):
+    """r=2, lora_alpha=4 on Linear(4, 4): every layout loads as base + 2·B·A (by hand)."""
+    (ka, kb), extra = LAYOUTS[layout]
+    a, b = factors
+    folder = _write(tmp_path / "a", {ka: a, kb: b},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"], **extra})
+    net = Net()
+    x = torch.randn(3, 4)
+    want = net(x) + 2.0 * (x @ a.T @ b.T)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.load_adapter(net, folder)
+    torch.testing.assert_close(net(x), want, rtol=0, atol=1e-6)
+    named = [str(w.message) for w in caught if issubclass(w.category, LoRAWarning)]
+    if layout == "legacy-config":  # named in one warning with the file, not fatal
+        assert len(named) == 1 and "'enable_lora'" in named[0] and "'merge_weights'" in named[0]
+        assert "adapter_config.json" in named[0]
+    else:
+        assert not named
+
+
+def test_legacy_key_that_changes_the_math_is_refused_naming_it(factors, tmp_path):
+    a, b = factors
+    folder = _write(tmp_path / "a", {"base_model.model.lin.lora_A.weight": a, "base_model.model.lin.lora_B.weight": b},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"],
+                     "enable_lora": [True, False, True]})
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match=r"'enable_lora'=\[True, False, True\].*changes the adapter's math"):
+        lorakit.load_adapter(net, folder)
+    assert not lorakit.list_adapters(net) and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_compiled_model_saves_plain_keys_and_loads_both_ways(tmp_path):
+    """``torch.compile(net)`` wraps the model as ``_orig_mod``: files never carry it, and load either way."""
+    torch.manual_seed(1)
+    net = nn.Sequential()
+    net.add_module("to_q", nn.Linear(6, 6))
+    net.add_module("to_v", nn.Linear(6, 6))
+    plain_copy = nn.Sequential()
+    plain_copy.add_module("to_q", nn.Linear(6, 6))
+    plain_copy.add_module("to_v", nn.Linear(6, 6))
+    plain_copy.load_state_dict(net.state_dict())
+    comp = torch.compile(net)
+    lorakit.inject(comp, LoRAConfig(r=2, target_modules=["to_q"], init_lora_weights=False))
+    lorakit.save_adapter(comp, tmp_path / "c")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "c" / "adapter_model.safetensors"))
+    assert keys == {"base_model.model.to_q.lora_A.weight", "base_model.model.to_q.lora_B.weight"}
+    x = torch.randn(3, 6)
+    want = comp._orig_mod(x).detach()  # eager: the same modules, no compilation needed
+    lorakit.load_adapter(plain_copy, tmp_path / "c")  # compiled -> plain
+    torch.testing.assert_close(plain_copy(x), want, rtol=0, atol=0)
+    lorakit.save_adapter(plain_copy, tmp_path / "p")
+    # a fresh model with the same base weights, compiled, then the plain model's file loaded into it
+    fresh = nn.Sequential()
+    fresh.add_module("to_q", nn.Linear(6, 6))
+    fresh.add_module("to_v", nn.Linear(6, 6))
+    fresh.load_state_dict({"to_q.weight": net.to_q.base_layer.weight, "to_q.bias": net.to_q.base_layer.bias,
+                           "to_v.weight": net.to_v.weight, "to_v.bias": net.to_v.bias})
+    comp2 = torch.compile(fresh)
+    lorakit.load_adapter(comp2, tmp_path / "p")  # plain -> compiled
+    torch.testing.assert_close(comp2._orig_mod(x), want, rtol=0, atol=0)
+
+
+def test_key_mismatch_names_matched_modules_and_quotes_a_file_key_beside_the_nearest(factors, tmp_path):
+    a, b = factors
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    model.add_module("v_proj", nn.Linear(4, 4))
+    folder = _write(tmp_path / "a", {"base_model.model.q_proj.lora_A.weight": a, "base_model.model.q_proj.lora_B.weight": b,
+                                     "base_model.model.vproj.lora_A.weight": a.clone(), "base_model.model.vproj.lora_B.weight": b.clone()},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
+    with pytest.raises(AdapterLoadError) as info:
+        lorakit.load_adapter(model, folder)
+    msg = str(info.value)
+    assert "lacks key 'base_model.model.v_proj.lora_A.weight' and 1 more" in msg
+    assert "1 of 2 adapted modules matched" in msg
+    assert "the file holds e.g. 'base_model.model.vproj.lora_" in msg and "nearest model key 'base_model.model.v_proj.lora_" in msg
+    assert not lorakit.list_adapters(model)
+
+
+def test_two_file_keys_naming_one_tensor_are_refused(factors, tmp_path):
+    a, b = factors
+    folder = _write(tmp_path / "a", {"base_model.model.lin.lora_A.weight": a, "lin.lora_A.default.weight": a.clone(),
+                                     "base_model.model.lin.lora_B.weight": b},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"]})
+    with pytest.raises(AdapterLoadError, match=r"both name the tensor 'base_model.model.lin.lora_A.weight'"):
+        lorakit.load_adapter(Net(), folder)
