@@ -25,7 +25,7 @@ from lorakit import disable_adapters, inject, merge, save_adapter, trainable_par
 from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
 from lorakit.durable import write_json
 
-from . import checkpoint, classify, distributed, g2p, loop
+from . import checkpoint, classify, distributed, full, g2p, loop
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .console import log, pct, quiet_transformers
@@ -43,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     o, given = train_options(args)
     if o.task == "classify":
         return train_classify(o, given)
+    if o.full:
+        full.check(o, given)
     if distributed.launched():  # a worker: the job's size, recorded so that --resume starts as many
         o = dataclasses.replace(o, nproc=int(os.environ["WORLD_SIZE"]))
     resume = None
@@ -166,6 +168,9 @@ def _model_with_lora(o: TrainOptions):
     quiet_transformers()
     torch.manual_seed(o.seed)
     lm = load_base(o.model)
+    if o.full:
+        n = full.prepare(lm.model)
+        return lm, None, n, n
     lcfg = o.lora_config(base_model_name_or_path=DEFAULT_HF_ID if lm.reference == DEFAULT_MODEL else lm.reference)
     inject(lm.model, lcfg)
     trainable, total = trainable_parameters(lm.model)
@@ -305,8 +310,11 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     lm, lcfg, trainable, base_params = _model_with_lora(o)
     model, tok = lm.model, lm.tokenizer
     print(f"output: {out}")
-    print(f"LoRA r={lcfg.r} alpha={lcfg.lora_alpha:g} on {lcfg.target_modules}: "
-          f"{trainable:,} trainable parameters ({pct(trainable / base_params)} of {base_params:,})", flush=True)
+    if o.full:
+        print(f"full fine-tuning: all {trainable:,} parameters trainable (LoRA options ignored)", flush=True)
+    else:
+        print(f"LoRA r={lcfg.r} alpha={lcfg.lora_alpha:g} on {lcfg.target_modules}: "
+              f"{trainable:,} trainable parameters ({pct(trainable / base_params)} of {base_params:,})", flush=True)
     train_ex = tokenize_dataset(tok, train_data, o.max_length)
     val_ex = tokenize_dataset(tok, val_data, o.max_length) if val_data is not None else None
     tcfg = o.train_config()
@@ -320,7 +328,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
         results["before"], before_preds = resume[1]["extra"]["before"], resume[1]["extra"]["before_preds"]
         print(f"resuming from {resume[0]} (step {resume[1]['step']} of {n_steps})", flush=True)
     elif main:
-        with disable_adapters(model):  # the base model (B = 0 would give the same outputs, slower)
+        with disable_adapters(model) if not o.full else nullcontext():  # the base model (B = 0: same, slower)
             results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
     else:
         results["before"], before_preds = None, None
@@ -328,16 +336,18 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
         d.barrier()  # the other ranks wait for rank 0's evaluation
     ck.extra |= {"before": results["before"], "before_preds": before_preds}
     summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
-                            None if o.fsdp else ck, d)
+                            None if o.fsdp or o.full else ck, d)
     meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
     with distributed.unsharded(model) if o.fsdp else nullcontext():  # all ranks gather, rank 0 writes
-        if main:
+        if main and o.full:
+            print(f"model written to {full.save(model, tok, out, meta)}")
+        elif main:
             _save_adapter(model, out, meta)
         if d is not None:
             d.barrier()
     if main or o.fsdp:  # a sharded model evaluates on every rank together; rank 0 writes
         _finish(model, tok, out, (train_data, split, val_ex), results, before_preds, summary, history, t_start,
-                merged=not o.fsdp, write=main)
+                merged=not (o.fsdp or o.full), write=main)
     if d is not None:
         d.barrier()
     return 0
@@ -367,4 +377,5 @@ def _finish(model, tok, out: Path, data: tuple, results: dict, before_preds, sum
     results["wall_seconds"] = time.perf_counter() - t_start
     write_json(out / "eval.json", results)
     plot_losses(history, out / "loss.png", summary.get("val_loss_start"))
-    print(f"saved adapter, metrics.jsonl, eval.json, loss.png to {out} ({time.perf_counter() - t_start:.0f} s total)")
+    saved = "the model" if (out / full.MODEL_DIR).is_dir() else "adapter"
+    print(f"saved {saved}, metrics.jsonl, eval.json, loss.png to {out} ({time.perf_counter() - t_start:.0f} s total)")

@@ -68,6 +68,8 @@ class TrainOptions:
     target_modules: list[str] | str = _opt(JOB_TARGETS, "comma-separated module names, or 'all-linear'", type=str)
     rslora: bool = _opt(False, "scale by alpha/sqrt(r)")
     dora: bool = _opt(False, "DoRA: a trained magnitude per output feature on top of LoRA (Liu et al. 2024)")
+    full: bool = _opt(False, "full fine-tuning instead of LoRA (every parameter trained; the model is written to "
+                      "OUTPUT/model): the baseline LoRA is compared with")
     steps: int | None = _opt(None, f"optimizer steps (default {g2p.G2P_STEPS} on the built-in task)", type=int,
                              group="length")
     epochs: float | None = _opt(None, f"passes over the data (default {USER_EPOCHS:g} on user data)", type=float,
