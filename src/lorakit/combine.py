@@ -60,7 +60,8 @@ def add_weighted_adapter(
         AdapterExistsError: ``adapter_name`` already exists.
         ConfigError: mismatched lengths, non-finite weights, unknown
             ``combination_type``, a bad ``svd_rank``, "linear" where it is not exact,
-            or a source layer that is not ``nn.Linear``.
+            a source layer that is not ``nn.Linear``, or a source adapter with
+            ``trainable_token_indices`` or ``target_parameters`` (named).
         MergeStateError: adapters are merged.
     """
     adapters, weights, svd_rank = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank)
@@ -99,6 +100,11 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
     if trains_bias:  # its biases are the model's own: there is no per-adapter bias to weigh
         raise ConfigError(f"adapter {trains_bias[0]!r} trains base biases (bias={configs[trains_bias[0]].bias!r}); "
                           "add_weighted_adapter combines only bias='none' adapters")
+    for option in ("trainable_token_indices", "target_parameters"):  # replaced rows / expert stacks: no B·A sum here
+        uses = [a for a in adapters if getattr(configs[a], option)]
+        if uses:
+            raise ConfigError(f"adapter {uses[0]!r} uses {option}={getattr(configs[uses[0]], option)!r}; "
+                              "add_weighted_adapter combines only LoRA deltas of target_modules")
     if combination_type == "svd":
         svd_rank = max(configs[a].r for a in adapters) if svd_rank is None else svd_rank
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:

@@ -32,7 +32,6 @@ _METADATA_KEYS = {
 _NEUTRAL = {
     "megatron_config": (None,),
     "megatron_core": ("megatron.core", None),
-    "trainable_token_indices": (None,),
     "loftq_config": ({}, None),
     "eva_config": (None,),
     "corda_config": (None,),
@@ -45,7 +44,6 @@ _NEUTRAL = {
     "monteclora_config": (None,),
     "layer_replication": (None,),
     "lora_bias": (False,),
-    "target_parameters": (None, []),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
     "kasa_config": (None,),
@@ -97,6 +95,14 @@ class LoRAConfig:
             module type, as PEFT ends up doing (it corrects the flag per layer with a
             warning); ``inject`` sets it True when a ``Conv1D`` is adapted so the saved
             config matches PEFT's.
+        trainable_token_indices: embedding rows trained in full (PEFT's trainable tokens): a list of
+            row indices of the input embedding, or ``{module_name: [indices]}``; rows are replaced,
+            not added to, and saved as ``<module>.token_adapter.trainable_tokens_delta``
+            (``lorakit.trainable_tokens``). None for none.
+        target_parameters: ``"<module>.<parameter>"`` names of 2-D or 3-D ``nn.Parameter`` weights
+            (MoE expert stacks) given a LoRA delta each, PEFT's ``ParamWrapper``
+            (``lorakit.param_wrapper``); needs ``lora_dropout=0``. None or [] for none; with it,
+            ``target_modules`` may be [] (or None).
 
     Raises:
         ConfigError (a ValueError): a field has an invalid value; the message
@@ -120,6 +126,8 @@ class LoRAConfig:
     revision: str | None = None
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.r = _check_rank("r", self.r)
@@ -131,7 +139,12 @@ class LoRAConfig:
         for name in ("use_rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        self.target_modules = _check_targets(self.target_modules)
+        self.trainable_token_indices = _check_tokens(self.trainable_token_indices)
+        self.target_parameters = _check_parameters(self.target_parameters, self.lora_dropout)
+        if self.target_parameters and self.target_modules in (None, [], ()):
+            self.target_modules = []  # PEFT: target_parameters alone is enough
+        else:
+            self.target_modules = _check_targets(self.target_modules)
         self.exclude_modules = _check_excludes(self.exclude_modules)
         self.layers_to_transform = _check_layers(self.layers_to_transform)
         self._check_patterns()
@@ -216,7 +229,7 @@ class LoRAConfig:
                 continue
             else:
                 _check_foreign(k, v, "adapter config key")
-        if kwargs.get("target_modules") is None:
+        if kwargs.get("target_modules") is None and not kwargs.get("target_parameters"):
             kwargs.pop("target_modules", None)
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
@@ -272,6 +285,39 @@ def _check_targets(tm: Any) -> list[str] | str:
     raise ConfigError(
         f"target_modules must be a non-empty list of module names, a regex string or 'all-linear', got {tm!r}"
     )
+
+
+def _check_tokens(tti: Any) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices``: a list of distinct row indices >= 0, or ``{module name: such a list}``."""
+    def indices(where: str, v: Any) -> list[int]:
+        if not isinstance(v, (list, tuple)) or not v or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise ConfigError(f"trainable_token_indices{where} must be a non-empty list of row indices >= 0, got {v!r}")
+        if len(set(v)) != len(v):
+            dup = next(i for i in v if list(v).count(i) > 1)
+            raise ConfigError(f"trainable_token_indices{where} lists row {dup} twice")
+        return [int(i) for i in v]
+
+    if tti is None:
+        return None
+    if isinstance(tti, dict):
+        if not tti or not all(isinstance(k, str) and k for k in tti):
+            raise ConfigError(f"trainable_token_indices must map module names to row indices, got {tti!r}")
+        return {k: indices(f"[{k!r}]", v) for k, v in tti.items()}
+    return indices("", tti)
+
+
+def _check_parameters(tp: Any, dropout: float) -> list[str] | None:
+    """``target_parameters``: a list of ``"<module>.<parameter>"`` names; PEFT's ParamWrapper has no dropout."""
+    if tp is None or (isinstance(tp, (list, tuple)) and not tp):
+        return None
+    if isinstance(tp, str) or not isinstance(tp, (list, tuple, set)) or not all(
+            isinstance(t, str) and t and not t.startswith(".") and not t.endswith(".") for t in tp):
+        raise ConfigError(f"target_parameters must be a list of '<module>.<parameter>' names, got {tp!r}")
+    if dropout:
+        raise ConfigError(f"target_parameters={list(tp)!r} needs lora_dropout=0 (dropout cannot act on a weight "
+                          f"delta; PEFT's ParamWrapper refuses it too), got lora_dropout={dropout}")
+    return sorted(tp) if isinstance(tp, set) else list(dict.fromkeys(tp))
 
 
 def _check_excludes(em: Any) -> list[str] | str | None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import modules_to_save as mts
+from . import param_wrapper as pw
+from . import trainable_tokens as tt
 from .adapter import check_adapter_name
 from .config import ALL_LINEAR, LoRAConfig, excluded
 from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatchError, TargetModuleError
@@ -165,7 +167,7 @@ def _targets(model: nn.Module, config: LoRAConfig, adapter_name: str, saved: lis
         if matcher(name, _base(module)):
             targets.append(_target(name, module, config, adapter_name, matcher))
     matcher.check_all_used(linear_names, names)
-    if not targets:
+    if not targets and not config.target_parameters:
         but = f" once exclude_modules={config.exclude_modules!r} is applied" if config.exclude_modules else ""
         raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in "
                                 f"{type(model).__name__}{but}")
@@ -181,7 +183,7 @@ def _shared_weights(model: nn.Module) -> dict[int, tuple[str, ...]]:
     owners: dict[int, list[str]] = {}
     for name, module in walk(model):
         if isinstance(module, AdapterModule):
-            attr = "base_layer" if isinstance(module, LoRALayer) else "original_module"
+            attr = "original_module" if isinstance(module, mts.ModulesToSaveWrapper) else "base_layer"
             module, name = getattr(module, attr), f"{name}.{attr}" if name else attr
         for p in module._parameters.values():
             if p is not None:
@@ -220,6 +222,30 @@ def biases(model: nn.Module, config: LoRAConfig, adapted: set[str]) -> dict[str,
         if owner in adapted or config.bias == "all":
             out[n if wrapped or owner not in adapted else f"{owner}.base_layer.bias"] = p
     return out
+
+
+def aux_targets(model: nn.Module, config: LoRAConfig, adapter_name: str, lora_names: set[str]) -> tuple[dict, dict]:
+    """``(token targets, parameter targets)`` of ``config.trainable_token_indices`` and ``target_parameters``
+    (``trainable_tokens.token_targets``, ``param_wrapper.param_targets``), checked against the LoRA targets.
+
+    Raises:
+        TargetModuleError: see those two; or a module that is both a LoRA target and one of these.
+    """
+    tokens = tt.token_targets(model, config, adapter_name)
+    params = pw.param_targets(model, config, adapter_name)
+    for name in [*tokens, *params]:
+        if name in lora_names or (name in tokens and name in params):
+            what = "target_modules" if name in lora_names else "trainable_token_indices"
+            opt = "trainable_token_indices" if name in tokens and what != "trainable_token_indices" else "target_parameters"
+            raise TargetModuleError(f"{name!r} is selected by both {what} and {opt}; a module takes one of them")
+    return tokens, params
+
+
+def aux_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str, lora_names: set[str]) -> dict[str, tuple]:
+    """Module-qualified PEFT key -> shape of the trainable-token rows and target_parameters factors an
+    injection of ``config`` would create (nothing is changed)."""
+    tokens, params = aux_targets(model, config, adapter_name, lora_names)
+    return {**tt.token_shapes(model, tokens), **pw.param_shapes(model, params)}
 
 
 def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -268,6 +294,7 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     if conv1d is not None and not config.fan_in_fan_out:
         if any(isinstance(_base(model.get_submodule(t.name)), conv1d) for t in targets):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
+    tokens, params = aux_targets(model, config, adapter_name, {t.name for t in targets})
     shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -277,6 +304,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
             use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
         )
     mts.add_copies(model, saved, adapter_name)
+    tt.add_tokens(model, tokens, adapter_name)
+    pw.add_params(model, params, config, adapter_name, config.init_lora_weights if init_weights else None)
     for bias in trained_biases(model, config, adapter_name).values():
         bias.requires_grad_(True)
     state = attach_state(model)
