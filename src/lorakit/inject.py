@@ -253,6 +253,19 @@ def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> d
     return biases(model, config, {name for name, layer in lora_layers(model) if layer.has_adapter(adapter_name)})
 
 
+def _check_can_inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    """Raise ``inject``'s ConfigError, MergeStateError, MixedBatchError or AdapterExistsError."""
+    check_adapter_name(adapter_name)
+    if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
+        raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
+                          f"{type(config).__name__}")
+    if is_merged(model):
+        raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
+    if model_state(model).rows is not None:
+        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
+    check_new(model, adapter_name)
+
+
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *, init_weights: bool = True) -> nn.Module:
     """Freeze ``model`` and attach a LoRA adapter to every module ``config`` targets.
 
@@ -260,7 +273,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     ``LoRALinear``, transformers ``Conv1D`` -> ``LoRAConv1D``, ``nn.Embedding`` ->
     ``LoRAEmbedding``, ``nn.Conv2d`` -> ``LoRAConv2d``); a module already wrapped gets a further
     adapter. Modules in ``config.modules_to_save`` get a full trainable copy for this adapter
-    (``lorakit.modules_to_save``). A module whose weight is tied to another module's (GPT-2's
+    (``lorakit.modules_to_save``); the rows ``config.trainable_token_indices`` names are trained
+    in place of the embedding's (``lorakit.trainable_tokens``), and each of
+    ``config.target_parameters`` gets a LoRA delta (``lorakit.param_wrapper``). A module whose weight is tied to another module's (GPT-2's
     ``lm_head`` and ``transformer.wte``) is untied while merged, never written through. Every
     parameter that existed before is frozen, the new adapter is the only active one and its A
     and B (and its modules_to_save copies, and the biases ``config.bias`` names) are the only
@@ -276,18 +291,10 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         ConfigError: ``adapter_name`` is not a str, or ``model`` / ``config`` of the wrong type.
         MixedBatchError: called inside ``mixed_batch``.
         AdapterExistsError: the model already has an adapter ``adapter_name`` (on any layer).
-        TargetModuleError: see ``find_targets``.
+        TargetModuleError: see ``find_targets`` and ``aux_targets``.
         MergeStateError: adapters are merged (unmerge first).
     """
-    check_adapter_name(adapter_name)
-    if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
-        raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
-                          f"{type(config).__name__}")
-    if is_merged(model):
-        raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
-    if model_state(model).rows is not None:
-        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
-    check_new(model, adapter_name)
+    _check_can_inject(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
     targets = _targets(model, config, adapter_name, saved)
     conv1d = conv1d_type()
