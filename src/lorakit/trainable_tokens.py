@@ -220,8 +220,9 @@ def _input_embedding_name(model: nn.Module) -> str:
 
 
 def _weight(module: nn.Module) -> torch.Tensor | None:
-    base = module.base_layer if isinstance(module, AdapterModule) else module
-    return base._parameters.get("weight")
+    if isinstance(module, AdapterModule):  # a LoRA layer's or wrapper's base, a modules_to_save original
+        module = module._modules.get("base_layer") or module._modules.get("original_module") or module
+    return module._parameters.get("weight")
 
 
 def token_targets(model: nn.Module, config, adapter_name: str) -> dict[str, tuple[list[int], str | None]]:
@@ -289,6 +290,8 @@ def _check_follower(name: str, module: nn.Module, adapter_name: str) -> None:
 
 def add_tokens(model: nn.Module, targets: dict[str, tuple[list[int], str | None]], adapter_name: str) -> None:
     """Wrap each target of ``token_targets`` (leaders first) and add ``adapter_name``'s rows."""
+    if not targets:
+        return
     owners: dict[int, list[str]] = {}
     for n, m in walk(model):
         w = _weight(m)
