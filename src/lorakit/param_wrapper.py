@@ -52,8 +52,8 @@ class ParamWrapper(AdapterModule):
     for bit. Attribute reads the wrapper does not define go to ``base_layer``.
 
     Raises:
-        MixedBatchError: a forward inside ``mixed_batch`` (rows are not known inside the module: an
-            expert block may see flattened tokens).
+        MixedBatchError: a forward inside ``mixed_batch`` with rows of its adapters (rows are not known
+            inside the module: an expert block may see flattened tokens); other rows see the base module.
     """
 
     unwrap_when_empty = True
@@ -151,9 +151,12 @@ class ParamWrapper(AdapterModule):
         return out
 
     def forward(self, *args, **kwargs):
-        if self.lora_state.rows is not None:
-            raise MixedBatchError(f"{self.module_name!r} carries target_parameters adapters, which mixed_batch "
-                                  "does not support")
+        rows = self.lora_state.rows
+        if rows is not None:  # mixed_batch refuses these adapters on entry; rows of others see the base
+            if any(n in self._params for n in rows.names):
+                raise MixedBatchError(f"{self.module_name!r} carries target_parameters adapters, which mixed_batch "
+                                      "does not support")
+            return self.base_layer(*args, **kwargs)
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         if not names:
             return self.base_layer(*args, **kwargs)
