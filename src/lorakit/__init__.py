@@ -10,6 +10,8 @@ way (each imports only those below it; checked by tests/test_architecture.py)::
     adapters                    model-level verbs: set / disable / delete / merge / unload
     inject                      find targets, wrap modules, add adapters
     modules_to_save             fully trained module copies
+    | trainable_tokens          embedding rows trained in place (trainable_token_indices)
+    | param_wrapper             LoRA on nn.Parameter weights (target_parameters)
     tree                        walking the model; its one AdapterState (the active set)
     layer_types                 Conv1D, Embedding, Conv2d; the type registry
     layers                      LoRALayer (merge / unmerge / forward), LoRALinear
@@ -53,6 +55,8 @@ from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear
 from .layers import LoRALayer, LoRALinear
 from .mixed import mixed_batch
 from .modules_to_save import ModulesToSaveWrapper
+from .param_wrapper import ParamWrapper
+from .trainable_tokens import TrainableTokensWrapper
 from .tree import lora_layers
 
 __version__ = "0.1.0"
@@ -94,4 +98,6 @@ __all__ = [
     "LoRAEmbedding",
     "TiedLoRALinear",
     "ModulesToSaveWrapper",
+    "TrainableTokensWrapper",
+    "ParamWrapper",
 ]

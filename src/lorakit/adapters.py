@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import MergeStateError, MixedBatchError
 from .tree import (
-    STATE_ATTR, activate, adapter_modules, check_known, is_merged, lora_layers, model_state, name_list, set_submodule,
+    STATE_ATTR, activate, adapter_modules, check_known, is_merged, model_state, name_list, set_submodule,
 )
 
 
@@ -88,7 +88,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     check_known(model, [name])
     if model_state(model).rows is not None:
         raise MixedBatchError(f"cannot delete adapter {name!r} inside mixed_batch")
-    if any(name in layer.merged_adapters for _, layer in lora_layers(model)):
+    if any(name in module.merged_adapters for _, module in adapter_modules(model)):
         raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for mname, module in list(adapter_modules(model)):
         if module.has_adapter(name):
@@ -107,15 +107,15 @@ def merge(model: nn.Module) -> nn.Module:
     ones within float rounding (Hu et al. 2021, Sec. 4.1: no inference latency). Returns
     ``model``.
     """
-    for _, layer in lora_layers(model):
-        layer.merge()
+    for _, module in adapter_modules(model):
+        module.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every base weight bit for bit; a no-op on an unmerged model. Returns ``model``."""
-    for _, layer in lora_layers(model):
-        layer.unmerge()
+    for _, module in adapter_modules(model):
+        module.unmerge()
     return model
 
 

@@ -60,7 +60,8 @@ def add_weighted_adapter(
         AdapterExistsError: ``adapter_name`` already exists.
         ConfigError: mismatched lengths, non-finite weights, unknown
             ``combination_type``, a bad ``svd_rank``, "linear" where it is not exact,
-            a source layer that is not ``nn.Linear``, or a DoRA or bias-training source adapter.
+            a source layer that is not ``nn.Linear``, a DoRA or bias-training source adapter, or one
+            with ``trainable_token_indices`` or ``target_parameters`` (named).
         MergeStateError: adapters are merged.
     """
     adapters, weights, svd_rank = _check_arguments(model, adapters, weights, adapter_name, combination_type, svd_rank)
@@ -107,6 +108,11 @@ def _check_arguments(model, adapters, weights, adapter_name, combination_type, s
     if dora:  # W' = m ⊙ (W + ΔW)/‖W + ΔW‖_c is not linear in ΔW: weighted sums of DoRA adapters mean nothing
         raise ConfigError(f"adapter {dora[0]!r} uses DoRA (use_dora=True); its magnitude rescales the weight "
                           "non-linearly, so add_weighted_adapter combines only LoRA adapters")
+    for option in ("trainable_token_indices", "target_parameters"):  # replaced rows / expert stacks: no B·A sum here
+        uses = [a for a in adapters if getattr(configs[a], option)]
+        if uses:
+            raise ConfigError(f"adapter {uses[0]!r} uses {option}={getattr(configs[uses[0]], option)!r}; "
+                              "add_weighted_adapter combines only LoRA deltas of target_modules")
     if combination_type == "svd":
         svd_rank = max(configs[a].r for a in adapters) if svd_rank is None else svd_rank
         if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -17,10 +16,11 @@ from typing import Any
 
 from .adapter import scaling
 from .errors import ConfigError, LoRAWarning
+from .fields import (ALL_LINEAR, check_alpha, check_excludes, check_layers, check_parameters, check_rank,
+                     check_targets, check_tokens)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 BIAS_MODES = ("none", "all", "lora_only")
-ALL_LINEAR = "all-linear"
 
 # PEFT keys that only describe where the adapter came from; kept, never refused.
 _METADATA_KEYS = {
@@ -33,7 +33,6 @@ _METADATA_KEYS = {
 _NEUTRAL = {
     "megatron_config": (None,),
     "megatron_core": ("megatron.core", None),
-    "trainable_token_indices": (None,),
     "loftq_config": ({}, None),
     "eva_config": (None,),
     "corda_config": (None,),
@@ -44,7 +43,6 @@ _NEUTRAL = {
     "qalora_group_size": None,  # any value: only read when use_qalora is true
     "monteclora_config": (None,),
     "layer_replication": (None,),
-    "target_parameters": (None, []),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
     "kasa_config": (None,),
@@ -112,6 +110,14 @@ class LoRAConfig:
             module type, as PEFT ends up doing (it corrects the flag per layer with a
             warning); ``inject`` sets it True when a ``Conv1D`` is adapted so the saved
             config matches PEFT's.
+        trainable_token_indices: embedding rows trained in full (PEFT's trainable tokens): a list of
+            row indices of the input embedding, or ``{module_name: [indices]}``; rows are replaced,
+            not added to, and saved as ``<module>.token_adapter.trainable_tokens_delta``
+            (``lorakit.trainable_tokens``). None for none.
+        target_parameters: ``"<module>.<parameter>"`` names of 2-D or 3-D ``nn.Parameter`` weights
+            (MoE expert stacks) given a LoRA delta each, PEFT's ``ParamWrapper``
+            (``lorakit.param_wrapper``); needs ``lora_dropout=0``. None or [] for none; with it,
+            ``target_modules`` may be [] (or None).
 
     Raises:
         ConfigError (a ValueError): a field has an invalid value; the message
@@ -137,10 +143,12 @@ class LoRAConfig:
     fan_in_fan_out: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.r = _check_rank("r", self.r)
-        self.lora_alpha = _check_alpha("lora_alpha", self.lora_alpha)
+        self.r = check_rank("r", self.r)
+        self.lora_alpha = check_alpha("lora_alpha", self.lora_alpha)
         p = self.lora_dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ConfigError(f"lora_dropout must be a number with 0 <= p < 1, got {p!r}")
@@ -148,9 +156,17 @@ class LoRAConfig:
         for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        self.target_modules = _check_targets(self.target_modules)
-        self.exclude_modules = _check_excludes(self.exclude_modules)
-        self.layers_to_transform = _check_layers(self.layers_to_transform)
+        self.trainable_token_indices = check_tokens(self.trainable_token_indices)
+        self.target_parameters = check_parameters(self.target_parameters, self.lora_dropout)
+        if self.target_parameters and (self.use_dora or self.lora_bias):  # PEFT's ParamWrapper refuses both
+            raise ConfigError(f"target_parameters={self.target_parameters!r} does not combine with "
+                              f"{'use_dora' if self.use_dora else 'lora_bias'}=True (PEFT neither)")
+        if self.target_parameters and self.target_modules in (None, [], ()):
+            self.target_modules = []  # PEFT: target_parameters alone is enough
+        else:
+            self.target_modules = check_targets(self.target_modules)
+        self.exclude_modules = check_excludes(self.exclude_modules)
+        self.layers_to_transform = check_layers(self.layers_to_transform)
         self._check_patterns()
         for name in ("base_model_name_or_path", "task_type", "revision"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
@@ -180,8 +196,8 @@ class LoRAConfig:
                     re.compile(k)
                 except (re.error, TypeError) as e:
                     raise ConfigError(f"{name} key {k!r} is not a valid regex: {e}") from None
-        self.rank_pattern = {k: _check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
-        self.alpha_pattern = {k: _check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
+        self.rank_pattern = {k: check_rank(f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items()}
+        self.alpha_pattern = {k: check_alpha(f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()}
         lp = self.layers_pattern
         if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
             raise ConfigError(f"layers_pattern must be a string or a list of strings, got {lp!r}")
@@ -250,7 +266,7 @@ class LoRAConfig:
         if ignored:
             warnings.warn(f"adapter config keys {ignored} are not LoRA options of this PEFT version; ignored (as PEFT "
                           "does)", LoRAWarning, stacklevel=2)
-        if kwargs.get("target_modules") is None:
+        if kwargs.get("target_modules") is None and not kwargs.get("target_parameters"):
             kwargs.pop("target_modules", None)
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
@@ -299,35 +315,6 @@ def _init(self, *args, **kwargs) -> None:
 LoRAConfig.__init__ = _init
 
 
-def _check_targets(tm: Any) -> list[str] | str:
-    if isinstance(tm, str):
-        if tm != ALL_LINEAR:
-            try:
-                re.compile(tm)
-            except re.error as e:
-                raise ConfigError(f"target_modules regex {tm!r} does not compile: {e}") from None
-        return tm
-    if isinstance(tm, (list, tuple, set)) and tm and all(isinstance(t, str) and t for t in tm):
-        return sorted(tm) if isinstance(tm, set) else list(tm)
-    raise ConfigError(
-        f"target_modules must be a non-empty list of module names, a regex string or 'all-linear', got {tm!r}"
-    )
-
-
-def _check_excludes(em: Any) -> list[str] | str | None:
-    if em is None or em == "" or (isinstance(em, (list, tuple, set)) and not em):
-        return None
-    if isinstance(em, str):
-        try:
-            re.compile(em)
-        except re.error as e:
-            raise ConfigError(f"exclude_modules regex {em!r} does not compile: {e}") from None
-        return em
-    if isinstance(em, (list, tuple, set)) and all(isinstance(t, str) and t for t in em):
-        return sorted(em) if isinstance(em, set) else list(em)
-    raise ConfigError(f"exclude_modules must be a list of module names, a regex string or None, got {em!r}")
-
-
 def excluded(config: LoRAConfig, name: str) -> bool:
     """Whether ``config.exclude_modules`` names module ``name`` (PEFT's rule: a string is a full-match
     regex; a list entry equals the name or its last dotted parts)."""
@@ -337,28 +324,6 @@ def excluded(config: LoRAConfig, name: str) -> bool:
     if isinstance(em, str):
         return re.fullmatch(em, name) is not None
     return any(name == e or name.endswith("." + e) for e in em)
-
-
-def _check_layers(lt: Any) -> list[int] | None:
-    if isinstance(lt, int) and not isinstance(lt, bool):
-        lt = [lt]
-    if lt is not None and not (
-        isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lt)
-    ):
-        raise ConfigError(f"layers_to_transform must be a list of block indices >= 0, got {lt!r}")
-    return None if lt is None else list(lt)
-
-
-def _check_rank(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
-    return int(v)
-
-
-def _check_alpha(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
 
 
 def _pattern_key(patterns: dict, module_name: str) -> str | None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import modules_to_save as mts
+from . import param_wrapper as pw
+from . import trainable_tokens as tt
 from .adapter import check_adapter_name
 from .config import ALL_LINEAR, LoRAConfig, excluded
 from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatchError, TargetModuleError
@@ -168,7 +170,7 @@ def _targets(model: nn.Module, config: LoRAConfig, adapter_name: str, saved: lis
         if matcher(name, _base(module)):
             targets.append(_target(name, module, config, adapter_name, matcher))
     matcher.check_all_used(linear_names, names)
-    if not targets:
+    if not targets and not config.target_parameters:
         but = f" once exclude_modules={config.exclude_modules!r} is applied" if config.exclude_modules else ""
         raise TargetModuleError(f"target_modules={config.target_modules!r} matches no module in "
                                 f"{type(model).__name__}{but}")
@@ -184,7 +186,7 @@ def _shared_weights(model: nn.Module) -> dict[int, tuple[str, ...]]:
     owners: dict[int, list[str]] = {}
     for name, module in walk(model):
         if isinstance(module, AdapterModule):
-            attr = "base_layer" if isinstance(module, LoRALayer) else "original_module"
+            attr = "original_module" if isinstance(module, mts.ModulesToSaveWrapper) else "base_layer"
             module, name = getattr(module, attr), f"{name}.{attr}" if name else attr
         for p in module._parameters.values():
             if p is not None:
@@ -225,9 +227,46 @@ def biases(model: nn.Module, config: LoRAConfig, adapted: set[str]) -> dict[str,
     return out
 
 
+def aux_targets(model: nn.Module, config: LoRAConfig, adapter_name: str, lora_names: set[str]) -> tuple[dict, dict]:
+    """``(token targets, parameter targets)`` of ``config.trainable_token_indices`` and ``target_parameters``
+    (``trainable_tokens.token_targets``, ``param_wrapper.param_targets``), checked against the LoRA targets.
+
+    Raises:
+        TargetModuleError: see those two; or a module that is both a LoRA target and one of these.
+    """
+    tokens = tt.token_targets(model, config, adapter_name)
+    params = pw.param_targets(model, config, adapter_name)
+    for name in [*tokens, *params]:
+        if name in lora_names or (name in tokens and name in params):
+            what = "target_modules" if name in lora_names else "trainable_token_indices"
+            opt = "trainable_token_indices" if name in tokens and what != "trainable_token_indices" else "target_parameters"
+            raise TargetModuleError(f"{name!r} is selected by both {what} and {opt}; a module takes one of them")
+    return tokens, params
+
+
+def aux_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str, lora_names: set[str]) -> dict[str, tuple]:
+    """Module-qualified PEFT key -> shape of the trainable-token rows and target_parameters factors an
+    injection of ``config`` would create (nothing is changed)."""
+    tokens, params = aux_targets(model, config, adapter_name, lora_names)
+    return {**tt.token_shapes(model, tokens), **pw.param_shapes(model, params)}
+
+
 def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, nn.Parameter]:
     """``biases`` of an injected adapter ``adapter_name``."""
     return biases(model, config, {name for name, layer in lora_layers(model) if layer.has_adapter(adapter_name)})
+
+
+def _check_can_inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
+    """Raise ``inject``'s ConfigError, MergeStateError, MixedBatchError or AdapterExistsError."""
+    check_adapter_name(adapter_name)
+    if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
+        raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
+                          f"{type(config).__name__}")
+    if is_merged(model):
+        raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
+    if model_state(model).rows is not None:
+        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
+    check_new(model, adapter_name)
 
 
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", *, init_weights: bool = True) -> nn.Module:
@@ -237,7 +276,9 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     ``LoRALinear``, transformers ``Conv1D`` -> ``LoRAConv1D``, ``nn.Embedding`` ->
     ``LoRAEmbedding``, ``nn.Conv2d`` -> ``LoRAConv2d``); a module already wrapped gets a further
     adapter. Modules in ``config.modules_to_save`` get a full trainable copy for this adapter
-    (``lorakit.modules_to_save``). A module whose weight is tied to another module's (GPT-2's
+    (``lorakit.modules_to_save``); the rows ``config.trainable_token_indices`` names are trained
+    in place of the embedding's (``lorakit.trainable_tokens``), and each of
+    ``config.target_parameters`` gets a LoRA delta (``lorakit.param_wrapper``). A module whose weight is tied to another module's (GPT-2's
     ``lm_head`` and ``transformer.wte``) is untied while merged, never written through. Every
     parameter that existed before is frozen, the new adapter is the only active one and its A
     and B (and its modules_to_save copies, and the biases ``config.bias`` names) are the only
@@ -253,24 +294,17 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         ConfigError: ``adapter_name`` is not a str, or ``model`` / ``config`` of the wrong type.
         MixedBatchError: called inside ``mixed_batch``.
         AdapterExistsError: the model already has an adapter ``adapter_name`` (on any layer).
-        TargetModuleError: see ``find_targets``.
+        TargetModuleError: see ``find_targets`` and ``aux_targets``.
         MergeStateError: adapters are merged (unmerge first).
     """
-    check_adapter_name(adapter_name)
-    if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
-        raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
-                          f"{type(config).__name__}")
-    if is_merged(model):
-        raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
-    if model_state(model).rows is not None:
-        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
-    check_new(model, adapter_name)
+    _check_can_inject(model, config, adapter_name)
     saved = mts.find_modules_to_save(model, config, adapter_name)
     targets = _targets(model, config, adapter_name, saved)
     conv1d = conv1d_type()
     if conv1d is not None and not config.fan_in_fan_out:
         if any(isinstance(_base(model.get_submodule(t.name)), conv1d) for t in targets):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
+    tokens, params = aux_targets(model, config, adapter_name, {t.name for t in targets})
     shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -281,6 +315,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
             use_dora=config.use_dora, lora_bias=config.lora_bias,
         )
     mts.add_copies(model, saved, adapter_name)
+    tt.add_tokens(model, tokens, adapter_name)
+    pw.add_params(model, params, config, adapter_name, config.init_lora_weights if init_weights else None)
     for bias in trained_biases(model, config, adapter_name).values():
         bias.requires_grad_(True)
     state = attach_state(model)

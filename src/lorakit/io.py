@@ -31,9 +31,9 @@ from .adapters import active_adapters, delete_adapter, list_adapters, set_adapte
 from .config import LoRAConfig
 from .durable import read_utf8, write_atomic, write_json
 from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError
-from .inject import biases, find_targets, inject, trained_biases
+from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
-from .tree import STATE_ATTR, activate, is_merged, lora_layers, model_state, set_submodule
+from .tree import STATE_ATTR, activate, adapter_modules, is_merged, lora_layers, model_state, set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,8 +48,8 @@ def _peft_key(module_name: str, suffix: str) -> str:
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT key -> the live tensor (parameter or buffer) of adapter ``adapter_name``."""
     out = {}
-    for name, layer in lora_layers(model):
-        if layer.has_adapter(adapter_name):
+    for name, layer in adapter_modules(model):  # LoRA layers, trainable tokens, target_parameters wrappers
+        if layer.has_adapter(adapter_name) and not isinstance(layer, mts.ModulesToSaveWrapper):
             for suffix, t in layer.peft_tensors(adapter_name).items():
                 out[_peft_key(name, suffix)] = t
     for key, t in mts.state_for(model, adapter_name).items():
@@ -217,6 +217,8 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
     for t in targets:
         for suffix, shape in t.shapes.items():
             shapes[_peft_key(t.name, suffix)] = tuple(shape)
+    for key, shape in aux_shapes(model, config, adapter_name, {t.name for t in targets}).items():
+        shapes[PREFIX + clean(key)] = shape  # trainable_token_indices rows, target_parameters factors
     for name, bias in biases(model, config, {t.name for t in targets}).items():
         shapes[PREFIX + clean(name)] = tuple(bias.shape)
     for name in mts.find_modules_to_save(model, config, adapter_name):

@@ -289,7 +289,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     Raises:
         AdapterNotFoundError: an unknown name (on entry, before any compute).
         MixedBatchError: not a list, empty names, model in training mode, a nested block, an
-            adapter with ``bias`` other than "none" mixed with other rows (on entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
+            adapter with ``bias`` other than "none" mixed with other rows, or one with
+            ``target_parameters`` (on entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
             (raised by the first LoRA layer, before any adapter compute).
         MergeStateError: adapters are merged.
     """
@@ -312,6 +313,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         raise MixedBatchError(f"adapter {trains_bias[0]!r} trains the model's own biases "
                               f"(bias={state.configs[trains_bias[0]].bias!r}); its rows cannot share a batch with "
                               "other adapters or the base model")
+    on_params = sorted(n for n in mixed if state.configs[n].target_parameters)
+    if on_params:  # an expert block's forward may see flattened tokens: its batch rows are unknown there
+        raise MixedBatchError(f"adapter {on_params[0]!r} uses target_parameters "
+                              f"({state.configs[on_params[0]].target_parameters!r}), which mixed_batch does not "
+                              "support (PEFT neither); run its rows in a batch of their own")
     state.rows = RowRouter(names, {n: i for i, n in enumerate(state.configs)})
     try:
         yield model

@@ -42,6 +42,8 @@ class AdapterModule(nn.Module):
 
     #: replace the module by its original when its last adapter is deleted (wrappers do)
     unwrap_when_empty = False
+    #: names of the adapters merged into base weights; modules that merge keep their own list
+    merged_adapters: list[str] | tuple = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,6 +75,13 @@ class AdapterModule(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Drop adapter ``name``'s parts from this module."""
         raise NotImplementedError
+
+    def merge(self, names: list[str] | None = None) -> None:
+        """Write the deltas of ``names`` (default: the active adapters) into the base weights; a module
+        whose parts are not deltas of a base weight (``modules_to_save`` copies) has nothing to merge."""
+
+    def unmerge(self) -> None:
+        """Restore the base weights bit for bit; a no-op where nothing is merged."""
 
     def unwrapped(self, merge: bool) -> nn.Module:
         """The plain module that replaces this one in ``unload`` (merged or original)."""

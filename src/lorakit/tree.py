@@ -72,8 +72,8 @@ def attach_state(model: nn.Module) -> AdapterState:
 
 
 def is_merged(model: nn.Module) -> bool:
-    """True if any adapter is merged into a base weight of ``model``."""
-    return any(layer.merged_adapters for _, layer in lora_layers(model))
+    """True if any adapter is merged into a base weight of ``model`` (LoRA layers, trainable tokens, parameters)."""
+    return any(module.merged_adapters for _, module in adapter_modules(model))
 
 
 def name_list(name_or_names) -> list[str]:

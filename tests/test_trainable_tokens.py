@@ -1,0 +1,196 @@
+"""trainable_token_indices: PEFT's trainable tokens (rows of an embedding replaced, tied heads follow),
+checked by hand, against PEFT, and for bad input."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import AdapterLoadError, ConfigError, LoRAConfig, MixedBatchError, TargetModuleError
+from lorakit.trainable_tokens import TrainableTokensWrapper
+from _parity_models import ids, llama
+
+KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+def tokens(tti, target_modules=("q_proj",), **kw):
+    return LoRAConfig(r=2, target_modules=list(target_modules), trainable_token_indices=tti, **kw)
+
+
+def set_rows(model, name="default", seed=4):
+    """Give adapter ``name``'s rows known values; returns {row index: value}."""
+    wrapper = model.model.embed_tokens
+    idx, rows = wrapper.rows(name)
+    with torch.no_grad():
+        rows.copy_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed)))
+    return dict(zip(idx, rows.detach().clone()))
+
+
+def test_rows_replace_embedding_rows_by_hand_and_only_they_train():
+    base = llama(tied=True)
+    w = base.model.embed_tokens.weight.detach().clone()
+    model = lorakit.inject(llama(tied=True), tokens([3, 5]))
+    assert torch.equal(model.model.embed_tokens(ids(64)), F.embedding(ids(64), w)), "fresh rows are the base rows"
+    new = set_rows(model)
+    expected_w = w.clone()
+    for i, v in new.items():
+        expected_w[i] = v
+    x = ids(64)
+    assert torch.equal(model.model.embed_tokens(x), F.embedding(x, expected_w))
+    h = model.model(x).last_hidden_state
+    torch.testing.assert_close(model(x).logits, h @ expected_w.T, rtol=0, atol=1e-6)  # the tied head follows
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "lora_" not in n} == {"model.embed_tokens.trainable_tokens_delta.default"}
+    model(x).logits.sum().backward()
+    grad = model.model.embed_tokens.rows("default")[1].grad
+    assert grad is not None and grad.abs().sum() > 0 and model.model.embed_tokens.base_layer.weight.grad is None
+
+
+def test_tied_head_saves_once_merges_once_and_retied_after(tmp_path):
+    model = lorakit.inject(llama(tied=True), tokens([3, 5, 7]))
+    set_rows(model)
+    assert isinstance(model.lm_head, TrainableTokensWrapper) and model.lm_head.leader is model.model.embed_tokens
+    lorakit.save_adapter(model, tmp_path)
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert [k for k in keys if "lora_" not in k] == [KEY]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["trainable_token_indices"] == [3, 5, 7]
+    x = ids(64)
+    unmerged = model(x).logits.detach()
+    lorakit.merge(model)
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.base_layer.weight
+    torch.testing.assert_close(model(x).logits, unmerged, rtol=0, atol=1e-5)
+    plain = lorakit.unload(model, merge=True)
+    assert type(plain.model.embed_tokens) is torch.nn.Embedding and plain.lm_head.weight is plain.model.embed_tokens.weight
+    torch.testing.assert_close(plain(x).logits, unmerged, rtol=0, atol=1e-5)
+
+
+def test_tied_modules_given_other_rows_each_keep_their_own_and_merge_untied():
+    model = lorakit.inject(llama(tied=True), tokens({"embed_tokens": [3, 5], "lm_head": [7]}))
+    shared = model.model.embed_tokens.base_layer.weight
+    assert model.lm_head.leader is None and model.lm_head.base_layer.weight is shared
+    with torch.no_grad():
+        for w in (model.model.embed_tokens, model.lm_head):
+            w.rows("default")[1].add_(1.0)
+    x = ids(64)
+    unmerged = model(x).logits.detach()
+    before = shared.detach().clone()
+    lorakit.merge(model)
+    torch.testing.assert_close(model(x).logits, unmerged, rtol=0, atol=1e-5)
+    lorakit.unmerge(model)
+    assert model.lm_head.base_layer.weight is shared and torch.equal(shared, before)
+
+
+def test_peft_mixed_batch_and_lorakit_mixed_batch_agree(tmp_path):
+    peft = pytest.importorskip("peft")
+    warnings.filterwarnings("ignore", module="peft")
+    x = ids(64).repeat(2, 1)
+    x[2, :2] = torch.tensor([9, 11])
+    model = llama(tied=True)
+    for name, tti, seed in (("a", [3, 5], 4), ("b", [9, 11, 5], 6)):
+        lorakit.inject(model, tokens(tti, init_lora_weights=False), name)
+        set_rows(model, name, seed)
+        lorakit.save_adapter(model, tmp_path / name, name)
+    names = ["a", None, "b", "a"]
+    with lorakit.mixed_batch(model, names):
+        mixed = model(x).logits
+    pm = peft.PeftModel.from_pretrained(llama(tied=True), tmp_path / "a", adapter_name="a")
+    pm.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs = pm.eval()(x, adapter_names=["a", "__base__", "b", "a"]).logits
+    torch.testing.assert_close(mixed, theirs, rtol=1e-5, atol=1e-5)
+    for i, n in enumerate(names):  # and each row equals the model with only its adapter
+        with lorakit.disable_adapters(model) if n is None else _active(model, n):
+            torch.testing.assert_close(mixed[i], model(x[i:i + 1]).logits[0], rtol=0, atol=1e-5)
+
+
+class _active:
+    def __init__(self, model, name):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        lorakit.set_adapter(self.model, self.name)
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_overlapping_active_adapters_and_weighted_combination_are_refused():
+    model = llama()
+    lorakit.inject(model, tokens([3, 5]), "a")
+    lorakit.inject(model, tokens([5, 8]), "b")
+    lorakit.set_adapter(model, ["a", "b"])
+    with pytest.raises(ConfigError, match=r"'a' and 'b' both replace row 5 of 'model.embed_tokens'"):
+        model(ids(64))
+    with pytest.raises(ConfigError, match="trainable_token_indices"):
+        lorakit.add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab")
+    assert lorakit.list_adapters(model) == ["a", "b"]
+
+
+def test_delete_adapter_unwraps_and_second_adapter_shares_the_wrapper():
+    model = llama(tied=True)
+    lorakit.inject(model, tokens([3]), "a")
+    lorakit.inject(model, tokens([4]), "b")
+    assert model.model.embed_tokens.adapter_names == ["a", "b"] == model.lm_head.adapter_names
+    lorakit.delete_adapter(model, "a")
+    lorakit.delete_adapter(model, "b")
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tti, exc, message", [
+    ([3, 3], ConfigError, "lists row 3 twice"),
+    ([-1], ConfigError, "row indices >= 0"),
+    ("3", ConfigError, "list of row indices"),
+    ({"embed_tokens": []}, ConfigError, r"trainable_token_indices\['embed_tokens'\]"),
+    ({1: [3]}, ConfigError, "map module names"),
+])
+def test_bad_indices_are_config_errors(tti, exc, message):
+    with pytest.raises(exc, match=message):
+        tokens(tti)
+
+
+def _snapshot(model):
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (tokens([3, 64]), r"row 64 is out of range for 'model.embed_tokens', which has 64 rows"),
+    (tokens({"embed_tokenz": [1]}), "entry 'embed_tokenz' matches no module"),
+    (tokens([1], target_modules=["q_proj", "embed_tokens"]), "both target_modules and trainable_token_indices"),
+    (tokens({"embed_tokens": [1]}, modules_to_save=["embed_tokens"]), "both in modules_to_save"),
+    (tokens({"norm": [1]}), "without a 2-D weight"),
+])
+def test_bad_targets_name_the_module_and_change_nothing(cfg, message):
+    model = llama()
+    snap = _snapshot(model)
+    with pytest.raises(TargetModuleError, match=message):
+        lorakit.inject(model, cfg)
+    after = _snapshot(model)
+    assert after[0] == snap[0] and all(torch.equal(after[1][k], snap[1][k]) for k in snap[1])
+
+
+def test_a_file_with_wrong_row_shape_is_refused_and_the_model_is_unchanged(tmp_path):
+    model = lorakit.inject(llama(tied=True), tokens([3, 5]))
+    lorakit.save_adapter(model, tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    t = load_file(f)
+    t[KEY] = torch.zeros(3, 32)
+    save_file(t, f)
+    fresh = llama(tied=True)
+    snap = _snapshot(fresh)
+    with pytest.raises(AdapterLoadError, match=r"trainable_tokens_delta' has shape \[3, 32\] in the file but the "
+                                               r"model needs \[2, 32\]"):
+        lorakit.load_adapter(fresh, tmp_path)
+    after = _snapshot(fresh)
+    assert after[0] == snap[0] and all(torch.equal(after[1][k], snap[1][k]) for k in snap[1])
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+
+
+def test_mixed_batch_still_needs_a_batch_that_fits():
+    model = lorakit.inject(llama(), tokens([3]))
+    with lorakit.mixed_batch(model, ["default", None, None]):
+        with pytest.raises(MixedBatchError, match="batch size 2"):
+            model(ids(64))
