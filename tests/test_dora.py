@@ -16,7 +16,7 @@ from torch import nn
 import lorakit
 from lorakit import ConfigError, LoRAConfig
 
-from test_families import FAMILIES, TOL, lk_config, out, peft_config, snapshot, train
+from test_families import FAMILIES, TOL, lk_config, out, peft_config, peft_trained_and_loaded, snapshot, train
 
 peft = pytest.importorskip("peft")
 
@@ -179,14 +179,8 @@ def test_two_active_dora_adapters_forward_and_merge_like_peft():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_peft_dora_adapter_loads_in_lorakit(name, tmp_path):
-    build, x, *_ = FAMILIES[name]
-    pm = peft.get_peft_model(build(), peft_config(name, use_dora=True, init_lora_weights=False))
-    train(pm, x, [p for p in pm.parameters() if p.requires_grad])  # the magnitudes move too
-    pm.eval()
-    expected = out(pm, x).detach()
-    pm.save_pretrained(tmp_path / "p")
-    model = build()
-    lorakit.load_adapter(model, tmp_path / "p")
+    model, x, expected = peft_trained_and_loaded(name, peft_config(name, use_dora=True, init_lora_weights=False),
+                                                 tmp_path / "p")  # the magnitudes trained too
     torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
     lorakit.merge(model)
     torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)

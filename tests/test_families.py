@@ -133,6 +133,20 @@ def train(model, x, params, steps=3, seed=3):
         opt.step()
 
 
+def peft_trained_and_loaded(name, config, folder):
+    """PEFT trains an adapter on family ``name`` (a few Adam steps) and saves it to ``folder``; lorakit loads it
+    into a fresh base. Returns ``(lorakit model in eval mode, input, PEFT's output)``."""
+    build, x, *_ = FAMILIES[name]
+    pm = peft.get_peft_model(build(), config)
+    train(pm, x, [p for p in pm.parameters() if p.requires_grad])  # LoRA, magnitudes, biases, modules_to_save copies
+    pm.eval()
+    expected = out(pm, x).detach()
+    pm.save_pretrained(folder)
+    model = build()
+    lorakit.load_adapter(model, folder)
+    return model.eval(), x, expected
+
+
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -172,15 +186,7 @@ def _tied_extra(name):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_lorakit_loads_peft_adapter_with_trained_heads(name, tmp_path):
-    build, x, *_ = FAMILIES[name]
-    pm = peft.get_peft_model(build(), peft_config(name, init_lora_weights=False))
-    train(pm, x, [p for p in pm.parameters() if p.requires_grad])  # trains LoRA and the modules_to_save copies
-    pm.eval()
-    expected = out(pm, x).detach()
-    pm.save_pretrained(tmp_path / "p")
-
-    model = build()
-    lorakit.load_adapter(model, tmp_path / "p")
+    model, x, expected = peft_trained_and_loaded(name, peft_config(name, init_lora_weights=False), tmp_path / "p")
     torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
     # and back: lorakit's save of it is key-for-key and bit-for-bit PEFT's file, less the full copies of base
     # weights PEFT adds when lm_head/embed_tokens is a target (lorakit checked they equal the model's)

@@ -18,7 +18,7 @@ from torch import nn
 import lorakit
 from lorakit import AdapterLoadError, LoRAConfig, LoRAWarning
 
-from test_families import FAMILIES, TOL, out, train
+from test_families import FAMILIES, TOL, out, peft_trained_and_loaded
 
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", module="peft")
@@ -60,15 +60,8 @@ MATRIX = {  # row -> (family, PEFT LoraConfig keywords)
 @pytest.mark.parametrize("row", list(MATRIX))
 def test_adapter_written_by_peft_loads_with_peft_outputs(row, tmp_path):
     family, kw = MATRIX[row]
-    build, x, *_ = FAMILIES[family]
-    pm = peft.get_peft_model(build(), peft.LoraConfig(**kw))
-    train(pm, x, [p for p in pm.parameters() if p.requires_grad])
-    pm.eval()
-    expected = out(pm, x).detach()
-    pm.save_pretrained(tmp_path / "p")
-    model = build()
-    lorakit.load_adapter(model, tmp_path / "p")
-    torch.testing.assert_close(out(model.eval(), x), expected, atol=TOL, rtol=0)
+    model, x, expected = peft_trained_and_loaded(family, peft.LoraConfig(**kw), tmp_path / "p")
+    torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
 
 
 def test_peft_state_dict_with_adapter_name_infixes_loads(tmp_path):

@@ -14,7 +14,7 @@ import lorakit
 from lorakit import ConfigError, LoRAConfig, MergeStateError, TargetModuleError
 
 from test_dora import MLP, randomize_
-from test_families import FAMILIES, TOL, out, snapshot, train
+from test_families import FAMILIES, TOL, out, peft_trained_and_loaded, snapshot, train
 
 peft = pytest.importorskip("peft")
 
@@ -53,14 +53,7 @@ def _config(name, lk=True, **kw):
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_peft_lora_bias_adapter_loads_in_lorakit_and_back(name, tmp_path):
-    build, x, *_ = FAMILIES[name]
-    pm = peft.get_peft_model(build(), _config(name, lk=False, init_lora_weights=False))
-    train(pm, x, [p for p in pm.parameters() if p.requires_grad])
-    pm.eval()
-    expected = out(pm, x).detach()
-    pm.save_pretrained(tmp_path / "p")
-    model = build()
-    lorakit.load_adapter(model, tmp_path / "p")
+    model, x, expected = peft_trained_and_loaded(name, _config(name, lk=False, init_lora_weights=False), tmp_path / "p")
     torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
     lorakit.save_adapter(model, tmp_path / "again")
     a, b = load_file(tmp_path / "p" / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
