@@ -106,10 +106,20 @@ def merge(model: nn.Module) -> nn.Module:
     Idempotent: an adapter already merged is not added again. Merged outputs equal unmerged
     ones within float rounding (Hu et al. 2021, Sec. 4.1: no inference latency). Returns
     ``model``.
+
+    Raises:
+        QuantizedBaseError: a base weight is quantised (``lorakit.dequantize`` first); nothing is merged.
     """
+    check_merge(model)
     for _, layer in lora_layers(model):
         layer.merge()
     return model
+
+
+def check_merge(model: nn.Module) -> None:
+    """Ask every LoRA layer whether its active adapters can be merged, before any weight changes."""
+    for name, layer in lora_layers(model):
+        layer.check_merge(name)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -126,7 +136,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``modules_to_save`` module keeps the active adapter's copy; with ``merge=False`` the
     original weights and modules come back. Afterwards no LoRA class or parameter is left and
     ``state_dict()`` keys equal the original model's.
+
+    Raises:
+        QuantizedBaseError: ``merge=True`` and a base weight is quantised; nothing is changed.
     """
+    if merge:
+        check_merge(model)
     for name, module in list(adapter_modules(model)):
         set_submodule(model, name, module.unwrapped(merge))
     if hasattr(model, STATE_ATTR):

@@ -71,6 +71,10 @@ class LoRALayer(AdapterModule):
     def check_base(base_layer: nn.Module, name: str) -> None:
         """Raise ``TargetModuleError`` naming ``name`` if this base module cannot be adapted."""
 
+    def check_merge(self, name: str, names: list[str] | None = None) -> None:
+        """Raise if adapters ``names`` (default: the active ones) cannot be merged into this layer's base
+        (``name``: the module's, for the message); ``merge`` / ``unload`` ask every layer before changing any."""
+
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:
         """``(in, out)`` sizes of the base module."""
