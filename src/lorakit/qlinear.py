@@ -23,6 +23,20 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and not w.is_floating_point()
 
 
+def keep_cpu_layout(layer: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' CPU inference layout of a 4-bit layer (and return the layer).
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit`` rewrites its weight in place, on its
+    first forward in eval mode without gradients, into a packed layout computed in bfloat16: the
+    outputs then differ from dequant(W)·x by bfloat16 rounding, weights with fewer than 64 inputs
+    fail, and a later training forward fails (its bias is added in place). With the layout off, every
+    forward multiplies by dequant(W) in the compute dtype, as in training.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
 class LoRAQuantLinear(LoRALinear):
     """``LoRALinear`` on a quantised ``nn.Linear`` (QLoRA, Dettmers et al. 2023, eq. 5).
 
@@ -30,6 +44,7 @@ class LoRAQuantLinear(LoRALinear):
     computes with its quantised weight (in its compute dtype), A (r × in_features) and
     B (out_features × r) are float32 whatever the stored weight dtype (uint8 / int8), and the bypass
     is cast to the base output dtype. Mixed batches and ``set_adapter`` work as on ``LoRALinear``.
+    A bitsandbytes 4-bit base keeps the plain CPU layout (``keep_cpu_layout``).
 
     Merging is refused while the base weight is quantised: ``dequant(W) + s·B A`` would have to be
     re-quantised, which rounds most of the delta away (an NF4 step is far larger than a typical
@@ -39,6 +54,9 @@ class LoRAQuantLinear(LoRALinear):
     Raises:
         TypeError: ``base_layer`` is not an ``nn.Linear``.
     """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(keep_cpu_layout(base_layer))
 
     @property
     def adapter_dtype(self) -> torch.dtype:

@@ -30,6 +30,7 @@ from torch import nn
 
 from .errors import ConfigError, QuantizedBaseError, TargetModuleError
 from .inject import _output_head, nearest_names
+from .qlinear import keep_cpu_layout
 from .tree import adapter_modules, set_submodule
 
 QUANT_TYPES = ("nf4", "int8")
@@ -84,7 +85,7 @@ def _quantized(bnb, lin: nn.Linear, kind: str, compute_dtype: torch.dtype | None
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         q.bias = nn.Parameter(bias.detach(), requires_grad=False)
-    return q.to(w.device)  # bitsandbytes quantises on this move
+    return keep_cpu_layout(q.to(w.device))  # bitsandbytes quantises on this move
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
