@@ -24,6 +24,7 @@ safetensors. The LoRA side (float32 adapters, refused merges) is ``lorakit.qline
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -93,7 +94,8 @@ def _skipped(name: str, skip: list[str]) -> bool:
 
 
 def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = None,
-                  compute_dtype: torch.dtype | None = None) -> nn.Module:
+                  compute_dtype: torch.dtype | None = None,
+                  each: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (exact type) by a frozen quantised layer, in place.
 
     ``kind`` ``"nf4"`` gives bitsandbytes ``Linear4bit`` (weight: packed uint8 codes, (out·in/2, 1)),
@@ -104,7 +106,8 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
     Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
     ``LoRAQuantLinear`` with float32 adapters. One layer at a time is quantised, so the peak extra
-    memory is one layer's. Returns ``model``.
+    memory is one layer's; ``each(name, layer)``, if given, is called after each (e.g. to hand freed
+    memory back to the OS). Returns ``model``.
 
     Raises:
         ConfigError: ``kind`` is not ``"nf4"`` or ``"int8"``.
@@ -132,7 +135,10 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
                                 "kept full precision)")
     bnb = _bnb()
     for name in todo:
-        set_submodule(model, name, _quantized(bnb, model.get_submodule(name), kind, compute_dtype))
+        layer = _quantized(bnb, model.get_submodule(name), kind, compute_dtype)
+        set_submodule(model, name, layer)
+        if each is not None:
+            each(name, layer)
     return model
 
 
