@@ -86,6 +86,7 @@ def _quantized(bnb, lin: nn.Linear, kind: str, compute_dtype: torch.dtype | None
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         q.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    q.train(lin.training)  # a new module trains; this one runs as the one it replaces (int8: LLM.int8() in eval)
     return keep_cpu_layout(q.to(w.device))  # bitsandbytes quantises on this move
 
 
@@ -183,7 +184,7 @@ def _full_precision(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
     lin.weight = nn.Parameter(dequantized_weight(layer).to(dtype), requires_grad=False)
     if layer.bias is not None:
         lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=layer.bias.requires_grad)
-    return lin
+    return lin.train(layer.training)
 
 
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
