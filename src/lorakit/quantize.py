@@ -13,9 +13,10 @@ Library: bitsandbytes (``pip install 'lorakit[quant]'``, pinned in constraints.t
 CPU, forward and backward to the input, with ``Linear4bit`` / ``Linear8bitLt`` subclassing
 ``nn.Linear``; PEFT dispatches its LoRA layers onto exactly these classes (``peft.tuners.lora.bnb``),
 so PEFT parity is checked on one and the same quantised module; transformers' ``BitsAndBytesConfig``
-builds the same classes, so a model quantised there trains here too. torchao's int8 weight-only
-tensor works on CPU, but its NF4 tensor refuses small or oddly shaped weights (its scaler blocks must
-divide the row count) and PEFT has no LoRA layer for it.
+builds the same classes, so a model quantised there trains here too. torchao 0.18's int8 weight-only
+tensor works on CPU (forward and backward), but its NF4 tensor refuses small weights (a 32 × 64
+weight: "number of scalers must be divisible by scaler block size", 256) and PEFT's torchao LoRA layer
+takes int8 weights only, so NF4 parity could not be checked against it.
 
 bitsandbytes is imported inside these functions only, so ``import lorakit`` needs only torch and
 safetensors. The LoRA side (float32 adapters, refused merges) is ``lorakit.qlinear``'s, torch only.
