@@ -34,6 +34,7 @@ def test_contracts_are_kept():
     ("layers.py", "from lorakit.app import cli\n"),  # core -> app
     ("adapter.py", "from . import inject\n"),  # the math reaching up the layers
     ("tree.py", "import transformers\n"),  # an app dependency in the core
+    ("inject.py", "import bitsandbytes\n"),  # the optional extra anywhere but lorakit.quantize
 ])
 def test_contracts_fail_on_a_forbidden_import(tmp_path, module, line):
     copy = tmp_path / "src"
