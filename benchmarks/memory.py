@@ -1,7 +1,9 @@
-"""Peak memory (RSS) of training: lorakit LoRA vs full fine-tuning vs PEFT LoRA, one subprocess each.
+"""Peak memory (RSS) of training: lorakit LoRA vs full fine-tuning vs PEFT LoRA, one subprocess each;
+with ``--bases``, lorakit LoRA on a float32, int8 and NF4 base (quantized.py).
 
     python benchmarks/memory.py                    # SmolLM2-135M-Instruct, 5 steps of 8 G2P examples
     python benchmarks/memory.py --model small      # random 4-layer, hidden-512 Llama
+    python benchmarks/memory.py --bases fp32,int8,nf4   # + one default `lorakit train` per base
 
 Modes (each ``python benchmarks/memory.py --worker MODE`` in a fresh process):
 
@@ -67,7 +69,7 @@ class Sampler:
         self.peak = max(self.peak, _status_kib("VmRSS"))
 
 
-def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
+def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | None = None) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +96,10 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
         tok = AutoTokenizer.from_pretrained(str(_gguf_cache_dir(default_gguf())), local_files_only=True)
         tok.pad_token = tok.pad_token or tok.eos_token
         model = base_model("small")
+    if quantize:  # as lorakit train --quantize does it, right after loading
+        from lorakit.app.qbase import quantize_loaded
+
+        quantize_loaded(model, quantize)
     train_ex, _ = g2p_examples(tok, steps, batch_size)
     cfg = LT.TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, warmup=10, seed=0)
     torch.manual_seed(0)
@@ -111,7 +117,7 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
         net = model.base_model.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gc.collect()
-    after_load = _status_kib("VmRSS")
+    after_load, load_hwm = _status_kib("VmRSS"), _status_kib("VmHWM")
     try:  # reset the kernel's peak RSS (VmHWM) to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -126,7 +132,7 @@ def worker(mode: str, kind: str, steps: int, batch_size: int) -> dict:
             LT.train(net, LL.lm_task(train_ex, tok.pad_token_id, cfg), cfg, progress=False)
     return {"mode": mode, "after_load_kib": after_load, "peak_kib": s.peak, "samples": s.samples,
             "hwm_kib": _status_kib("VmHWM") if hwm_ok else None, "train_s": time.perf_counter() - t,
-            "trainable": trainable}
+            "trainable": trainable, "load_hwm_kib": load_hwm}
 
 
 def _trainer(peft_model, train_ex, cfg, pad_id) -> None:
@@ -162,32 +168,44 @@ def _trainer(peft_model, train_ex, cfg, pad_id) -> None:
                       optimizers=(opt, sched)).train()
 
 
+def run_worker(mode: str, args, quantize: str | None = None) -> dict:
+    """``worker(mode, ...)`` in a fresh process: its result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", args.model,
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size)] + (["--quantize", quantize] if quantize else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"worker {mode} {quantize or ''} failed ({p.returncode})")
+    return json.loads(line[0][len("RESULT "):])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--bases", help="instead of the modes: lorakit LoRA on these bases (fp32,int8,nf4), the "
+                    "training peak here and one default `lorakit train` run each (quantized.py)")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--quantize", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.model, args.steps, args.batch_size)), flush=True)
+        res = worker(args.worker, args.model, args.steps, args.batch_size, args.quantize)
+        print("RESULT " + json.dumps(res), flush=True)
         return 0
+    if args.bases:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from quantized import compare_bases
+
+        return compare_bases(args.bases.split(","), run_worker, args)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import machine
 
     load_before = os.getloadavg()[0]
-    res = {}
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", args.model,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"worker {mode} failed ({p.returncode})")
-        res[mode] = json.loads(line[0][len("RESULT "):])
+    res = {mode: run_worker(mode, args) for mode in args.modes.split(",")}
 
     mib = 1 / 1024
     print(f"# memory.py --model {args.model} --steps {args.steps} --batch-size {args.batch_size}: peak RSS of "

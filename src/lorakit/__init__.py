@@ -6,6 +6,7 @@ Data flow: model -> ``inject`` -> train -> ``save_adapter`` -> ``load_adapter`` 
 This package is the core and needs only torch and safetensors. Its modules are layered one
 way (each imports only those below it; checked by tests/test_architecture.py)::
 
+    quantize                    quantised bases: quantize_base / dequantize (bitsandbytes, imported lazily)
     io | combine | mixed        files, adapter arithmetic, per-row adapters
     adapters                    model-level verbs: set / disable / delete / merge / unload
     inject                      find targets, wrap modules, add adapters
@@ -14,6 +15,7 @@ way (each imports only those below it; checked by tests/test_architecture.py)::
     | param_wrapper             LoRA on nn.Parameter weights (target_parameters)
     tree                        walking the model; its one AdapterState (the active set)
     layer_types                 Conv1D, Embedding, Conv2d; the type registry
+    qlinear                     LoRAQuantLinear: float32 adapters on a quantised Linear, merge refused
     layers                      LoRALayer (merge / unmerge / forward), LoRALinear
     config                      LoRAConfig (PEFT's adapter_config.json)
     adapter                     the math: scaling, bypass s·B·A·x, delta s·B·A (LoRAAdapter)
@@ -46,6 +48,7 @@ from .errors import (
     LoRAWarning,
     MergeStateError,
     MixedBatchError,
+    QuantizedBaseError,
     TargetModuleError,
 )
 from .adapter import LoRAAdapter
@@ -54,6 +57,8 @@ from .io import load_adapter, load_adapter_tensors, read_adapter, save_adapter
 from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear
 from .layers import LoRALayer, LoRALinear
 from .mixed import mixed_batch
+from .qlinear import LoRAQuantLinear
+from .quantize import dequantize, quantization, quantize_base
 from .modules_to_save import ModulesToSaveWrapper
 from .param_wrapper import ParamWrapper
 from .trainable_tokens import TrainableTokensWrapper
@@ -91,6 +96,7 @@ __all__ = [
     "AdapterLoadError",
     "MergeStateError",
     "MixedBatchError",
+    "QuantizedBaseError",
     "add_weighted_adapter",
     "mixed_batch",
     "LoRAConv1D",
@@ -100,4 +106,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "TrainableTokensWrapper",
     "ParamWrapper",
+    "LoRAQuantLinear",
+    "quantize_base",
+    "dequantize",
+    "quantization",
 ]

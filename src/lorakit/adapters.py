@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import MergeStateError, MixedBatchError
 from .tree import (
-    STATE_ATTR, activate, adapter_modules, check_known, is_merged, model_state, name_list, set_submodule,
+    STATE_ATTR, activate, adapter_modules, check_known, is_merged, lora_layers, model_state, name_list, set_submodule,
 )
 
 
@@ -106,10 +106,20 @@ def merge(model: nn.Module) -> nn.Module:
     Idempotent: an adapter already merged is not added again. Merged outputs equal unmerged
     ones within float rounding (Hu et al. 2021, Sec. 4.1: no inference latency). Returns
     ``model``.
+
+    Raises:
+        QuantizedBaseError: a base weight is quantised (``lorakit.dequantize`` first); nothing is merged.
     """
+    check_merge(model)
     for _, module in adapter_modules(model):
         module.merge()
     return model
+
+
+def check_merge(model: nn.Module) -> None:
+    """Ask every LoRA layer whether its active adapters can be merged, before any weight changes."""
+    for name, layer in lora_layers(model):
+        layer.check_merge(name)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -126,7 +136,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``modules_to_save`` module keeps the active adapter's copy; with ``merge=False`` the
     original weights and modules come back. Afterwards no LoRA class or parameter is left and
     ``state_dict()`` keys equal the original model's.
+
+    Raises:
+        QuantizedBaseError: ``merge=True`` and a base weight is quantised; nothing is changed.
     """
+    if merge:
+        check_merge(model)
     for name, module in list(adapter_modules(model)):
         set_submodule(model, name, module.unwrapped(merge))
     if hasattr(model, STATE_ATTR):

@@ -7,7 +7,7 @@ written against plain Python exceptions keeps working. The same fault raises the
 wherever it is detected.
 
 Core (``lorakit``): ConfigError, TargetModuleError, AdapterExistsError, AdapterNotFoundError,
-AdapterLoadError, MergeStateError, MixedBatchError.
+AdapterLoadError, MergeStateError, MixedBatchError, QuantizedBaseError.
 App (``lorakit.app``): DataError, ModelLoadError, UsageError, CLIError, ServeError, CheckpointError,
 SaveError, NonFiniteError, TrainingInterrupted.
 """
@@ -51,6 +51,11 @@ class MergeStateError(LoRAError, RuntimeError):
 
 class MixedBatchError(LoRAError, ValueError):
     """``mixed_batch`` got adapter names that do not fit the batch or the model's state."""
+
+
+class QuantizedBaseError(LoRAError, RuntimeError):
+    """The operation needs a full-precision base weight but the module's is quantised (merge: call
+    ``lorakit.dequantize`` first), or quantising is impossible (bitsandbytes missing, adapters injected)."""
 
 
 # --- app --------------------------------------------------------------------------------------

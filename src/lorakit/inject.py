@@ -129,6 +129,9 @@ def _target(name: str, module: nn.Module, config: LoRAConfig, adapter_name: str,
             f"(supported: {', '.join(t.__name__ for t in lora_classes())})"
         )
     cls.check_base(base, name)
+    if config.use_dora and not cls.supports_dora:
+        raise TargetModuleError(f"target module {name!r} has a quantised base ({type(base).__name__}); DoRA needs the "
+                                "dense weight's norm: call lorakit.dequantize(model) first, or use plain LoRA")
     if config.lora_bias and not cls.supports_lora_bias:
         raise TargetModuleError(f"target module {name!r} is a {type(base).__name__}, which takes no lora_bias "
                                 "(PEFT neither); leave it out of target_modules or set lora_bias=False")

@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import TargetModuleError
 from .layers import LoRALayer, LoRALinear
+from .qlinear import LoRAQuantLinear, is_quantized_linear
 
 
 def conv1d_type() -> type | None:
@@ -212,6 +213,9 @@ def lora_classes() -> dict[type, type[LoRALayer]]:
 
 
 def lora_class_for(base_layer: nn.Module, tied: bool = False) -> type[LoRALayer] | None:
-    """The LoRA class for ``base_layer``'s exact type (``TiedLoRALinear`` for a tied Linear), or None."""
+    """The LoRA class for ``base_layer``'s exact type (``TiedLoRALinear`` for a tied Linear,
+    ``LoRAQuantLinear`` for a quantised ``nn.Linear`` subclass), or None."""
     cls = lora_classes().get(type(base_layer))
+    if cls is None and is_quantized_linear(base_layer):
+        return LoRAQuantLinear
     return TiedLoRALinear if tied and cls is LoRALinear else cls

@@ -48,6 +48,7 @@ class LoRALayer(AdapterModule):
     peft_suffixes = ("lora_A.weight", "lora_B.weight")  # file keys of A and B under the module's name
     supports_dropout = True
     supports_lora_bias = True  # PEFT's lora_bias (a bias of B)
+    supports_dora = True  # DoRA needs the dense base weight (its column norm)
     linear_up = True  # _up is F.linear, so _up_add may fuse it into one addmm_
     tied_with: tuple[str, ...] = ()
     weight_out_axis = 0  # the output-feature axis of the base weight (DoRA's norm is taken across the others)
@@ -80,6 +81,10 @@ class LoRALayer(AdapterModule):
     @staticmethod
     def check_base(base_layer: nn.Module, name: str) -> None:
         """Raise ``TargetModuleError`` naming ``name`` if this base module cannot be adapted."""
+
+    def check_merge(self, name: str, names: list[str] | None = None) -> None:
+        """Raise if adapters ``names`` (default: the active ones) cannot be merged into this layer's base
+        (``name``: the module's, for the message); ``merge`` / ``unload`` ask every layer before changing any."""
 
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
 from .lm_loss import lm_task, mean_loss
 from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
-from .options import TrainOptions, resumed_options, run_options, train_options
+from .options import QUANTIZE_ONE_PROCESS, TrainOptions, resumed_options, run_options, train_options
 from .plots import plot_losses
 
 
@@ -167,7 +167,7 @@ def _model_with_lora(o: TrainOptions):
     """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``."""
     quiet_transformers()
     torch.manual_seed(o.seed)
-    lm = load_base(o.model)
+    lm = load_base(o.model, o.quantize)
     if o.full:
         n = full.prepare(lm.model)
         return lm, None, n, n
@@ -231,6 +231,7 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         "data_shape": data.shape,
         "task": g2p.G2P_TASK if o.builtin else None,
         "max_length": o.max_length,
+        "quantize": o.quantize,  # eval / generate / merge rebuild the same base
         "base_parameters": base_params,
         "trainable_parameters": trainable,
         "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed",
@@ -287,6 +288,8 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
     Under torchrun every rank trains its share; rank 0 alone evaluates, prints and writes."""
     if o.fsdp and not distributed.launched():
         raise CLIError("--fsdp shards the model across processes: add --nproc N (N > 1) or run under torchrun")
+    if o.quantize and distributed.launched():
+        raise CLIError(QUANTIZE_ONE_PROCESS)
     d = distributed.setup(fsdp=o.fsdp)
     quiet = open(os.devnull, "w") if d is not None and not d.main else None
     try:
@@ -347,7 +350,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
             d.barrier()
     if main or o.fsdp:  # a sharded model evaluates on every rank together; rank 0 writes
         _finish(model, tok, out, (train_data, split, val_ex), results, before_preds, summary, history, t_start,
-                merged=not (o.fsdp or o.full), write=main)
+                merged=not (o.fsdp or o.full or o.quantize is not None), write=main)  # a quantised base cannot merge
     if d is not None:
         d.barrier()
     return 0

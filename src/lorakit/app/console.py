@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 
@@ -15,8 +16,18 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def quiet_bitsandbytes() -> None:
+    """No bitsandbytes warnings below errors (it is imported by transformers too, when installed): on
+    import it notes that an optional hub kernel package is absent (lorakit never downloads; its own CPU
+    kernels run), and int8 in eval mode notes on every forward that LLM.int8() rounds activations
+    through float16."""
+    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quiet_transformers() -> None:
-    """No transformers warnings below errors, and no download/loading progress bars."""
+    """No transformers (or bitsandbytes) warnings below errors, and no download/loading progress bars."""
+    quiet_bitsandbytes()
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -15,7 +15,8 @@ from .models import make_plain, write_metadata
 
 MODEL_DIR = "model"
 # options that need an adapter (checkpoints hold adapter files) or a LoRA config
-REFUSED = {"save_every": 0, "resume": None, "nproc": 1, "fsdp": False, "dora": False, "rslora": False}  # -> neutral
+REFUSED = {"save_every": 0, "resume": None, "nproc": 1, "fsdp": False, "dora": False, "rslora": False,
+           "quantize": None}  # -> neutral
 
 
 def check(o, given: frozenset[str]) -> None:

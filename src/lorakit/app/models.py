@@ -25,10 +25,12 @@ from safetensors import SafetensorError
 
 from lorakit import load_adapter, read_adapter
 from lorakit.errors import AdapterLoadError, ModelLoadError
+from lorakit.quantize import QUANT_TYPES
 from lorakit.durable import read_utf8, write_json
 
 from .console import log
 from .files import write_folder
+from .qbase import quantize_loaded
 
 DEFAULT_MODEL = "default"  # the built-in SmolLM2-135M-Instruct GGUF
 DEFAULT_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the default is, in adapter configs
@@ -231,12 +233,20 @@ def write_metadata(folder: str | os.PathLike, meta: dict) -> None:
     write_json(Path(folder) / METADATA_NAME, meta, sort_keys=True)
 
 
-def load_base(reference: str) -> LoadedModel:
-    """``load_model`` with a note on stderr before and the time it took after."""
+def load_base(reference: str, quantize: str | None = None) -> LoadedModel:
+    """``load_model`` with a note on stderr before and the time it took after; ``quantize``
+    (``"nf4"`` / ``"int8"``): its linear layers quantised (``qbase.quantize_loaded``).
+
+    Raises:
+        ModelLoadError: see ``load_model``.
+        QuantizedBaseError: bitsandbytes is missing.
+    """
     t = time.perf_counter()
     log(f"loading model {reference} ...")
     lm = load_model(reference)
-    log(f"loaded in {time.perf_counter() - t:.1f} s")
+    if quantize is not None:
+        quantize_loaded(lm.model, quantize)
+    log(f"loaded in {time.perf_counter() - t:.1f} s" + (f", linear layers quantised to {quantize}" if quantize else ""))
     return lm
 
 
@@ -246,22 +256,26 @@ def adapter_meta(adapter: str) -> tuple[dict, str]:
     Raises:
         AdapterLoadError: no such folder (or see ``lorakit.read_adapter``).
         AdapterLoadError: the adapter files are missing or invalid.
-        ModelLoadError: the adapter does not name its base model.
+        ModelLoadError: the adapter does not name its base model, or its ``"quantize"`` is not a known kind.
     """
     if not Path(adapter).is_dir():
         raise AdapterLoadError(f"adapter folder {adapter!r} does not exist")
     config, _ = read_adapter(adapter)
     meta = read_metadata(adapter)
     base = meta.get("base_model") or config.base_model_name_or_path
+    if meta.get("quantize") not in (None, *QUANT_TYPES):
+        raise ModelLoadError(f"{str(Path(adapter) / METADATA_NAME)!r}: \"quantize\" must be one of "
+                             f"{', '.join(QUANT_TYPES)} or null, got {meta['quantize']!r}")
     if not base:
         raise ModelLoadError(f"adapter {adapter!r} does not name its base model; use --model with a merged folder")
     return meta, base
 
 
 def load_with_adapter(adapter: str) -> tuple[LoadedModel, dict]:
-    """The adapter's base model with the adapter loaded, and the adapter's ``lorakit.json``."""
+    """The adapter's base model (quantised as in training: ``lorakit.json``'s ``"quantize"``) with the
+    adapter loaded, and the adapter's ``lorakit.json``."""
     meta, base = adapter_meta(adapter)
-    lm = load_base(base)
+    lm = load_base(base, meta.get("quantize"))
     load_adapter(lm.model, adapter)
     return lm, meta
 

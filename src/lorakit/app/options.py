@@ -21,6 +21,7 @@ from lorakit import LoRAConfig
 from lorakit.config import ALL_LINEAR
 from lorakit.errors import CheckpointError, ConfigError, UsageError
 from lorakit.durable import read_utf8
+from lorakit.quantize import QUANT_TYPES
 
 from . import classify, g2p
 from .checkpoint import changed_keys
@@ -33,6 +34,8 @@ JOB_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 USER_MAX_LENGTH = 512  # tokens per example on user data
 USER_EPOCHS = 1.0  # passes over user data when neither --steps nor --epochs is given
 TASKS = ("g2p", "classify")
+QUANTIZE_ONE_PROCESS = ("--quantize trains in one process: DDP / FSDP do not broadcast or shard bitsandbytes' "
+                        "quantised weights; drop --nproc / --fsdp")
 NONFINITE = ("error", "skip")
 # options a resumed run may change: they do not change what is trained (the others are hashed
 # into each checkpoint, and a resume that changes them is refused)
@@ -81,6 +84,10 @@ class TrainOptions:
     max_length: int | None = _opt(None, f"tokens per example (default {g2p.G2P_MAX_LENGTH} built-in, "
                                   f"{USER_MAX_LENGTH} user data)", type=int)
     seed: int = _opt(_default(TrainConfig, "seed"), "seed for LoRA init, split and batch order", type=int)
+    quantize: str | None = _opt(None, "quantise the frozen base's linear layers (output head and embeddings kept): "
+                                "nf4 (4-bit NormalFloat, QLoRA) or int8; adapters stay float32; recorded so eval, "
+                                "generate and merge rebuild the same base (merge writes a dequantised, full-precision "
+                                "checkpoint); needs bitsandbytes", type=str)
     bf16: bool = _opt(False, "bfloat16 autocast if the CPU supports it")
     gradient_checkpointing: bool = _opt(False, "recompute activations")
     compile: bool = _opt(False, "torch.compile the transformer blocks: faster steps after a 15-75 s first step")
@@ -135,7 +142,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else repr(default) if isinstance(default, str) else default
         help = m["help"] if default is None else f"{m['help']} (default {shown})"
-        choices = {"task": TASKS, "on_nonfinite": NONFINITE}.get(f.name)
+        choices = {"task": TASKS, "on_nonfinite": NONFINITE, "quantize": QUANT_TYPES}.get(f.name)
         target.add_argument(flag, dest=f.name, type=m["type"], choices=choices, help=help)
 
 
@@ -218,7 +225,13 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {o.task!r}")
     if o.on_nonfinite not in NONFINITE:
         raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE)}, got {o.on_nonfinite!r}")
+    if o.quantize is not None and o.quantize not in QUANT_TYPES:
+        raise UsageError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {o.quantize!r}")
     _check_numbers(o)
+    if o.quantize is not None and (o.fsdp or o.nproc > 1):
+        raise UsageError(QUANTIZE_ONE_PROCESS)
+    if o.quantize is not None and o.dora:
+        raise UsageError("--dora needs the dense base weight (DoRA's column norm); it does not combine with --quantize")
     for key in ("data", "eval_data", "model"):  # absolute: a resume may start in another folder
         v = getattr(o, key)
         if isinstance(v, str) and (key != "model" or Path(v).exists()):

@@ -1,0 +1,202 @@
+"""Quantised bases (QLoRA): ``quantize_base`` swaps a frozen base's ``nn.Linear`` layers for 4-bit NF4 or
+8-bit ones, ``dequantize`` swaps them back for full-precision ``nn.Linear`` holding dequant(W) (so adapters
+can be merged), ``quantization`` tells which kind a model holds.
+
+- ``"nf4"``: 4-bit NormalFloat, one float32 absmax per block of 64 weights (Dettmers et al. 2023,
+  "QLoRA", §3, eq. 1-4; no double quantisation: it saves 0.37 bit per weight and costs a second
+  dequantisation per forward on CPU).
+- ``"int8"``: one absmax per output row, weights rounded to int8 (Dettmers et al. 2022, "LLM.int8()",
+  §3.1 vector-wise quantisation; outlier threshold 0, so no weight column stays in 16 bits).
+
+Library: bitsandbytes (``pip install 'lorakit[quant]'``, pinned in constraints.txt). Chosen over torchao
+0.18 because (checked on this CPU with torch 2.13.0, float32): bitsandbytes 0.50 runs both kinds on
+CPU, forward and backward to the input, with ``Linear4bit`` / ``Linear8bitLt`` subclassing
+``nn.Linear``; PEFT dispatches its LoRA layers onto exactly these classes (``peft.tuners.lora.bnb``),
+so PEFT parity is checked on one and the same quantised module; transformers' ``BitsAndBytesConfig``
+builds the same classes, so a model quantised there trains here too. torchao 0.18's int8 weight-only
+tensor works on CPU (forward and backward), but its NF4 tensor refuses small weights (a 32 × 64
+weight: "number of scalers must be divisible by scaler block size", 256) and PEFT's torchao LoRA layer
+takes int8 weights only, so NF4 parity could not be checked against it.
+
+bitsandbytes is imported inside these functions only, so ``import lorakit`` needs only torch and
+safetensors. The LoRA side (float32 adapters, refused merges) is ``lorakit.qlinear``'s, torch only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, QuantizedBaseError, TargetModuleError
+from .inject import _output_head, nearest_names
+from .qlinear import keep_cpu_layout
+from .tree import adapter_modules, set_submodule
+
+QUANT_TYPES = ("nf4", "int8")
+NF4_BLOCKSIZE = 64  # weights per absmax (QLoRA's block size)
+
+
+def _bnb():
+    """The ``bitsandbytes`` module.
+
+    Raises:
+        QuantizedBaseError: it is not installed or fails to import (the reason named).
+    """
+    try:
+        import bitsandbytes
+    except Exception as e:  # ImportError, or a broken native library (OSError, RuntimeError)
+        raise QuantizedBaseError(f"a quantised base needs bitsandbytes (pip install 'lorakit[quant]'): "
+                                 f"{type(e).__name__}: {e}") from None
+    return bitsandbytes
+
+
+def _bnb_types() -> tuple[type, ...]:
+    """bitsandbytes' quantised linear classes, if it is imported (no quantised layer exists otherwise)."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    return (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt) if bnb_nn is not None else ()
+
+
+def check_kind(kind) -> str:
+    """``kind`` if it is one of ``QUANT_TYPES``.
+
+    Raises:
+        ConfigError: any other value (named, with the choices).
+    """
+    if kind not in QUANT_TYPES:
+        raise ConfigError(f"quantisation must be one of {', '.join(QUANT_TYPES)}, got {kind!r}")
+    return kind
+
+
+def _quantized(bnb, lin: nn.Linear, kind: str, compute_dtype: torch.dtype | None) -> nn.Linear:
+    """A bitsandbytes layer holding ``lin``'s weight quantised and its bias as it is, on ``lin``'s device."""
+    w, bias = lin.weight.detach(), lin.bias
+    with torch.device("meta"):  # no float weight allocated for the new layer
+        if kind == "nf4":
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias is not None, quant_type="nf4",
+                                  compute_dtype=compute_dtype or w.dtype, compress_statistics=False)
+        else:
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias is not None,
+                                    has_fp16_weights=False, threshold=0.0)
+    if kind == "nf4":
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCKSIZE,
+                                     compress_statistics=False)
+    else:
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    if bias is not None:
+        q.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    q.train(lin.training)  # a new module trains; this one runs as the one it replaces (int8: LLM.int8() in eval)
+    return keep_cpu_layout(q.to(w.device))  # bitsandbytes quantises on this move
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in skip)
+
+
+def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = None,
+                  compute_dtype: torch.dtype | None = None,
+                  each: Callable[[str, nn.Module], None] | None = None) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (exact type) by a frozen quantised layer, in place.
+
+    ``kind`` ``"nf4"`` gives bitsandbytes ``Linear4bit`` (weight: packed uint8 codes, (out·in/2, 1)),
+    ``"int8"`` gives ``Linear8bitLt`` (weight: int8 (out, in) plus a float32 scale per row). The output
+    head (``get_output_embeddings()`` / ``lm_head``: often tied to the embedding, and the logits are
+    where rounding shows most) and modules named in ``skip`` (full names or trailing parts, e.g.
+    ``"score"``) stay full precision, as do embeddings, norms and other non-Linear modules. Biases are
+    kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
+    Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
+    ``LoRAQuantLinear`` with float32 adapters. One layer at a time is quantised, so the peak extra
+    memory is one layer's; ``each(name, layer)``, if given, is called after each (e.g. to hand freed
+    memory back to the OS). Returns ``model``.
+
+    Raises:
+        ConfigError: ``kind`` is not ``"nf4"`` or ``"int8"``.
+        QuantizedBaseError: adapters are already injected (quantise the base first), or bitsandbytes is
+            missing; nothing is changed.
+        TargetModuleError: no ``nn.Linear`` is left to quantise, or a ``skip`` entry matches no module
+            (nearest names listed); nothing is changed.
+    """
+    check_kind(kind)
+    skip = list(skip or [])
+    if next(adapter_modules(model), None) is not None:
+        raise QuantizedBaseError(f"{type(model).__name__} already has LoRA adapters; quantise the base model "
+                                 "before inject / load_adapter")
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [s for s in skip if not any(_skipped(n, [s]) for n in names)]
+    if missing:
+        near = nearest_names(missing[0], names)
+        raise TargetModuleError(f"skip entry {missing[0]!r} matches no module"
+                                + (f"; nearest module names: {', '.join(near)}" if near else ""))
+    head = _output_head(model)
+    todo = [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and m is not head and not _skipped(n, skip)]
+    if not todo:
+        raise TargetModuleError(f"{type(model).__name__} has no nn.Linear to quantise (output head and skip={skip} "
+                                "kept full precision)")
+    bnb = _bnb()
+    for name in todo:
+        layer = _quantized(bnb, model.get_submodule(name), kind, compute_dtype)
+        set_submodule(model, name, layer)
+        if each is not None:
+            each(name, layer)
+    return model
+
+
+def _kind(module: nn.Module) -> str | None:
+    types = _bnb_types()
+    if not types or not isinstance(module, types):
+        return None
+    return module.weight.quant_type if isinstance(module, types[0]) else "int8"
+
+
+def quantization(model: nn.Module) -> str | None:
+    """``"nf4"`` (or ``"fp4"``) / ``"int8"`` if ``model`` holds bitsandbytes layers of that kind (the
+    first found: base layers of LoRA layers included), else None."""
+    for _, m in model.named_modules():
+        kind = _kind(m)
+        if kind is not None:
+            return kind
+    return None
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """dequant(W) of a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, float32 (out, in): the weight its
+    forward multiplies by (NF4 code × block absmax; int8 × row absmax / 127).
+
+    Raises:
+        TypeError: ``layer`` is not one of them.
+    """
+    kind = _kind(layer)
+    if kind is None:
+        raise TypeError(f"not a bitsandbytes quantised linear layer: {type(layer).__name__}")
+    F = sys.modules["bitsandbytes.functional"]
+    w = layer.weight
+    if kind == "int8":
+        scb = w.SCB if getattr(w, "SCB", None) is not None else layer.state.SCB
+        return F.int8_vectorwise_dequant(w.data, scb).float()
+    return F.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def _full_precision(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    with torch.device("meta"):
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    lin.weight = nn.Parameter(dequantized_weight(layer).to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        lin.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=layer.bias.requires_grad)
+    return lin.train(layer.training)
+
+
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every bitsandbytes quantised linear layer of ``model`` (also the base layers inside LoRA
+    layers) by an ``nn.Linear`` holding ``dequant(W)`` in ``dtype`` (frozen; biases keep their
+    ``requires_grad``), in place. Outputs stay those of the quantised model up to float rounding (the
+    quantised forward multiplies by the same dequant(W)); adapters are untouched and can then be merged:
+    ``W' = dequant(W) + s·B·A`` (``lorakit.merge`` / ``unload``). A no-op on a model without quantised
+    layers. Returns ``model``.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if _kind(m) is not None]
+    for name, layer in layers:
+        set_submodule(model, name, _full_precision(layer, dtype))
+    return model
