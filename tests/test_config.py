@@ -99,3 +99,18 @@ def test_peft_options_at_their_neutral_value_are_accepted_as_keywords():
 def test_invalid_exclude_modules(value):
     with pytest.raises(ConfigError, match="exclude_modules"):
         LoRAConfig(exclude_modules=value)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("r", 0, "r must be an int >= 1"), ("use_dora", "yes", "use_dora must be True or False"),
+    ("bias", "everything", "bias must be one of"),
+])
+def test_fields_set_after_construction_are_validated_by_inject(field, value, message):
+    from torch import nn
+
+    config = LoRAConfig(r=2, target_modules=["0"])
+    setattr(config, field, value)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=message):
+        lorakit.inject(model, config)
+    assert type(model[0]) is nn.Linear

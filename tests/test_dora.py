@@ -383,3 +383,27 @@ def test_plain_then_dora_adapter_on_conv1d_with_gradients_matches_peft(tmp_path)
     torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
     got.sum().backward()
     assert model.transformer.h[0].attn.c_attn.adapter("d").lora_magnitude_vector.grad is not None
+
+
+def test_cached_norm_sees_a_replaced_tensor_and_data_edits_after_eval():
+    """The norm cache follows version counters and storage: ``.data = ...`` is seen at once; an in-place
+    ``.data`` edit (no version bump) after ``model.eval()`` / ``train()``, which drop the cache."""
+    torch.manual_seed(9)
+    model = MLP(torch.float64)
+    lorakit.inject(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["lin0"], use_dora=True))
+    randomize_(model)
+    model.eval()
+    x = torch.randn(3, 10, dtype=torch.float64)
+    layer, ad = model.lin0, model.lin0.adapter("default")
+
+    def want():
+        w = layer.base_layer.weight.detach()
+        wd = dora_weight(w, ad.lora_A.detach(), ad.lora_B.detach(), ad.lora_magnitude_vector.detach(), 2.0)
+        return x @ wd.T + layer.base_layer.bias.detach()
+
+    layer(x)
+    ad.lora_B.data = ad.lora_B.data + 0.5  # a new tensor
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)
+    layer.base_layer.weight.data.mul_(1.5)  # in place, no version bump: seen after eval()
+    model.eval()
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)

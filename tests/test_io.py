@@ -170,7 +170,7 @@ def test_save_to_a_file_path_is_refused(saved):
     model, path = saved
     target = path.parent / "adapter.safetensors"
     target.write_bytes(b"keep me")
-    with pytest.raises(NotADirectoryError, match="is a file; save_adapter writes a folder"):
+    with pytest.raises(lorakit.errors.SaveError, match="is a file; save_adapter writes a folder"):
         save_adapter(model, target)
     assert target.read_bytes() == b"keep me"
 

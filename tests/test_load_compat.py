@@ -196,3 +196,26 @@ def test_two_file_keys_naming_one_tensor_are_refused(factors, tmp_path):
                     {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"]})
     with pytest.raises(AdapterLoadError, match=r"both name the tensor 'base_model.model.lin.lora_A.weight'"):
         lorakit.load_adapter(Net(), folder)
+
+
+def test_unload_of_a_compiled_model_gives_the_plain_model():
+    torch.manual_seed(2)
+    net = Net()
+    x = torch.randn(3, 4)
+    comp = torch.compile(net)
+    lorakit.inject(comp, LoRAConfig(r=2, target_modules=["lin"], init_lora_weights=False))
+    want = comp._orig_mod(x).detach()
+    lorakit.unload(comp, merge=True)
+    assert type(net.lin) is nn.Linear and not lorakit.list_adapters(comp)
+    torch.testing.assert_close(net(x), want, rtol=0, atol=1e-6)
+
+
+def test_float8_weights_and_a_non_path_are_refused_with_load_errors(factors, tmp_path):
+    a, b = factors
+    folder = _write(tmp_path / "a", {"base_model.model.lin.lora_A.weight": a.to(torch.float8_e4m3fn),
+                                     "base_model.model.lin.lora_B.weight": b},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin"]})
+    with pytest.raises(AdapterLoadError, match=r"'base_model.model.lin.lora_A.weight' has dtype torch.float8_e4m3fn"):
+        lorakit.load_adapter(Net(), folder)
+    with pytest.raises(AdapterLoadError, match="must be a str or os.PathLike folder, got NoneType"):
+        lorakit.load_adapter(Net(), None)

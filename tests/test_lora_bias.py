@@ -131,3 +131,19 @@ def test_refusals_name_the_option():
     lorakit.inject(model, LoRAConfig(target_modules=["1"]), "p")
     with pytest.raises(ConfigError, match="'b' has lora_bias=True"):
         lorakit.add_weighted_adapter(model, ["b", "p"], [1.0, 1.0], "sum", combination_type="cat")
+
+
+def test_merge_and_unload_refuse_before_changing_anything_naming_the_module():
+    """One layer can merge its lora_bias, the next has no bias: merge and unload(merge=True) refuse up front."""
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(4, 4))
+    model.add_module("b", nn.Linear(4, 4, bias=False))
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["a", "b"], lora_bias=True, init_lora_weights=False))
+    before = snapshot(model)
+    for call in (lorakit.merge, lambda m: lorakit.unload(m, merge=True)):
+        with pytest.raises(MergeStateError, match=r"'b' \(Linear\) has no bias"):
+            call(model)
+        after = snapshot(model)
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert model.a.merged_adapters == [] and model.b.merged_adapters == []
+    assert isinstance(model.a, lorakit.LoRALinear) and isinstance(model.b, lorakit.LoRALinear)

@@ -263,3 +263,21 @@ def test_bank_restacked_for_a_new_adapter_also_takes_in_place_changes(model):
                 layer.lora_weights("a")[1].mul_(-2.0)
     inject(model, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "e")
     rows_equal_alone(["a", "b", "b", "a"])
+
+
+def test_bank_follows_factors_replaced_through_data(model):
+    """``lora_A.data = ...`` gives the Parameter new storage without a version bump; the next block sees it."""
+    torch.manual_seed(7)
+    ids = torch.randint(0, 64, (4, 6))
+    names = ["a", "b", "b", "a"]
+    with mixed_batch(model, names), torch.no_grad():
+        model(ids)  # stacks the bank
+    for _, layer in lorakit.lora_layers(model):
+        if layer.has_adapter("b"):
+            a = layer.lora_weights("b")[0]
+            a.data = torch.randn_like(a)
+    refs = {n: _single(model, n, ids) for n in ("a", "b")}
+    with mixed_batch(model, names), torch.no_grad():
+        out = model(ids).logits
+    for i, n in enumerate(names):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)

@@ -143,6 +143,10 @@ class LoRAAdapter(nn.Module):
         self.norm_cache.clear()
         return super()._apply(keep_float32, recurse)
 
+    def train(self, mode: bool = True) -> "LoRAAdapter":
+        self.norm_cache.clear()  # model.train() / model.eval(): the next forward recomputes DoRA's norm
+        return super().train(mode)
+
     def _down(self, x: torch.Tensor, down: Op) -> torch.Tensor:
         """``A(dropout(x))``: (..., r) in the adapter dtype (a floating input is cast to it)."""
         a = self._parameters["lora_A"]  # the hot path of every forward: no nn.Module.__getattr__
@@ -248,13 +252,13 @@ class AdapterBank:
         self.a_cat: torch.Tensor | None = None
         self._version = -1
         self.generation = 0  # bumped whenever a slot changes (restack or rewrite)
-        self._seen: list[tuple] = []  # per slot: (A, A._version, B, B._version, scaling) when stacked
+        self._seen: list[tuple] = []  # per slot: (A, its version, its storage, B, ..., scaling) when stacked
 
     @staticmethod
     def _stamp(ad: LoRAAdapter) -> tuple:
         p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
         a, b = p["lora_A"], p["lora_B"]
-        return a, a._version, b, b._version, ad.scaling
+        return a, a._version, a.data_ptr(), b, b._version, b.data_ptr(), ad.scaling
 
     def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
         """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
@@ -278,9 +282,10 @@ class AdapterBank:
         for n in names:  # once per layer and new mix: kept to plain comparisons
             j = self.slots[n]
             ad = adapters[j]
-            a, va, b, vb, s = self._seen[j]
+            a, va, pa, b, vb, pb, s = self._seen[j]
             p = ad._parameters
-            if p["lora_A"] is not a or a._version != va or p["lora_B"] is not b or b._version != vb or ad.scaling != s:
+            if (p["lora_A"] is not a or a._version != va or a.data_ptr() != pa or p["lora_B"] is not b
+                    or b._version != vb or b.data_ptr() != pb or ad.scaling != s):
                 a, sb = ad.folded(dtype)
                 self.a_t[j].zero_()[:, : ad.r] = a.t()
                 self.b_t[j].zero_()[: ad.r] = sb.t()

@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import MergeStateError, MixedBatchError
 from .tree import (
-    STATE_ATTR, activate, adapter_modules, check_known, is_merged, lora_layers, model_state, name_list, set_submodule,
+    activate, adapter_modules, check_known, drop_state, is_merged, lora_layers, model_state, name_list, set_submodule,
 )
 
 
@@ -144,8 +144,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         check_merge(model)
     for name, module in list(adapter_modules(model)):
         set_submodule(model, name, module.unwrapped(merge))
-    if hasattr(model, STATE_ATTR):
-        delattr(model, STATE_ATTR)
+    drop_state(model)
     return model
 
 

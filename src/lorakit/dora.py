@@ -43,9 +43,11 @@ def initial_magnitude(weight: torch.Tensor, delta: torch.Tensor, out_axis: int) 
 
 
 class NormCache:
-    """``‖W + s·B·A‖_c`` of one adapter, recomputed only when A, B, W (their objects, version
+    """``‖W + s·B·A‖_c`` of one adapter, recomputed only when A, B, W (their objects, storage, version
     counters, dtypes, devices) or the scaling changed: generation and evaluation compute it once,
-    training once per step. ``clear`` drops it (``LoRAAdapter._apply``: a move or cast)."""
+    training once per step. ``clear`` drops it (``LoRAAdapter._apply``: a move or cast; ``train()`` /
+    ``eval()``). An in-place edit through ``.data`` bumps no version counter, so it is seen only after
+    one of those (as with PEFT's DoRA cache, which is keyed on the adapter name alone)."""
 
     def __init__(self) -> None:
         self._tensors: tuple = ()
@@ -57,7 +59,7 @@ class NormCache:
 
     def get(self, tensors: tuple, extra: tuple, compute) -> torch.Tensor:
         """The cached norm, or ``compute()`` (run without grad) when ``tensors`` or ``extra`` changed."""
-        stamp = tuple((t._version, t.dtype, t.device) for t in tensors) + extra
+        stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + extra
         same = len(tensors) == len(self._tensors) and all(x is y for x, y in zip(tensors, self._tensors))
         if self._norm is None or not same or stamp != self._stamp:
             with torch.no_grad():  # detached (§4.3): no gradient flows through the norm

@@ -265,6 +265,7 @@ def _check_can_inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -
     if not isinstance(model, nn.Module) or not isinstance(config, LoRAConfig):
         raise ConfigError(f"inject takes an nn.Module and a LoRAConfig, got {type(model).__name__} and "
                           f"{type(config).__name__}")
+    config = dataclasses.replace(config)  # validated again: fields may have been set after construction
     if is_merged(model):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
     if model_state(model).rows is not None:

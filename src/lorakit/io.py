@@ -30,13 +30,14 @@ from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .durable import read_utf8, write_atomic, write_json
-from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError
+from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, SaveError
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
-from .tree import STATE_ATTR, activate, adapter_modules, is_merged, lora_layers, model_state, set_submodule
+from .tree import STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state, set_submodule
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # adapter weight dtypes that load
 
 
 def _peft_key(module_name: str, suffix: str) -> str:
@@ -88,11 +89,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     Raises:
         AdapterNotFoundError: no adapter of that name.
-        NotADirectoryError: ``path`` is an existing file (nothing is written).
+        SaveError (an OSError): ``path`` is an existing file (nothing is written).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} is a file; save_adapter writes a folder (adapter_config.json, "
+        raise SaveError(f"{str(path)!r} is a file; save_adapter writes a folder (adapter_config.json, "
                                  f"{WEIGHTS_NAME})")
     state = adapter_state_dict(model, adapter_name)
     config = _config_dict(model, adapter_name)
@@ -117,6 +118,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
             truncated or whose header does not fit its data (the key, dtype and shape named), a
             non-float tensor, NaN or Inf values.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise AdapterLoadError(f"an adapter path must be a str or os.PathLike folder, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_dir():
         raise AdapterLoadError(f"adapter folder {str(path)!r} does not exist")
@@ -133,6 +136,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
     for k, t in tensors.items():
+        if t.is_floating_point() and t.dtype not in FLOATS:
+            raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
+                                   "float16, bfloat16, float32 or float64")
         if not t.is_floating_point():
             # integer buffers (BatchNorm's num_batches_tracked) exist only in modules_to_save copies
             if not config.modules_to_save or ".lora_" in k:
@@ -320,7 +326,7 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
     previous_active = active_adapters(model)
     grads = {p: p.requires_grad for p in model.parameters()}
     wrapped_before = {name for name, _ in lora_layers(model)}
-    had_state = hasattr(model, STATE_ATTR)
+    had_state = STATE_ATTR in vars(model)
     try:
         if not existed:
             inject(model, config, adapter_name, init_weights=False)  # every weight is copied in below
@@ -340,7 +346,7 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
                     set_submodule(model, name, layer.base_layer)
         activate(model, previous_active)
         if not had_state:
-            delattr(model, STATE_ATTR)
+            drop_state(model)
         for p, g in grads.items():
             p.requires_grad_(g)
         raise

@@ -84,7 +84,18 @@ class LoRALayer(AdapterModule):
 
     def check_merge(self, name: str, names: list[str] | None = None) -> None:
         """Raise if adapters ``names`` (default: the active ones) cannot be merged into this layer's base
-        (``name``: the module's, for the message); ``merge`` / ``unload`` ask every layer before changing any."""
+        (``name``: the module's, for the message); ``merge`` / ``unload`` ask every layer before changing any.
+
+        Raises:
+            AdapterNotFoundError: a name this layer does not have.
+            MergeStateError: an adapter with ``lora_bias`` on a base layer without a bias.
+        """
+        names = self.active_adapters if names is None else list(names)
+        for n in names:
+            if n not in self.merged_adapters and self.adapter(n).lora_B_bias is not None \
+                    and getattr(self.base_layer, "bias", None) is None:
+                raise MergeStateError(f"adapter {n!r} has lora_bias=True but {name!r} ({type(self.base_layer).__name__}) "
+                                      "has no bias to merge it into; keep it unmerged")
 
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:
@@ -326,10 +337,7 @@ class LoRALayer(AdapterModule):
         """
         names = self.active_adapters if names is None else list(names)
         todo = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
-        for n in todo:
-            if self.adapter(n).lora_B_bias is not None and getattr(self.base_layer, "bias", None) is None:
-                raise MergeStateError(f"adapter {n!r} has lora_bias=True but {type(self.base_layer).__name__} "
-                                      f"{self.extra_repr()} has no bias to merge it into; keep it unmerged")
+        self.check_merge(type(self.base_layer).__name__, todo)
         if not todo:
             return
         with torch.no_grad():  # a block, not a decorator: mutation testing (mutmut) skips decorated functions

@@ -69,6 +69,7 @@ class LoRAQuantLinear(LoRALinear):
         """Raise ``QuantizedBaseError`` naming module ``name`` if adapters ``names`` (default: the active
         ones) would be merged into a quantised weight."""
         names = self.active_adapters if names is None else names
+        super().check_merge(name, names)
         todo = [n for n in names if n not in self.merged_adapters]
         w = self.base_layer.weight
         if todo and not w.is_floating_point():

@@ -71,6 +71,13 @@ def attach_state(model: nn.Module) -> AdapterState:
     return state
 
 
+def drop_state(model: nn.Module) -> None:
+    """Remove the ``AdapterState`` ``attach_state`` put on ``model`` (set with ``object.__setattr__``, so
+    removed from the instance's own attributes: a ``torch.compile`` wrapper forwards ``delattr`` to the
+    module it wraps, which does not hold it)."""
+    vars(model).pop(STATE_ATTR, None)
+
+
 def is_merged(model: nn.Module) -> bool:
     """True if any adapter is merged into a base weight of ``model`` (LoRA layers, trainable tokens, parameters)."""
     return any(module.merged_adapters for _, module in adapter_modules(model))
