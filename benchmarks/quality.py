@@ -54,9 +54,9 @@ def _runs(steps: int) -> dict[str, dict[str, list[str]]]:
             table6[f"all seven r={r} rsLoRA"] = ["--target-modules", SEVEN, "--r", str(r), "--lora-alpha", "5.66",
                                                  "--rslora"]  # s = 5.66/sqrt(r): 2 at r = 8
     full = {f"full FT lr={lr}": ["--full", "--lr", lr] for lr in ("3e-5", "1e-4")}
-    defaults = {f"all seven r=8 {3 * steps} steps lr={lr}": ["--steps", str(3 * steps), "--lr", lr] for lr in ("2e-3", "4e-3")}
-    defaults |= {f"all seven r=16 {3 * steps} steps lr=2e-3": ["--steps", str(3 * steps), "--r", "16",
-                                                               "--lora-alpha", "32"]}
+    defaults = {f"all seven r={r} {3 * steps} steps lr={lr}": ["--steps", str(3 * steps), "--lr", lr, "--r", str(r),
+                                                                 "--lora-alpha", str(2 * r)]
+                for r, lr in ((8, "2e-3"), (8, "4e-3"), (16, "2e-3"), (16, "4e-3"))}
     return {"table5": table5, "table6": table6, "full": full, "defaults": defaults}
 
 

@@ -24,12 +24,13 @@ def test_every_field_has_a_flag_defaulting_to_none():
 def test_defaults_are_the_library_and_job_defaults():
     o, given = parse()
     assert given == frozenset()
-    assert (o.r, o.lora_alpha, o.lora_dropout) == (8, 16.0, 0.0)  # LoRAConfig's
+    assert (o.r, o.lora_alpha, o.lora_dropout) == (16, 32.0, 0.0)  # the built-in job's (benchmarks/quality.py)
+    assert parse("--data", "d.jsonl")[0].r == 8 and parse("--r", "4")[0].lora_alpha == 16.0  # LoRAConfig's
     assert (o.batch_size, o.grad_accum, o.lr, o.warmup, o.eval_every, o.seed) == (8, 1, 2e-3, 10, 25, 0)
     assert o.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert LoRAConfig().target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]  # the library's stays
-    # the built-in task: 100 steps of 64 tokens
-    assert (o.steps, o.epochs, o.max_length, o.model, o.task, o.progress) == (100, None, 64, "default", "g2p", True)
+    # the built-in task: 300 steps of 64 tokens
+    assert (o.steps, o.epochs, o.max_length, o.model, o.task, o.progress) == (300, None, 64, "default", "g2p", True)
     assert TrainConfig().batch_size == o.batch_size and TrainConfig().eval_every == o.eval_every
 
 

@@ -157,6 +157,8 @@ def task_defaults(task: str, values: dict) -> dict:
     d = {"max_length": g2p.G2P_MAX_LENGTH if builtin else USER_MAX_LENGTH}
     if not length_given:
         d.update({"steps": g2p.G2P_STEPS} if builtin else {"epochs": USER_EPOCHS})
+    if builtin and "r" not in values and "lora_alpha" not in values:  # the job's rank, with its alpha
+        d.update({"r": g2p.G2P_R, "lora_alpha": g2p.G2P_ALPHA})
     return d
 
 
