@@ -97,7 +97,7 @@ def _pairs(tensors: dict, a_suffix: str, b_suffix: str, source: Path) -> dict[st
     return {m: (a, b) for m, (a, b) in out.items()}
 
 
-def _targets(modules: list[str]) -> dict:
+def targets_for(modules: list[str]) -> dict:
     """``target_modules`` (+ ``layers_to_transform``) selecting exactly ``modules``: per-block names when
     every adapted block has the same set, else the full module names."""
     parts = [re.match(r"^(.*\.layers)\.(\d+)\.(.+)$", m) for m in modules]
@@ -109,20 +109,20 @@ def _targets(modules: list[str]) -> dict:
     return {"target_modules": sorted(modules)}
 
 
-def _write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwrite: bool) -> Path:
+def write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwrite: bool) -> Path:
     """Write ``{module: (A (r x in), B (out x r))}`` and ``config`` as a PEFT adapter folder, atomically.
 
     Raises:
-        AdapterLoadError: a module whose A and B ranks differ from ``config.r``.
+        AdapterLoadError: a module whose A and B ranks differ from ``config.rank_for(module)``.
         CLIError: ``out`` exists and is not empty, without ``overwrite``.
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
     state = {}
     for m, (a, b) in sorted(weights.items()):
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != config.r or b.shape[1] != config.r:
-            raise AdapterLoadError(f"module {m!r}: A {list(a.shape)} and B {list(b.shape)} do not have rank "
-                                   f"{config.r}")
+        r = config.rank_for(m)
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterLoadError(f"module {m!r}: A {list(a.shape)} and B {list(b.shape)} do not have rank {r}")
         state[f"{PREFIX}{m}.lora_A.weight"] = a.contiguous()
         state[f"{PREFIX}{m}.lora_B.weight"] = b.contiguous()
 
@@ -163,10 +163,10 @@ def convert_mlx(src: str | Path, out: str | Path, base_model: str | None = None,
     try:
         config = LoRAConfig(r=lp["rank"], lora_alpha=float(lp["scale"]) * lp["rank"],
                             lora_dropout=lp.get("dropout", 0.0), task_type="CAUSAL_LM",
-                            base_model_name_or_path=base_model or cfg.get("model"), **_targets(sorted(pairs)))
+                            base_model_name_or_path=base_model or cfg.get("model"), **targets_for(sorted(pairs)))
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
-    return _write_peft(Path(out), weights, config, overwrite)
+    return write_peft(Path(out), weights, config, overwrite)
 
 
 def _tune_file(src: Path) -> Path:
@@ -220,7 +220,7 @@ def convert_torchtune(src: str | Path, out: str | Path, base_model: str, lora_al
     r = next(iter(pairs.values()))[0].shape[0]
     try:
         config = LoRAConfig(r=int(r), lora_alpha=_tune_alpha(src, lora_alpha), task_type="CAUSAL_LM",
-                            base_model_name_or_path=base_model, **_targets(sorted(weights)))
+                            base_model_name_or_path=base_model, **targets_for(sorted(weights)))
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{str(src)!r}: {e}") from None
-    return _write_peft(Path(out), weights, config, overwrite)
+    return write_peft(Path(out), weights, config, overwrite)
