@@ -154,6 +154,24 @@ def test_export_refusals(tmp_path):
         import_gguf_adapter(str(default_gguf()), str(tmp_path / "x"), str(base))
 
 
+def test_import_names_tensors_it_cannot_hold(tmp_path):
+    import gguf
+
+    _, base = make_adapter(tmp_path)
+    w = gguf.GGUFWriter(tmp_path / "x.gguf", "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.ones((4, 32), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.lora_b", np.ones((32, 4), np.float32))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(32, np.float32))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    with pytest.raises(AdapterLoadError, match="'blk.0.attn_norm.weight' is not a lora_a / lora_b pair"):
+        import_gguf_adapter(str(tmp_path / "x.gguf"), str(tmp_path / "back"), str(base))
+    assert not (tmp_path / "back").exists()
+
+
 def test_cli_export_and_convert_back(tmp_path, capsys):
     adapter, base = make_adapter(tmp_path)
     assert cli.main(["export", "--adapter", str(adapter), "--format", "gguf", "--output", str(tmp_path / "a.gguf"),

@@ -157,7 +157,10 @@ def read_gguf_adapter(path: str | Path) -> tuple[str, float, dict[str, np.ndarra
         r = GGUFReader(path)
     except (OSError, ValueError) as e:
         raise AdapterLoadError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    field = lambda k: r.fields[k].contents() if k in r.fields else None  # noqa: E731
+
+    def field(key: str):
+        return r.fields[key].contents() if key in r.fields else None
+
     if field("general.type") != "adapter" or field("adapter.type") != "lora":
         raise AdapterLoadError(f"{str(path)!r} is not a GGUF LoRA adapter (general.type={field('general.type')!r}, "
                                f"adapter.type={field('adapter.type')!r})")
@@ -186,6 +189,10 @@ def import_gguf_adapter(path: str, output: str, base_model: str, overwrite: bool
         raise AdapterLoadError(f"{path!r} has adapter.lora.alpha {alpha}; lorakit needs alpha > 0")
     to_hf = {v: k for k, v in gguf_module_names(arch, dims.n_layers).items()}
     weights = {}
+    other = [n for n in arrays if not n.endswith((".weight.lora_a", ".weight.lora_b"))]
+    if other:
+        raise AdapterLoadError(f"{path!r}: tensor {other[0]!r} is not a lora_a / lora_b pair (norm vectors and "
+                               "other extras are not converted)")
     for name, a in arrays.items():
         if not name.endswith(".weight.lora_a"):
             continue
