@@ -55,7 +55,8 @@ def test_default_gguf_q_k_rows_are_the_interleaved_order_of_what_transformers_lo
     if not cached.is_file():
         load_model()  # transformers dequantises the GGUF (about 40 s once) and lorakit caches the result
     reader = GGUFReader(default_gguf())
-    heads = {"attn_q": field(reader, "llama.attention.head_count"), "attn_k": field(reader, "llama.attention.head_count_kv")}
+    heads = {"attn_q": field(reader, "llama.attention.head_count"),
+             "attn_k": field(reader, "llama.attention.head_count_kv")}
     with safe_open(cached, "pt") as f:
         for gname, hf in (("attn_q", "q_proj"), ("attn_k", "k_proj")):
             for layer in (0, 29):
@@ -85,7 +86,8 @@ def make_adapter(tmp_path, **cfg):
     return tmp_path / "adapter", base
 
 
-@pytest.mark.parametrize("cfg", [{}, {"use_rslora": True}, {"alpha_pattern": {"v_proj": 3.0}, "rank_pattern": {"down_proj": 2}}])
+@pytest.mark.parametrize("cfg", [{}, {"use_rslora": True},
+                                 {"alpha_pattern": {"v_proj": 3.0}, "rank_pattern": {"down_proj": 2}}])
 def test_exported_adapter_holds_the_permuted_deltas(tmp_path, cfg):
     adapter, base = make_adapter(tmp_path, **cfg)
     out = export_gguf_adapter(str(adapter), str(tmp_path / "a.gguf"), base_model=str(base))
@@ -111,7 +113,8 @@ def test_exported_adapter_holds_the_permuted_deltas(tmp_path, cfg):
             ga, _ = tensor(r, f"blk.{layer}.{g}.weight.lora_a")
             gb, _ = tensor(r, f"blk.{layer}.{g}.weight.lora_b")
             assert ga.shape == (rank, a.shape[1]) and gb.shape == (b.shape[0], rank)
-            got = 8.0 / gb.shape[1] * torch.from_numpy(gb).double() @ torch.from_numpy(ga).double()  # llama.cpp: alpha/r
+            # llama.cpp: alpha / r, r from lora_b
+            got = 8.0 / gb.shape[1] * torch.from_numpy(np.array(gb)).double() @ torch.from_numpy(np.array(ga)).double()
             assert (got - want).abs().max() < 1e-5, (layer, hf)
 
 
@@ -232,3 +235,4 @@ def test_merged_gguf_q8_0_types(tiny_adapter):
     assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
     assert cli.main(["merge", "--adapter", str(root / "adapter"), "--output", str(out), "--format", "gguf"]) == 1
+    assert cli.main(["merge", "--adapter", str(root / "adapter"), "--output", str(root / "m"), "--outtype", "q8_0"]) == 2

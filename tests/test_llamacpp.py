@@ -41,7 +41,10 @@ def llama_cpp():
         wheels = cache_root() / "wheels"
         pip = [sys.executable, "-m", "pip"]
         if not list(wheels.glob(f"llama_cpp_python-{version}-*.whl")):
-            env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+            # GGML_NATIVE=OFF: -march=native emitted AMX / AVX-512 code that this VM's CPU advertises but
+            # traps on (SIGILL); the portable build (AVX2, FMA, F16C) computes the same. No multimodal library.
+            flags = "-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+            env = dict(os.environ, CMAKE_ARGS=flags,
                        CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 2))
             subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), f"llama-cpp-python=={version}"], env=env,
                            check=True, timeout=4 * 3600)

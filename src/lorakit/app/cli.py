@@ -76,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="merge an adapter into its base and save a transformers checkpoint or a GGUF")
     m.add_argument("--adapter", required=True, help="adapter folder")
-    m.add_argument("--output", required=True, help="new folder for the merged checkpoint (a .gguf file with --format gguf)")
+    m.add_argument("--output", required=True,
+                   help="new folder for the merged checkpoint (a .gguf file with --format gguf)")
     m.add_argument("--format", default="transformers", choices=("transformers", "gguf"),
                    help="transformers folder (default) or one GGUF file for llama.cpp")
-    m.add_argument("--outtype", default="f16", choices=GGUF_TYPES, help="GGUF tensor type (default f16)")
+    m.add_argument("--outtype", choices=GGUF_TYPES, help="with --format gguf: tensor type (default f16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     i = sub.add_parser("info", help="describe an adapter folder")

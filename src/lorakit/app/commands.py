@@ -76,6 +76,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from .gguf_model import cmd_merge_gguf
 
         return cmd_merge_gguf(args)
+    if getattr(args, "outtype", None):
+        raise UsageError("--outtype is for --format gguf")
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")

@@ -145,6 +145,7 @@ def cmd_merge_gguf(args: argparse.Namespace) -> int:
     lm, meta = load_with_adapter(args.adapter)
     model = unload(lm.model, merge=True)
     make_plain(model)
-    write_merged_gguf(model, lm.reference, out, args.outtype, lm.tokenizer)
-    print(f"merged GGUF ({args.outtype}) written to {out}")
+    outtype = args.outtype or "f16"
+    write_merged_gguf(model, lm.reference, out, outtype, lm.tokenizer)
+    print(f"merged GGUF ({outtype}) written to {out}")
     return 0
