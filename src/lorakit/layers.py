@@ -68,8 +68,8 @@ class LoRALayer(AdapterModule):
         self._shared_weight: nn.Parameter | None = None
         self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
-        self._hot: tuple | None = None  # (names, bank generation, A^T, (s·B)^T) of the last mix
-        self._held: tuple | None = None  # (adapters version, segments, segments held) of the last mix
+        self._hot: tuple | None = None  # (names, bank generation, A^T, (s·B)^T) of the last mix (lorakit.mixed)
+        self._held: tuple | None = None  # (adapters version, segments, segments held) of the last mix (mixed)
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":
@@ -278,25 +278,6 @@ class LoRALayer(AdapterModule):
             self._bank = AdapterBank()
         self._bank.sync(list(self.adapters.values()), self._adapters_version, names, self.adapter_dtype)
         return self._bank
-
-    def held_segments(self, segments: tuple) -> tuple:
-        """The ``(name, start, end)`` segments of adapters this layer holds; the last answer is kept,
-        so the next mix with the same segments (same adapters, same row counts) costs one comparison."""
-        seen = self._held
-        if seen is None or seen[0] != self._adapters_version or seen[1] != segments:
-            held = self.adapters._modules
-            self._held = seen = (self._adapters_version, segments,
-                                 tuple(seg for seg in segments if adapter_key(seg[0]) in held))
-        return seen[2]
-
-    def stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))`` of ``names``, gathered from the bank; the
-        last gather is kept, so the next mix of the same adapters (in the same order) costs nothing."""
-        bank = self.bank(list(names))
-        hot = self._hot
-        if hot is None or hot[0] != names or hot[1] != bank.generation:
-            self._hot = hot = (names, bank.generation, *bank.gather(names))
-        return hot[2], hot[3]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import dora, lora_bias
-from .adapter import masked_bypass_, stacked_bypass
+from .adapter import adapter_key, masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .rows import BankLayout, Padded, RowPlan, bank_layout, plan_rows
 from .tree import attach_state, check_known, is_merged
@@ -51,6 +51,27 @@ DENSE_WORK = 2048
 BANK_ROWS = 1024
 
 
+def _held_segments(layer, segments: tuple) -> tuple:
+    """The ``(name, start, end)`` segments of adapters ``layer`` holds; the last answer is kept on the
+    layer, so the next mix with the same segments (same adapters, same row counts) costs one comparison."""
+    seen = layer._held
+    if seen is None or seen[0] != layer._adapters_version or seen[1] != segments:
+        held = layer.adapters._modules
+        layer._held = seen = (layer._adapters_version, segments,
+                              tuple(seg for seg in segments if adapter_key(seg[0]) in held))
+    return seen[2]
+
+
+def _stacked(layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))`` of ``names`` on ``layer``, gathered from its bank;
+    the last gather is kept on the layer, so the next mix of the same adapters (same order) costs nothing."""
+    bank = layer.bank(list(names))
+    hot = layer._hot
+    if hot is None or hot[0] != names or hot[1] != bank.generation:
+        layer._hot = hot = (names, bank.generation, *bank.gather(names))
+    return hot[2], hot[3]
+
+
 class _Route:
     """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
     a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the
@@ -63,7 +84,7 @@ class _Route:
 
     def __init__(self, layer, plan: RowPlan, router) -> None:
         self.layer, self.plan, self.router = layer, plan, router
-        self.segments = layer.held_segments(plan.segments)
+        self.segments = _held_segments(layer, plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
         self.dora = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments if layer.adapter(n).use_dora)
@@ -101,7 +122,7 @@ class _Route:
     def stacked(self):
         if self._stacked is None:
             with torch.no_grad():
-                self._stacked = self.layer.stacked(self.names)  # (k, in, r), (k, r, out)
+                self._stacked = _stacked(self.layer, self.names)  # (k, in, r), (k, r, out)
         return self._stacked
 
     def pad(self) -> Padded | None:

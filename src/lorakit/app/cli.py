@@ -1,4 +1,5 @@
-"""``lorakit`` console script: ``train``, ``eval``, ``generate``, ``merge``, ``info``, ``serve``.
+"""``lorakit`` console script: ``train``, ``eval``, ``generate``, ``merge``, ``info``, ``serve``, ``convert``,
+``export``.
 
 ``lorakit train`` with no arguments fine-tunes SmolLM2-135M-Instruct on CMUdict
 grapheme-to-phoneme with LoRA on CPU, evaluates before and after, and saves everything to
@@ -18,6 +19,7 @@ from lorakit.errors import LoRAError, TrainingInterrupted, UsageError
 
 from .cmd_train import cmd_train
 from .distributed import resume_command
+from .cmd_formats import GGUF_TYPES, add_format_parsers, cmd_convert, cmd_export
 from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
 from .options import add_train_flags
 
@@ -33,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "info": cmd_info,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "convert": cmd_convert, "export": cmd_export}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--raw", action="store_true", help="use the prompt text as is (no prompt format)")
 
-    m = sub.add_parser("merge", help="merge an adapter into its base and save a transformers checkpoint")
+    m = sub.add_parser("merge", help="merge an adapter into its base and save a transformers checkpoint or a GGUF")
     m.add_argument("--adapter", required=True, help="adapter folder")
-    m.add_argument("--output", required=True, help="new folder for the merged checkpoint")
+    m.add_argument("--output", required=True,
+                   help="new folder for the merged checkpoint (a .gguf file with --format gguf)")
+    m.add_argument("--format", default="transformers", choices=("transformers", "gguf"),
+                   help="transformers folder (default) or one GGUF file for llama.cpp")
+    m.add_argument("--outtype", choices=GGUF_TYPES, help="with --format gguf: tensor type (default f16)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
     i = sub.add_parser("info", help="describe an adapter folder")
@@ -86,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.command import add_serve_flags
 
     add_serve_flags(s)
+    add_format_parsers(sub)
     return p
 
 

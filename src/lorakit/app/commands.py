@@ -71,7 +71,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge the adapter into its base and write a plain transformers checkpoint folder, atomically."""
+    """Merge the adapter into its base and write a plain transformers checkpoint folder (or, with ``--format
+    gguf``, one GGUF file), atomically."""
+    if getattr(args, "format", "transformers") == "gguf":
+        from .gguf_model import cmd_merge_gguf
+
+        return cmd_merge_gguf(args)
+    if getattr(args, "outtype", None):
+        raise UsageError("--outtype is for --format gguf")
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
