@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = _resume_point(o)
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
     if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
+        _check_data_files(o)  # here, before any worker starts: a worker failing alone leaves its peers' noise
         return distributed.launch(_without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc)
     return train_lm(o, t_start, resume)
 
@@ -109,6 +110,13 @@ def _resume_point(o: TrainOptions) -> tuple[Path, dict]:
     return path, doc
 
 
+def _check_data_files(o: TrainOptions) -> None:
+    """Raises ``DataError`` naming ``--data`` / ``--eval-data`` if it does not exist."""
+    for v in (o.data, o.eval_data):
+        if v and not Path(v).is_file():
+            raise DataError(f"data file {v!r} does not exist")
+
+
 def _run_config(o: TrainOptions) -> dict:
     """What a checkpoint of this run is bound to: the options that shape the adapter, the SHA-256 of the
     data files, and the size and modification time of the local base model's files (a changed file is a
@@ -118,9 +126,7 @@ def _run_config(o: TrainOptions) -> dict:
         DataError: a data file does not exist.
     """
     files = {"data": o.data, "eval_data": o.eval_data}
-    for v in files.values():
-        if v and not Path(v).is_file():
-            raise DataError(f"data file {v!r} does not exist")
+    _check_data_files(o)
     digests = {k: checkpoint.file_digest(v) if v else None for k, v in files.items()}
     model = Path(o.model)
     entries = ([model] if model.is_file() else sorted(model.iterdir())) if model.exists() else None
