@@ -4,9 +4,12 @@ The first run builds llama-cpp-python (pinned in constraints.txt; PyPI has only 
 cmake and the C compiler into a wheel under ``~/.cache/lorakit/wheels`` (``$LORAKIT_CACHE``) and installs it
 with diskcache into ``~/.cache/lorakit/llama-cpp-python-<version>`` (not into the environment); later runs
 reuse it. A short G2P adapter is trained on the default SmolLM2-135M-Instruct, then 20 test words are
-decoded greedily by lorakit (float32, merged) and by llama.cpp: the default Q4_1 GGUF with the exported
-GGUF LoRA, and the merged model exported as f32, f16 and q8_0 GGUF. The agreement rates are printed
-(``-s``); f32 must agree on every word.
+decoded greedily by lorakit (float32, merged) and by llama.cpp: an f32 GGUF of the base and the default
+Q4_1 GGUF, each with the exported GGUF LoRA, and the merged model exported as f32, f16 and q8_0 GGUF. The
+agreement rates are printed (``-s``); f32 must agree on every word.
+
+Run as ``OMP_WAIT_POLICY=PASSIVE pytest -m slow tests/test_llamacpp.py -s`` on a shared CPU (the policy is
+read when torch loads; without it the short training run took 21 minutes instead of a few).
 """
 
 import json
@@ -18,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakit import load_adapter, merge
+import torch
+
+from lorakit import load_adapter, merge, read_adapter
 from lorakit.app import cli
 from lorakit.app.models import cache_root, default_gguf, load_model
 
@@ -80,8 +85,10 @@ def trained(tmp_path_factory):
 
 
 def _llama_greedy(llama_cpp, model: Path, ids, tokenizer, lora: Path | None = None) -> list[str]:
-    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, n_threads=2,
-                          verbose=False)
+    # one thread: on a shared 2-core machine llama.cpp's per-op thread barriers stall (as torch's spinning
+    # OpenMP threads do, see cli._reexec_passive); a 135M model needs no more
+    llm = llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=256, n_threads=1,
+                          n_threads_batch=1, verbose=False)
     outs = []
     for prompt in ids:
         toks = []
@@ -102,17 +109,24 @@ def _report(name: str, ours: list[str], theirs: list[str]) -> float:
     return rate
 
 
-def test_gguf_lora_on_the_default_gguf(llama_cpp, trained, tmp_path):
+def test_gguf_lora(llama_cpp, trained, tmp_path):
+    """The exported LoRA on an f32 GGUF of the base (the default's Q4_1 values, written by lorakit) must agree on
+    every word; on the default Q4_1 file itself llama.cpp quantises activations to 8 bits in its Q4_1 matmuls,
+    so there the agreement rate is reported (and must beat the base without the LoRA by far)."""
+    from lorakit.app.gguf_model import write_merged_gguf
+
     adapter, tok, ids, ours = trained
     lora = tmp_path / "adapter.gguf"
     assert cli.main(["export", "--adapter", str(adapter), "--format", "gguf", "--output", str(lora)]) == 0
-    with_lora = _llama_greedy(llama_cpp, default_gguf(), ids, tok, lora)
-    base_only = _llama_greedy(llama_cpp, default_gguf(), ids, tok)
-    _report("llama.cpp base (Q4_1) + GGUF LoRA (f32)", ours, with_lora)
-    assert _report("llama.cpp base without the LoRA", ours, base_only) < 0.5  # the LoRA is what makes them agree
-    back = tmp_path / "back"
+    base_f32 = write_merged_gguf(load_model().model, "default", tmp_path / "base-f32.gguf", "f32")
+    f32 = _report("llama.cpp f32 base + GGUF LoRA", ours, _llama_greedy(llama_cpp, base_f32, ids, tok, lora))
+    q4 = _report("llama.cpp Q4_1 base + GGUF LoRA", ours, _llama_greedy(llama_cpp, default_gguf(), ids, tok, lora))
+    none = _report("llama.cpp Q4_1 base, no LoRA", ours, _llama_greedy(llama_cpp, default_gguf(), ids, tok))
+    assert f32 == 1 and q4 >= 0.7 and none < 0.2
+    back = tmp_path / "back"  # and back to PEFT: the same tensors (9 query / 3 key-value heads un-permuted)
     assert cli.main(["convert", "--from", "gguf", str(lora), "--output", str(back), "--base-model", "default"]) == 0
-    assert sum(a == b for a, b in zip(ours, with_lora)) >= N_WORDS - 1
+    (_, t0), (_, t1) = read_adapter(adapter), read_adapter(back)
+    assert set(t0) == set(t1) and all(torch.equal(t0[k], t1[k]) for k in t0)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
