@@ -254,14 +254,18 @@ def test_half_base_keeps_float32_dora_parameters_and_merges_in_float32():
     assert torch.equal(model.lin0.base_layer.weight, w0)
 
 
-def test_cached_norm_follows_in_place_updates_of_a_b_and_w():
-    torch.manual_seed(7)
+def _eval_dora_mlp(seed):
+    """A float64 MLP with a randomised DoRA adapter on lin0, in eval mode: (model, x, lin0, its adapter)."""
+    torch.manual_seed(seed)
     model = MLP(torch.float64)
     lorakit.inject(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["lin0"], use_dora=True))
     randomize_(model)
     model.eval()
-    x = torch.randn(3, 10, dtype=torch.float64)
-    layer, ad = model.lin0, model.lin0.adapter("default")
+    return model, torch.randn(3, 10, dtype=torch.float64), model.lin0, model.lin0.adapter("default")
+
+
+def test_cached_norm_follows_in_place_updates_of_a_b_and_w():
+    model, x, layer, ad = _eval_dora_mlp(7)
     for step in range(3):  # an optimizer-like in-place update of B, then of the base weight
         with torch.no_grad():
             (ad.lora_B if step != 2 else layer.base_layer.weight).add_(0.1)
@@ -388,13 +392,7 @@ def test_plain_then_dora_adapter_on_conv1d_with_gradients_matches_peft(tmp_path)
 def test_cached_norm_sees_a_replaced_tensor_and_data_edits_after_eval():
     """The norm cache follows version counters and storage: ``.data = ...`` is seen at once; an in-place
     ``.data`` edit (no version bump) after ``model.eval()`` / ``train()``, which drop the cache."""
-    torch.manual_seed(9)
-    model = MLP(torch.float64)
-    lorakit.inject(model, LoRAConfig(r=2, lora_alpha=4, target_modules=["lin0"], use_dora=True))
-    randomize_(model)
-    model.eval()
-    x = torch.randn(3, 10, dtype=torch.float64)
-    layer, ad = model.lin0, model.lin0.adapter("default")
+    model, x, layer, ad = _eval_dora_mlp(9)
 
     def want():
         w = layer.base_layer.weight.detach()
