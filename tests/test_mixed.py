@@ -3,6 +3,7 @@ import torch
 
 import lorakit
 import lorakit.adapter
+import lorakit.hot
 from lorakit.adapter import masked_bypass_
 from lorakit import (
     AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
@@ -46,13 +47,13 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, form, monkeypatch
     import lorakit.mixed
 
     calls = []
-    for path in ("_add_batched", "_add_bank", "gathered"):
+    for path in ("_add_slots", "_add_bank", "gathered"):
         fn = getattr(lorakit.mixed.RowRouter, path)
         monkeypatch.setattr(lorakit.mixed.RowRouter, path, (lambda f, p: lambda *a: calls.append(p) or f(*a))(fn, path))
     dense = []
     monkeypatch.setattr(lorakit.mixed, "masked_bypass_", lambda *a: dense.append(a[2].shape[1]) or masked_bypass_(*a))
-    gather = lorakit.adapter.AdapterBank.gather
-    monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: calls.append("gather") or gather(*a))
+    copy = lorakit.hot.HotBank._copy
+    monkeypatch.setattr(lorakit.hot.HotBank, "_copy", lambda *a: calls.append("copy") or copy(*a))
     for name, value in zip(("DENSE_COLUMNS", "DENSE_WORK", "BANK_ROWS"), FORMS[form]):
         monkeypatch.setattr(lorakit.mixed, name, value)
     torch.manual_seed(3)
@@ -65,34 +66,32 @@ def test_each_row_equals_its_adapter_alone(model, names, grad, form, monkeypatch
     present = set(names) - {None}
     several = {"a", "b"} <= present or {"b", "c.d"} <= present  # q/v_proj hold a and b, o_proj b and c.d
     batched = several and grad is not True
-    if form == "bank":  # each batched layer: all of its adapters (2 x their ranks' columns), no gather
-        assert bool(dense) == batched and "gather" not in calls and "_add_batched" not in calls
+    if form == "bank":  # each batched layer: all of its adapters (2 x their ranks' columns), nothing copied
+        assert bool(dense) == batched and "copy" not in calls and "_add_slots" not in calls
     elif form == "bank-segments":
-        assert not dense and ("_add_bank" in calls) == batched and "gather" not in calls
+        assert not dense and ("_add_bank" in calls) == batched and "copy" not in calls
     else:
         assert not dense
         rows = {n: [i for i, m in enumerate(names) if m == n] for n in present}
         if all(r == list(range(r[0], r[0] + len(r))) for r in rows.values()):  # consecutive rows: slices, no copies
             assert calls == []
-        elif names == ["a", None, "b", "a"] and grad is not True:  # padding fits: one bmm pair
-            assert "_add_batched" in calls
+        elif names == ["a", None, "b", "a"] and grad is not True:  # padding fits: one bmm pair over the bank's slots
+            assert "_add_slots" in calls and "copy" not in calls
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
     assert active_adapters(model) == ["a"]
     torch.testing.assert_close(model(ids).logits, refs["a"] if "a" in refs else _single(model, "a", ids))
 
 
-def test_padded_layout():
-    from lorakit.mixed import plan_rows
+def test_bank_layout_over_slots():
+    from lorakit.rows import bank_layout
 
-    plan = plan_rows(["x", "y", "x", None, "y", "y"])
-    pad = plan.padded(plan.segments)  # x: rows 0, 2; y: rows 1, 4, 5
-    assert pad.shape == (2, 3) and pad.index.tolist() == [0, 2, 0, 1, 4, 5]
-    assert pad.keep.flatten().tolist() == [1, 1, 0, 1, 1, 1]  # the repeat of row 0 adds nothing
-    even = plan_rows(["x", "y", "y", "x"])
-    assert even.padded(even.segments).keep is None
-    skewed = plan_rows(["x"] + ["y"] * 5 + ["z"])  # 3 x 5 padded rows for 7 real: the loop is cheaper
-    assert skewed.padded(skewed.segments) is None
+    lay = bank_layout(["x", "y", "x", None, "y", "y"], ("y", "z", "x"), "cpu")  # y: rows 1, 4, 5; x: rows 0, 2
+    assert lay.length == 3 and lay.index.tolist() == [1, 4, 5, 0, 0, 0, 0, 2, 0]
+    assert lay.keep.flatten().tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 0]  # z's slot and x's third place: padding
+    assert lay.inverse.tolist() == [6, 0, 7, 9, 1, 2] and not lay.complete  # row 3 (None) -> the zero row 9
+    even = bank_layout(["x", "y", "y", "x"], ("x", "y"), "cpu")
+    assert even.keep is None and even.complete and even.inverse.tolist() == [0, 2, 3, 1]
 
 
 def _generate(model, ids, **kw):
@@ -207,13 +206,13 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
         for i, n in enumerate(names):
             torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
 
-    gather, gathers = lorakit.adapter.AdapterBank.gather, []
-    monkeypatch.setattr(lorakit.adapter.AdapterBank, "gather", lambda *a: gathers.append(1) or gather(*a))
+    copy, copies = lorakit.hot.HotBank._copy, []
+    monkeypatch.setattr(lorakit.hot.HotBank, "_copy", lambda *a: copies.append(1) or copy(*a))
     check(["a", "b", "c.d", None])
-    built, gathered = len(stacks), len(gathers)
+    built, copied = len(stacks), len(copies)
     assert built == 3 * model.config.num_hidden_layers  # q/v_proj (a, b) and o_proj (b, c.d) of each block
-    check(["c.d", None, "b", "a"])  # the same set of adapters on other rows: nothing gathered again
-    assert len(gathers) == gathered
+    check(["c.d", None, "b", "a"])  # the same set of adapters on other rows: nothing copied again
+    assert len(copies) == copied
     check(["b", "a", None, "b"])  # other mixes of the same adapters
     check(["c.d", "b", "b", "c.d"])
     assert len(stacks) == built

@@ -15,8 +15,9 @@ the functions here.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torch import nn
 from .dora import NormCache
 from .errors import ConfigError
 
+_COPIES = itertools.count()  # AdapterBank.slot_gen numbers: unique across banks, so a copy is never mistaken for current
 HALF = (torch.float16, torch.bfloat16)  # base dtypes whose adapters are kept in float32
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UpAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -251,7 +253,8 @@ class AdapterBank:
         self.b_t: torch.Tensor | None = None
         self.a_cat: torch.Tensor | None = None
         self._version = -1
-        self.generation = 0  # bumped whenever a slot changes (restack or rewrite)
+        self._adapters: list[LoRAAdapter] = []
+        self.slot_gen: list[int] = []  # per slot: a number no earlier copy of it had (HotBank's check)
         self._seen: list[tuple] = []  # per slot: (A, its version, its storage, B, ..., scaling) when stacked
 
     @staticmethod
@@ -260,8 +263,9 @@ class AdapterBank:
         a, b = p["lora_A"], p["lora_B"]
         return a, a._version, a.data_ptr(), b, b._version, b.data_ptr(), ad.scaling
 
-    def sync(self, adapters: Sequence[LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
-        """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order).
+    def sync(self, adapters: Mapping[str, LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
+        """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order; read
+        only when ``version`` changed, so a sync costs no pass over every resident adapter).
 
         Raises:
             KeyError: a name the layer does not hold.
@@ -271,17 +275,18 @@ class AdapterBank:
 
     def _sync(self, adapters, version, names, dtype) -> None:
         if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
+            self._adapters = adapters = list(adapters.values())
             self.a_t, self.b_t = stack(adapters, dtype)
             self.a_cat = self.a_t.permute(1, 0, 2).reshape(self.a_t.shape[1], -1)
             self.names = tuple(ad.name for ad in adapters)
             self.slots = {n: j for j, n in enumerate(self.names)}
             self._seen = [self._stamp(ad) for ad in adapters]
             self._version = version
-            self.generation += 1
+            self.slot_gen = [next(_COPIES)] * len(adapters)
             return
         for n in names:  # once per layer and new mix: kept to plain comparisons
             j = self.slots[n]
-            ad = adapters[j]
+            ad = self._adapters[j]  # the adapters of the last restack: the version says they are the layer's
             a, va, pa, b, vb, pb, s = self._seen[j]
             p = ad._parameters
             if (p["lora_A"] is not a or a._version != va or a.data_ptr() != pa or p["lora_B"] is not b
@@ -292,13 +297,8 @@ class AdapterBank:
                 r_max = self.a_t.shape[2]
                 self.a_cat[:, j * r_max: (j + 1) * r_max] = self.a_t[j]
                 self._seen[j] = self._stamp(ad)
-                self.generation += 1
+                self.slot_gen[j] = next(_COPIES)
 
     @property
     def b_cat(self) -> torch.Tensor:
         return self.b_t.view(-1, self.b_t.shape[2])
-
-    def gather(self, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A^T, (s·B)^T)`` of ``names`` only, (k, in, r_max) and (k, r_max, out): one copy each."""
-        idx = torch.tensor([self.slots[n] for n in names], device=self.a_t.device)
-        return self.a_t.index_select(0, idx), self.b_t.index_select(0, idx)

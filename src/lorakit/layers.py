@@ -68,7 +68,7 @@ class LoRALayer(AdapterModule):
         self._shared_weight: nn.Parameter | None = None
         self._adapters_version = 0  # bumped when an adapter is added or deleted (AdapterBank.sync)
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
-        self._hot: tuple | None = None  # (names, bank generation, A^T, (s·B)^T) of the last mix (lorakit.mixed)
+        self._hot = None  # HotBank (lorakit.hot): the last mixes' adapters, when many more are resident (mixed)
         self._held: tuple | None = None  # (adapters version, segments, segments held) of the last mix (mixed)
 
     @classmethod
@@ -276,7 +276,7 @@ class LoRALayer(AdapterModule):
         """Every adapter of this layer stacked (``AdapterBank``), with the slots of ``names`` current."""
         if self._bank is None:
             self._bank = AdapterBank()
-        self._bank.sync(list(self.adapters.values()), self._adapters_version, names, self.adapter_dtype)
+        self._bank.sync(self.adapters._modules, self._adapters_version, names, self.adapter_dtype)
         return self._bank
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -9,15 +9,18 @@ The base matmuls run once for the whole batch. The LoRA part groups rows by adap
 batch size (``rows.plan_rows``: a stable sort into segments, as in SGMV, in injection order). A
 linear LoRA layer keeps every resident adapter in its ``AdapterBank`` (stacked once, rank-padded
 with zeros, scaling folded into B; restacked only when an adapter is added or deleted, a slot
-rewritten when one changes in place). Decoding-sized forwards use the bank as it lies, so a new
-mix of rows copies no adapter weights: all of its adapters on every row in two dense matmuls masked
-to each row's own while that is small (BGMV-like), else every slot's rows padded to the busiest
-slot in one batched matmul pair (``adapter.stacked_bypass``). Larger forwards (prefill) run each
+rewritten when one changes in place). Decoding-sized forwards use the bank as it lies while it
+holds at most ``BANK_SPARE`` times the mix's adapters, so a new mix of rows copies no adapter
+weights: all of its adapters on every row in two dense matmuls masked to each row's own while that
+is small (BGMV-like), else every slot's rows padded to the busiest slot in one batched matmul pair
+(``adapter.stacked_bypass``). With more resident, the same pair runs over the layer's ``HotBank``
+(``lorakit.hot``): the mix's adapters in a few slots, where an adapter stays while it is in the
+mixes, so a change of mix copies only the adapters new to it. Larger forwards (prefill) run each
 adapter on its slice of the batch when its rows are consecutive (the serving engine groups them
-so), else the mix's factors gathered once and its padded segments in one batched matmul pair.
-The op count does not grow with the number of adapters, except for a last resort (and forwards
-that need gradients, and other layer types): one small A/B pair per adapter. Activations are
-gathered, never a per-row copy of adapter weights.
+so), else over the hot slots in one batched matmul pair (SGMV-like). The op count does not grow
+with the number of adapters, except for a last resort (and forwards that need gradients, and other
+layer types): one small A/B pair per adapter. Activations are gathered, never a per-row copy of
+adapter weights.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from torch import nn
 from . import dora, lora_bias
 from .adapter import adapter_key, masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
-from .rows import BankLayout, Padded, RowPlan, bank_layout, plan_rows
+from .hot import HotBank
+from .rows import BankLayout, RowPlan, bank_layout, plan_rows
 from .tree import attach_state, check_known, is_merged
 
 
@@ -49,48 +53,58 @@ from .tree import attach_state, check_known, is_merged
 DENSE_COLUMNS = 128
 DENSE_WORK = 2048
 BANK_ROWS = 1024
+# The bank's slots as they lie cost every resident adapter's factors per step; with more than
+# BANK_SPARE times as many resident as in the batch, the mix's factors are copied into the layer's
+# hot slots instead (``lorakit.hot``: only adapters new to the mix are copied, once; the next steps
+# and mixes reuse them), so a step costs the same with 16 or 256 resident.
+BANK_SPARE = 2
 
 
-def _held_segments(layer, segments: tuple) -> tuple:
-    """The ``(name, start, end)`` segments of adapters ``layer`` holds; the last answer is kept on the
-    layer, so the next mix with the same segments (same adapters, same row counts) costs one comparison."""
+def _held_segments(layer, segments: tuple) -> tuple[tuple, tuple, tuple]:
+    """The ``(name, start, end)`` segments of adapters ``layer`` holds, and among them ``(adapter, start,
+    end)`` of its DoRA adapters and of those with a ``lora_bias`` (the rows the plain bypass leaves
+    unfinished). The last answer is kept on the layer, so the next mix with the same segments (same
+    adapters, same row counts) costs one comparison, and any new mix a lookup per adapter."""
     seen = layer._held
     if seen is None or seen[0] != layer._adapters_version or seen[1] != segments:
         held = layer.adapters._modules
-        layer._held = seen = (layer._adapters_version, segments,
-                              tuple(seg for seg in segments if adapter_key(seg[0]) in held))
+        mine = tuple((seg, ad) for seg, ad in ((seg, held.get(adapter_key(seg[0]))) for seg in segments) if ad is not None)
+        dora_segs = tuple((ad, s, e) for (_, s, e), ad in mine if ad.use_dora)
+        biased = tuple((ad, s, e) for (_, s, e), ad in mine if ad.lora_B_bias is not None)
+        layer._held = seen = (layer._adapters_version, segments, (tuple(seg for seg, _ in mine), dora_segs, biased))
     return seen[2]
 
 
-def _stacked(layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))`` of ``names`` on ``layer``, gathered from its bank;
-    the last gather is kept on the layer, so the next mix of the same adapters (same order) costs nothing."""
+def _hot(layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """``(A^T (C, in, r_max), (s·B)^T (C, r_max, out), slot names)`` of the layer's ``HotBank`` with
+    ``names`` admitted, their bank slots brought up to date first. Adapters hot since an earlier mix
+    (and unchanged) are not copied again."""
     bank = layer.bank(list(names))
-    hot = layer._hot
-    if hot is None or hot[0] != names or hot[1] != bank.generation:
-        layer._hot = hot = (names, bank.generation, *bank.gather(names))
-    return hot[2], hot[3]
+    if layer._hot is None:
+        layer._hot = HotBank()
+    slots = layer._hot.admit(bank, names)
+    return layer._hot.a_t, layer._hot.b_t, slots
 
 
 class _Route:
     """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
     a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the
     bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r),
-    ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots), ``stacked()`` (the mix's ``a_t``
-    (k, in, r), ``b_t`` (k, r, out), gathered) and ``pad()``."""
+    ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots) and
+    ``hot_segments()`` (the same over the layer's ``HotBank``: the mix's adapters only)."""
 
-    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "dora", "biased", "_bank", "_banked", "_stacked",
-                 "_columns")
+    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "sparse", "dora", "biased", "_bank", "_banked",
+                 "_hotted", "_columns")
 
     def __init__(self, layer, plan: RowPlan, router) -> None:
         self.layer, self.plan, self.router = layer, plan, router
-        self.segments = _held_segments(layer, plan.segments)
+        self.segments, dora_segs, biased = _held_segments(layer, plan.segments)
         self.names = tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
-        self.dora = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments if layer.adapter(n).use_dora)
-        self.biased = tuple((layer.adapter(n), plan.perm[s:e]) for n, s, e in self.segments
-                            if layer.adapter(n).lora_B_bias is not None)
-        self._bank = self._banked = self._stacked = self._columns = None
+        self.sparse = len(layer.adapters._modules) > BANK_SPARE * len(self.segments)  # see BANK_SPARE
+        self.dora = tuple((ad, plan.perm[s:e]) for ad, s, e in dora_segs)
+        self.biased = tuple((ad, plan.perm[s:e]) for ad, s, e in biased)
+        self._bank = self._banked = self._hotted = self._columns = None
 
     def bank_segments(self):
         """``(a_t (S, in, r), b_t (S, r, out), BankLayout)``: the bank's slots as they lie. Only the
@@ -105,8 +119,8 @@ class _Route:
     def columns(self) -> int:
         """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row)."""
         if self._columns is None:
-            ranks = [ad.r for ad in self.layer.adapters.values()]
-            self._columns = len(ranks) * max(ranks)
+            a_t = self.bank_segments()[0]
+            self._columns = a_t.shape[0] * a_t.shape[2]
         return self._columns
 
     def bank_dense(self):
@@ -119,14 +133,22 @@ class _Route:
                 self._bank = (bank.a_cat, bank.b_cat, mask)
         return self._bank
 
-    def stacked(self):
-        if self._stacked is None:
+    def hot_segments(self):
+        """``(a_t (C, in, r), b_t (C, r, out), BankLayout)``: the rows laid out over the layer's hot slots."""
+        if self._hotted is None:
             with torch.no_grad():
-                self._stacked = _stacked(self.layer, self.names)  # (k, in, r), (k, r, out)
-        return self._stacked
+                a_t, b_t, slots = _hot(self.layer, self.names)
+                self._hotted = (a_t, b_t, self.router.layout(self.plan, slots, a_t.device))
+        return self._hotted
 
-    def pad(self) -> Padded | None:
-        return self.plan.padded(self.segments)
+    def slot_segments(self):
+        """The rows over the slots of the mix: the hot slots when ``sparse``, else the bank's."""
+        return self.hot_segments() if self.sparse else self.bank_segments()
+
+    def slots_fit(self) -> bool:
+        """Whether the slots' padded rows are at most twice the rows (else one pair per adapter is cheaper)."""
+        a_t, _, layout = self.slot_segments()
+        return a_t.shape[0] * layout.length <= 2 * (self.plan.perm.numel() or 1)
 
 
 def _rescale_dora_rows_(layer, ad, out: torch.Tensor, rows: torch.Tensor) -> None:
@@ -200,8 +222,8 @@ class RowRouter:
             for name, s, e in route.segments:
                 r0 = int(plan.perm[s])
                 layer.add_bypass_(out[r0:r0 + e - s], name, x[r0:r0 + e - s])
-        elif route.batched and not torch.is_grad_enabled() and route.pad() is not None:
-            self._add_batched(x, out, route)
+        elif route.batched and not torch.is_grad_enabled() and route.slots_fit():
+            self._add_slots(x, out, route)
         else:  # one small A/B pair per adapter on its rows (other layer types, or gradients needed)
             xs = self.gathered(x, plan.perm)  # (M, ..., in), rows grouped by adapter
             for name, s, e in route.segments:
@@ -239,46 +261,38 @@ class RowRouter:
         """The decoding-sized forms (see ``DENSE_COLUMNS``): the bank's adapters masked, or the bank's
         slots in one batched matmul pair. Returns False, adding nothing, when neither applies."""
         tokens = x.numel() // x.shape[-1]
-        columns = route.columns()
-        if columns <= DENSE_COLUMNS and tokens * columns <= DENSE_WORK and out.is_contiguous():
-            a_cat, b_cat, mask = route.bank_dense()
-            if out.dtype == a_cat.dtype:
-                masked_bypass_(out, x.to(a_cat.dtype), a_cat, mask, b_cat)
-                return True
-        a_t, b_t, layout = route.bank_segments()
+        if not route.sparse:  # with many more resident than in the batch, the mix's own, in hot slots
+            columns = route.columns()
+            if columns <= DENSE_COLUMNS and tokens * columns <= DENSE_WORK and out.is_contiguous():
+                a_cat, b_cat, mask = route.bank_dense()
+                if out.dtype == a_cat.dtype:
+                    masked_bypass_(out, x.to(a_cat.dtype), a_cat, mask, b_cat)
+                    return True
+        a_t, b_t, layout = route.slot_segments()
         if a_t.shape[0] * layout.length * (tokens // x.shape[0]) <= BANK_ROWS:
             self._add_bank(x, out, a_t, b_t, layout)
             return True
         return False
 
     def _add_bank(self, x, out, a_t, b_t, layout: BankLayout) -> None:
-        """Each slot's rows (padded to ``layout.length``) through that slot's factors: one batched
-        matmul pair over the bank as it lies; results go back to their rows with one gather."""
-        self._add_padded(x, out, a_t, b_t, layout.index, layout.keep, layout.length, layout.inverse,
-                         zero_row=not layout.complete)
-
-    def _add_batched(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
-        """Several adapters in one batched matmul pair (SGMV-style): each adapter's rows, padded to
-        the longest segment, against that adapter's stacked (rank-padded, pre-scaled) A and B."""
-        pad, (a_t, b_t) = route.pad(), route.stacked()  # (k, in, r), (k, r, out)
-        self._add_padded(x, out, a_t, b_t, pad.index, pad.keep, pad.shape[1], pad.inverse)
-
-    def _add_padded(self, x, out, a_t, b_t, index, keep, length: int, inverse, zero_row: bool = False) -> None:
-        """``out`` += the bypass of rows ``index`` (k blocks of ``length``) through ``a_t`` (k, in, r)
-        and ``b_t`` (k, r, out); ``keep`` zeroes padding rows. Results go back to their rows with one
-        gather through ``inverse`` (on CPU far cheaper than a scatter), pointing rows without an
-        adapter at an appended zero row when ``zero_row``, or by ``index_add_`` without ``inverse``."""
-        k = a_t.shape[0]
-        xs = self.gathered(x, index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        """``out`` += each slot's rows (padded to ``layout.length``; ``keep`` zeroes the padding) through
+        that slot's factors ``a_t`` (S, in, r), ``b_t`` (S, r, out): one batched matmul pair over the
+        slots as they lie. Results go back to their rows with one gather through ``inverse`` (on CPU
+        far cheaper than a scatter); rows without an adapter here point at an appended zero row."""
+        k, length = a_t.shape[0], layout.length
+        xs = self.gathered(x, layout.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        keep = layout.keep
         if keep is not None:
             keep = keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
         delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *x.shape[1:-1], -1).to(out.dtype)
-        if inverse is None:
-            out.index_add_(0, index, delta)
-            return
-        if zero_row:
+        if not layout.complete:
             delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row k·L: no adapter here
-        out.add_(delta.index_select(0, inverse))
+        out.add_(delta.index_select(0, layout.inverse))
+
+    def _add_slots(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
+        """Several adapters in one batched matmul pair (SGMV-style, prefill): each slot's rows, padded
+        to the busiest slot, against the slot's rank-padded, pre-scaled A and B."""
+        self._add_bank(x, out, *route.slot_segments())
 
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input

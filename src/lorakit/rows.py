@@ -1,31 +1,12 @@
 """Row plans for per-row adapters: the rows of one batch grouped by adapter, and their layouts for
-batched matmuls (padded segments of the mix, or every slot of a layer's ``AdapterBank``)."""
+batched matmuls (the rows over the slots of a layer's ``AdapterBank`` or ``HotBank``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class Padded:
-    """Segments laid out for a batched matmul: ``shape`` (k adapters, L rows each).
-
-    Attributes:
-        index: int64 (k * L,), batch rows grouped by adapter; a segment shorter than L repeats its
-            first row.
-        keep: float (k, L, 1, 1), 0 at those repeats (their bypass is zeroed), or None if no padding.
-        inverse: int64 (N,) with ``index[inverse] = arange(N)`` when ``index`` is a permutation of
-            all N rows (no padding, no base-only rows), else None: the results then go back to
-            their rows with one gather instead of a scatter.
-    """
-
-    index: torch.Tensor
-    keep: torch.Tensor | None
-    shape: tuple[int, int]
-    inverse: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -46,32 +27,6 @@ class RowPlan:
     segments: tuple[tuple[str, int, int], ...]
     single_full: bool
     contiguous: bool = False
-    _padded: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def padded(self, segments: tuple[tuple[str, int, int], ...]) -> Padded | None:
-        """The batched layout of ``segments`` (a subset of ``self.segments``), or None when padding
-        every segment to the longest would more than double the rows (the loop is cheaper then)."""
-        if segments not in self._padded:
-            self._padded[segments] = self._layout(segments)
-        return self._padded[segments]
-
-    def _layout(self, segments) -> Padded | None:
-        lengths = [e - s for _, s, e in segments]
-        k, length = len(segments), max(lengths)
-        if k * length > 2 * sum(lengths):
-            return None
-        device = self.perm.device
-        index = torch.empty((k, length), dtype=torch.long, device=device)
-        for j, (_, s, e) in enumerate(segments):
-            index[j, : e - s] = self.perm[s:e]
-            index[j, e - s:] = self.perm[s]
-        keep = None
-        if min(lengths) < length:
-            steps = torch.arange(length, device=device)
-            keep = (steps < torch.tensor(lengths, device=device)[:, None]).float()[..., None, None]
-        index = index.flatten()
-        inverse = torch.argsort(index) if keep is None and len(index) == self.rows else None
-        return Padded(index, keep, (k, length), inverse)
 
 
 def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",

@@ -1,0 +1,106 @@
+"""The adapters of the current mix in a few fixed slots, for per-row adapters while decoding.
+
+A layer's ``AdapterBank`` (``lorakit.adapter``) holds every resident adapter stacked; a batched
+matmul pair over all of its slots costs every resident adapter's factors each step. With many
+adapters resident and a few in the batch, ``HotBank`` keeps only the mix's factors in C slots
+(vLLM's ``max_loras`` GPU slots, S-LoRA's unified pool, here on the CPU): when the mix changes,
+an adapter already in a slot stays where it is, and only the adapters new to the mix are copied
+in, over slots whose adapters left it (least recently used first). A serving engine whose batch
+changes by one request per step therefore copies one adapter's factors, not the whole mix.
+
+A slot's copy is current while its source slot in the bank has the generation it was copied at
+(``AdapterBank.slot_gen``): an adapter loaded again, trained or restacked is copied afresh.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+class _Empty:
+    """An empty slot's name: unique, never equal to an adapter name or to None (a row without an
+    adapter must never be laid out on a slot)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<empty slot>"
+
+
+class HotBank:
+    """C slots of ``(A^T, (s·B)^T)`` copied from an ``AdapterBank``: ``a_t`` (C, in, r_max),
+    ``b_t`` (C, r_max, out), ``names`` (C,) the adapter in each slot (an ``_Empty`` placeholder where
+    none). The slot count grows to the largest mix seen and shrinks back when it exceeds twice the
+    mix (so the padding rows a batched product computes stay bounded)."""
+
+    def __init__(self) -> None:
+        self.a_t: torch.Tensor | None = None
+        self.b_t: torch.Tensor | None = None
+        self.names: list = []
+        self._gen: list[int] = []  # per slot: the bank generation of the copy
+        self._used: list[int] = []  # per slot: the admit() tick that last wanted it (least recently used first)
+        self._tick = 0
+        self.copies = 0  # adapters copied in so far (what a change of mix cost)
+
+    def admit(self, bank, names: Sequence[str]) -> tuple:
+        """Make every adapter in ``names`` (held by ``bank``, its slots current) hot; returns the slot
+        names, a tuple (C,) shared by every layer whose slots hold the same adapters."""
+        self._tick += 1
+        if self.a_t is None or not _fits(self.a_t, bank.a_t) or not _fits(self.b_t, bank.b_t):
+            self._reset(bank, 0)
+        wanted = set(names)
+        where = {}
+        for j, n in enumerate(self.names):  # drop stale copies: their name must not route rows
+            if n in wanted and self._gen[j] == bank.slot_gen[bank.slots[n]]:
+                where[n] = j
+                self._used[j] = self._tick
+            elif not isinstance(n, _Empty) and (n not in bank.slots or self._gen[j] != bank.slot_gen[bank.slots[n]]):
+                self.names[j] = _Empty()
+        missing = [n for n in names if n not in where]
+        if len(self.names) > 2 * max(len(wanted), 1):  # a large mix has gone: shrink to this one
+            self._reset(bank, 0)
+            missing, where = list(names), {}
+        free = sorted((j for j, n in enumerate(self.names) if n not in where), key=lambda j: self._used[j])
+        if len(free) < len(missing):
+            free += self._grow(bank, len(missing) - len(free))
+        if missing:
+            self._copy(bank, missing, free[: len(missing)])
+        return tuple(self.names)
+
+    def _copy(self, bank, missing: list[str], slots: list[int]) -> None:
+        device = str(self.a_t.device)
+        dst, src = _index(tuple(slots), device), _index(tuple(bank.slots[n] for n in missing), device)
+        with torch.no_grad():
+            self.a_t.index_copy_(0, dst, bank.a_t.index_select(0, src))
+            self.b_t.index_copy_(0, dst, bank.b_t.index_select(0, src))
+        for j, n in zip(slots, missing):
+            self.names[j], self._gen[j], self._used[j] = n, bank.slot_gen[bank.slots[n]], self._tick
+        self.copies += len(missing)
+
+    def _grow(self, bank, extra: int) -> list[int]:
+        c = len(self.names)
+        self.a_t = torch.cat([self.a_t, bank.a_t.new_zeros((extra, *bank.a_t.shape[1:]))])
+        self.b_t = torch.cat([self.b_t, bank.b_t.new_zeros((extra, *bank.b_t.shape[1:]))])
+        self.names += [_Empty() for _ in range(extra)]
+        self._gen += [-1] * extra
+        self._used += [0] * extra
+        return list(range(c, c + extra))
+
+    def _reset(self, bank, slots: int) -> None:
+        self.a_t = bank.a_t.new_zeros((slots, *bank.a_t.shape[1:]))
+        self.b_t = bank.b_t.new_zeros((slots, *bank.b_t.shape[1:]))
+        self.names, self._gen, self._used = [_Empty() for _ in range(slots)], [-1] * slots, [0] * slots
+
+
+@functools.lru_cache(maxsize=1024)
+def _index(ids: tuple[int, ...], device: str) -> torch.Tensor:
+    """``ids`` as an int64 tensor, shared by every layer that copies the same slots (never written to)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _fits(hot: torch.Tensor, bank: torch.Tensor) -> bool:
+    """Whether slots shaped like ``hot`` can take ``bank``'s slots (same per-slot shape, dtype, device)."""
+    return hot.shape[1:] == bank.shape[1:] and hot.dtype == bank.dtype and hot.device == bank.device

@@ -1,0 +1,146 @@
+"""Hot slots (lorakit.hot): with many adapters resident and a few in the batch, per-row adapters run
+over the mix's own factors, copied in once; a change of mix copies only the adapters new to it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+import lorakit.hot
+import lorakit.mixed
+from lorakit import LoRAConfig, disable_adapters, inject, mixed_batch, set_adapter
+from lorakit.hot import HotBank
+from lorakit.layers import LoRALinear
+from conftest import tiny_llama
+
+
+def _layer(n: int = 6) -> LoRALinear:
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 7))
+    for i in range(n):
+        layer.add_adapter(f"ad{i}", r=1 + i % 3, lora_alpha=2.0 + i, use_rslora=i == 4, init_lora_weights=False)
+    return layer
+
+
+def _by_hand(layer: LoRALinear, name: str, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^T (in, r_max) and (s·B)^T (r_max, out), zero-padded, s = alpha / r (alpha / sqrt(r) for rsLoRA)."""
+    a, b = (t.detach().double() for t in layer.lora_weights(name))
+    ad = layer.adapter(name)
+    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
+    a_t, b_t = torch.zeros(a.shape[1], r_max, dtype=torch.float64), torch.zeros(r_max, b.shape[0], dtype=torch.float64)
+    a_t[:, : ad.r], b_t[: ad.r] = a.t(), s * b.t()
+    return a_t, b_t
+
+
+def _check_slots(hot: HotBank, layer: LoRALinear, names) -> None:
+    slots = list(hot.names)
+    for n in names:
+        j = slots.index(n)
+        a_t, b_t = _by_hand(layer, n, hot.a_t.shape[2])
+        torch.testing.assert_close(hot.a_t[j].double(), a_t, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(hot.b_t[j].double(), b_t, rtol=1e-6, atol=1e-7)
+
+
+def test_a_new_mix_copies_only_adapters_new_to_it():
+    layer, hot = _layer(), HotBank()
+    slots = hot.admit(layer.bank(["ad0", "ad1"]), ("ad0", "ad1"))
+    assert hot.copies == 2 and list(slots) == ["ad0", "ad1"]
+    _check_slots(hot, layer, ["ad0", "ad1"])
+    where_1 = slots.index("ad1")
+    slots = hot.admit(layer.bank(["ad1", "ad2"]), ("ad1", "ad2"))  # ad0 left, ad2 joined: one copy, into ad0's slot
+    assert hot.copies == 3 and slots.index("ad1") == where_1 and "ad0" not in slots and len(slots) == 2
+    _check_slots(hot, layer, ["ad1", "ad2"])
+    hot.admit(layer.bank(["ad2", "ad1"]), ("ad2", "ad1"))  # the same adapters in another order: nothing copied
+    assert hot.copies == 3
+
+
+def test_slots_grow_shrink_and_follow_changed_factors():
+    layer, hot = _layer(), HotBank()
+    hot.admit(layer.bank(["ad0"]), ("ad0",))
+    names = ("ad1", "ad2", "ad3", "ad4")
+    slots = hot.admit(layer.bank(list(names)), names)  # more adapters than slots: the slots grow
+    assert len(slots) == 4 and set(slots) == set(names) and hot.copies == 5
+    _check_slots(hot, layer, names)
+    with torch.no_grad():  # what an optimizer step or a reload does: ad2 changes in place
+        layer.lora_weights("ad2")[1].mul_(-3.0)
+    hot.admit(layer.bank(list(names)), names)
+    assert hot.copies == 6  # ad2 copied afresh, the others kept
+    _check_slots(hot, layer, names)
+    slots = hot.admit(layer.bank(["ad5"]), ("ad5",))  # 4 slots for a mix of 1: shrunk to it
+    assert list(slots) == ["ad5"]
+    _check_slots(hot, layer, ["ad5"])
+
+
+def _many(resident: int = 9):
+    m = tiny_llama()
+    for i in range(resident):  # different ranks, alphas, rsLoRA; every projection
+        cfg = LoRAConfig(r=1 + i % 4, lora_alpha=1.0 + i, use_rslora=i % 3 == 0, target_modules="all-linear",
+                         init_lora_weights=False)
+        inject(m, cfg, f"t{i}")
+    return m
+
+
+def _alone(model, name, ids):
+    if name is None:
+        with disable_adapters(model):
+            return model(ids).logits
+    set_adapter(model, name)
+    return model(ids).logits
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generation_over_hot_slots_equals_each_adapter_alone(beams, monkeypatch):
+    model = _many()
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)  # not every resident adapter on every row
+    seen = []
+    add_bank = lorakit.mixed.RowRouter._add_bank
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
+                        or add_bank(s, x, o, a_t, *r))
+    torch.manual_seed(8)
+    ids = torch.randint(1, 64, (4, 5))
+    names = ["t2", None, "t7", "t2"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, num_beams=beams)
+    with mixed_batch(model, names), torch.inference_mode():
+        got = model.generate(ids, **kw)
+    assert seen and max(seen) == 2  # prefill and steps over two hot slots per layer, not the 9 resident
+    for i, n in enumerate(names):
+        if n is None:
+            with disable_adapters(model):
+                want = model.generate(ids[i: i + 1], **kw)
+        else:
+            set_adapter(model, n)
+            want = model.generate(ids[i: i + 1], **kw)
+        assert torch.equal(got[i], want[0]), (i, n)
+
+
+def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
+    """Decoding-sized forwards with 9 adapters resident and 2-3 in the batch run over the hot slots
+    (not over all 9); the next mix, sharing two adapters, copies only the third."""
+    model = _many()
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
+    seen = []
+    add_bank = lorakit.mixed.RowRouter._add_bank
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
+                        or add_bank(s, x, o, a_t, *r))
+    torch.manual_seed(9)
+    ids = torch.randint(1, 64, (4, 1))  # one token per row: a decoding-sized forward
+    layers = [layer for _, layer in lorakit.lora_layers(model)]
+
+    def rows_equal_alone(names):
+        refs = {n: _alone(model, n, ids) for n in set(names)}
+        with mixed_batch(model, names), torch.no_grad():
+            out = model(ids).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+    rows_equal_alone(["t1", "t5", None, "t1"])
+    assert seen and max(seen) == 2  # two hot slots per layer, not nine bank slots
+    before = sum(layer._hot.copies for layer in layers)
+    rows_equal_alone(["t5", "t8", "t1", "t1"])
+    assert sum(layer._hot.copies for layer in layers) - before == len(layers)  # only t8, once per layer
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_weights("t5")[0].add_(0.25)  # t5 trains in place between blocks
+    rows_equal_alone(["t8", "t5", "t5", None])
