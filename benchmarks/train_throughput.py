@@ -1,6 +1,7 @@
-"""Training throughput at equal quality: lorakit's trainer vs PEFT + transformers Trainer.
+"""Training throughput at equal quality: lorakit's trainer vs PEFT + transformers Trainer and PEFT + TRL's SFTTrainer.
 
     python benchmarks/train_throughput.py                       # SmolLM2-135M-Instruct, 30 steps of 8
+    python benchmarks/train_throughput.py --anchors peft --target 1.5   # without TRL, as runs 1-9 of RESULTS.md
     python benchmarks/train_throughput.py --levers no-pack   # also lorakit with a lever off
     python benchmarks/train_throughput.py --model small --steps 10     # quick run, random 4-layer Llama
 
@@ -17,7 +18,16 @@ load drifts of a shared machine hit all alike. Trainer's step time is the wall t
 consecutive ``on_step_end`` callbacks minus the time lent to lorakit, i.e. it includes its data
 loading, callbacks and bookkeeping; lorakit's is the ``tokens_per_s`` its ``train()`` logs (collate +
 forward + backward + clip + AdamW). Tokens are non-padding tokens. The first step is a warm-up.
-Validation loss of each is ``lorakit.app.lm_loss.mean_loss`` on the same validation examples.
+Validation loss of each is ``lorakit.app.lm_loss.mean_loss`` (mean NLL per completion token) on the
+same validation examples.
+
+TRL anchor (``--anchors trl``, the default; needs the ``bench`` extra, see ``trl_anchor.py``): two more
+runs in the same interleave, from the same initial adapter with the same optimizer, schedule, steps
+and fp32: PEFT + TRL ``SFTTrainer`` configured as a user would (the same examples as prompt/completion
+text, ``packing=True``, ``padding_free=True``, ``completion_only_loss=True``, one packed row of about
+one lorakit batch's tokens per step), and ``SFTTrainer`` padding-free on exactly lorakit's batches,
+whose per-step and validation losses must equal lorakit's. Their step time is measured like
+Trainer's (step start to ``on_step_end``), their tokens are TRL's own count (no padding).
 
 Levers (``--levers``, each an extra lorakit run in the same interleave, identical otherwise):
 ``full-head`` computes the LM head and loss on every position (transformers' loss) instead of
@@ -42,8 +52,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -55,7 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
 import lorakit.app.lm_loss as LL  # noqa: E402
-from common import SEVEN, base_model, machine  # noqa: E402
+from common import SEVEN, base_model  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
 from lorakit.app import batches as B  # noqa: E402
 from lorakit.app import data as D  # noqa: E402
@@ -63,6 +71,7 @@ from lorakit.app import g2p as G  # noqa: E402
 from lorakit.app import loop as LT  # noqa: E402
 from lorakit.app.options import TrainOptions  # noqa: E402
 from lorakit.layers import LoRALayer  # noqa: E402
+from throughput_report import REF, report  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
 
@@ -151,47 +160,43 @@ class Variant:
             raise self.error
 
 
-def padding_stats(examples, batches) -> tuple[int, int]:
-    """(real tokens, padded tokens B*T_max) of a batch list."""
-    real = sum(len(e) for b in batches for e in b)
-    padded = sum(len(b) * max(len(e) for e in b) for b in batches)
-    return real, padded
-
-
-def _stats(xs):
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return statistics.median(xs), q[0], q[2], (max(xs) - min(xs)) / 2
-
-
-def main(argv=None) -> int:
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TrainOptions().batch_size)
     ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, compile")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
+    ap.add_argument("--anchors", default="peft,trl",
+                    help="comma list: peft (PEFT + Trainer, always run), trl (PEFT + TRL SFTTrainer: packing, and "
+                         "padding-free on lorakit's batches), trl-packing, trl-batches; 'peft' alone reproduces runs 1-9")
+    ap.add_argument("--target", type=float, default=2.0, help="speed target, lorakit / anchor tokens/s (medians)")
     args = ap.parse_args(argv)
-    levers = [x for x in args.levers.split(",") if x]
-    if args.no_label_head and "full-head" not in levers:
-        levers.append("full-head")
-    bad = set(levers) - {"full-head", "unfused", "eager", "no-pack", "compile"}
+    args.levers = [x for x in args.levers.split(",") if x]
+    if args.no_label_head and "full-head" not in args.levers:
+        args.levers.append("full-head")
+    bad = set(args.levers) - {"full-head", "unfused", "eager", "no-pack", "compile"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
+    anchors = {x for x in args.anchors.split(",") if x}
+    if anchors - {"peft", "trl", "trl-packing", "trl-batches"}:
+        ap.error(f"unknown anchors {sorted(anchors - {'peft', 'trl', 'trl-packing', 'trl-batches'})}")
+    args.trl = [k for k in ("packing", "batches") if "trl" in anchors or f"trl-{k}" in anchors]
+    if args.trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            ap.error("--anchors trl needs TRL: pip install -c constraints.txt 'trl==1.16.0' (or --anchors peft)")
+    return args
 
-    import transformers
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    transformers.logging.set_verbosity_error()
+def setup(args):
+    """Model, data, lorakit's batches and the shared initial adapter (saved in PEFT format)."""
     from lorakit.app.models import load_model
 
-    t_load = time.perf_counter()
     lm = load_model(None)
     tok = lm.tokenizer
     base = lm.model.eval() if args.model == "smollm2" else base_model("small")
-    pad_id = tok.pad_token_id
     train_ex, val_ex = g2p_examples(tok, args.steps, args.batch_size)
     defaults = TrainOptions()
     cfg = LT.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=defaults.lr, warmup=defaults.warmup,
@@ -200,28 +205,42 @@ def main(argv=None) -> int:
     batches = [next(stream) for _ in range(args.steps)]  # exactly what train() will draw
     if any(len(b) != args.batch_size for b in batches):
         raise SystemExit("a partial batch: Trainer's sequential sampler could not reproduce the order")
-    flat = [e for b in batches for e in b]
-    tokens = [sum(len(e) for e in b) for b in batches]
-
     # the same initial adapter for every run: lorakit's init, saved in PEFT format, loaded into PEFT
     torch.manual_seed(0)
     init = lorakit.inject(copy.deepcopy(base), LoRAConfig(target_modules=SEVEN, **LORA))
     tmp = tempfile.mkdtemp()
     lorakit.save_adapter(init, tmp)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=SEVEN, **LORA))
-    res = set_peft_model_state_dict(peft_model, load_file(os.path.join(tmp, "adapter_model.safetensors")))
-    assert not [k for k in res.missing_keys if "lora_" in k], res.missing_keys
-    names = ["lorakit"] + levers
-    models = {n: copy.deepcopy(init) for n in names}
-    val_start = LL.mean_loss(init, val_ex, pad_id)[0]
-    del init
-    load_s = time.perf_counter() - t_load
+    return dict(tok=tok, base=base, train_ex=train_ex, val_ex=val_ex, cfg=cfg, batches=batches, init=init, tmp=tmp)
 
-    variants = [Variant(n, models[n], train_ex, cfg, pad_id) for n in names]
-    # what Trainer's default optim ("adamw_torch_fused" for torch >= 2.8) builds; passed in to share the schedule
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, fused=True)
-    sched = LT.schedule(opt, cfg.schedule, cfg.warmup, args.steps)
+
+def peft_factory(base, adapter_dir: str):
+    """A function making a fresh PEFT model of ``base`` holding the saved initial adapter."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def make():
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=SEVEN, **LORA))
+        res = set_peft_model_state_dict(model, load_file(os.path.join(adapter_dir, "adapter_model.safetensors")))
+        assert not [k for k in res.missing_keys if "lora_" in k], res.missing_keys
+        return model
+
+    return make
+
+
+def optimizer_factory(cfg, steps: int):
+    """What Trainer's default optim ("adamw_torch_fused" for torch >= 2.8) builds, and lorakit's schedule."""
+    def make(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, fused=True)
+        return opt, LT.schedule(opt, cfg.schedule, cfg.warmup, steps)
+
+    return make
+
+
+def trainer_anchor(peft_model, flat, pad_id, cfg, steps: int, out_dir: str, opt_sched, others, times, losses):
+    """PEFT + transformers Trainer on ``flat`` in order; after each of its steps, every run of ``others`` takes one."""
+    from torch.utils.data import SequentialSampler
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     class SequentialTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -231,8 +250,6 @@ def main(argv=None) -> int:
         ids, mask, labels = B.collate(examples, pad_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    trainer_times, trainer_losses = [], []
-
     class Interleave(TrainerCallback):
         def __init__(self):
             self.prev, self.tr_loss = None, 0.0
@@ -241,92 +258,88 @@ def main(argv=None) -> int:
             self.prev = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            trainer_times.append(time.perf_counter() - self.prev)
+            times.append(time.perf_counter() - self.prev)
             tl = float(trainer._tr_loss)
-            trainer_losses.append(tl - self.tr_loss)
+            losses.append(tl - self.tr_loss)
             self.tr_loss = tl
-            for v in variants:
+            for v in others:
                 v.step()
             if state.global_step % 5 == 0:
-                print(f"step {state.global_step}/{args.steps}", file=sys.stderr, flush=True)
+                print(f"step {state.global_step}/{steps}", file=sys.stderr, flush=True)
             self.prev = time.perf_counter()
 
     targs = TrainingArguments(
-        output_dir=os.path.join(tmp, "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        output_dir=out_dir, max_steps=steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=1, max_grad_norm=cfg.max_grad_norm, use_cpu=True,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         remove_unused_columns=False, dataloader_pin_memory=False, dataloader_num_workers=0, seed=0,
     )
     trainer = SequentialTrainer(model=peft_model, args=targs, train_dataset=flat, data_collator=collator,
-                                optimizers=(opt, sched), callbacks=[Interleave()])
-    load_avg_before = os.getloadavg()[0]
+                                optimizers=opt_sched, callbacks=[Interleave()])
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land among the table
+    return trainer
+
+
+def trl_texts(tok, train_ex, flat, steps: int, batch_size: int) -> list[dict]:
+    """The examples of ``flat`` as prompt/completion text (TRL tokenises them itself)."""
+    import trl_anchor
+
+    split = G.g2p_split(0, TrainOptions().test_size, G.G2P_VALIDATION)
+    ds = G.g2p_dataset(split.train[:min(len(split.train), steps * batch_size)])
+    assert len(ds.records) == len(train_ex), "an example was dropped: records and examples no longer align"
+    texts = trl_anchor.prompt_completion(tok, ds.records, ds.prompt_format)
+    index = {id(e): i for i, e in enumerate(train_ex)}
+    return [texts[index[id(e)]] for e in flat]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    t_load = time.perf_counter()
+    s = setup(args)
+    tok, cfg, batches, val_ex = s["tok"], s["cfg"], s["batches"], s["val_ex"]
+    pad_id = tok.pad_token_id
+    flat = [e for b in batches for e in b]
+    tokens = [sum(len(e) for e in b) for b in batches]
+    names = ["lorakit"] + args.levers
+    models = {n: copy.deepcopy(s["init"]) for n in names}
+    val_start = LL.mean_loss(s["init"], val_ex, pad_id)[0]
+    del s["init"]
+    peft_copy, make_opt = peft_factory(s["base"], s["tmp"]), optimizer_factory(cfg, args.steps)
+    peft_model = peft_copy()
+    variants = [Variant(n, models[n], s["train_ex"], cfg, pad_id) for n in names]
+    steppers, trl_info = [], {}
+    if args.trl:
+        import trl_anchor
+
+        texts = trl_texts(tok, s["train_ex"], flat, args.steps, args.batch_size)
+        steppers, trl_models, trl_info = trl_anchor.trl_steppers(
+            args.trl, peft_copy, tok, texts, flat, args.batch_size, args.steps, make_opt, s["tmp"], cfg.max_grad_norm)
+        models.update({n: m.base_model.model for n, m in trl_models.items()})
+    load_s = time.perf_counter() - t_load
+
+    trainer_times, trainer_losses = [], []
+    trainer = trainer_anchor(peft_model, flat, pad_id, cfg, args.steps, os.path.join(s["tmp"], "trainer"),
+                             make_opt(peft_model), variants + steppers, trainer_times, trainer_losses)
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    for v in variants:
+    for v in variants + steppers:
         v.thread.join()
         if v.error is not None:
             raise v.error
-    load_avg_after = os.getloadavg()[0]
+    load_after = os.getloadavg()[0]
 
     # same validation function for all; PEFT through its underlying transformers model
-    val = {n: LL.mean_loss(models[n], val_ex, pad_id)[0] for n in names}
-    val["PEFT + Trainer"] = LL.mean_loss(peft_model.base_model.model, val_ex, pad_id)[0]
-
-    skip = 1  # warm-up step
-    tps = {"PEFT + Trainer": [t / s for t, s in zip(tokens[skip:], trainer_times[skip:])]}
-    secs = {"PEFT + Trainer": trainer_times[skip:]}
-    for v in variants:
-        tps[v.name] = [r["tokens_per_s"] for r in v.recs[skip:]]
-        secs[v.name] = [t / r["tokens_per_s"] for t, r in zip(tokens[skip:], v.recs[skip:])]
-    ref = "PEFT + Trainer"
-    real, padded = padding_stats(flat, batches)
-    rnd = list(flat)
-    random.Random(0).shuffle(rnd)
-    _, padded_rnd = padding_stats(rnd, [rnd[i:i + args.batch_size] for i in range(0, len(rnd), args.batch_size)])
-    loss_gap = max(abs(r["loss"] - t) for r, t in zip(variants[0].recs, trainer_losses))
-
-    print(f"# train_throughput.py --model {args.model} --steps {args.steps} --batch-size {args.batch_size}"
-          f"{' --levers ' + ','.join(levers) if levers else ''}: r=8, alpha=16, dropout 0, 7 projections, "
-          f"G2P (cmd_train's data), {len(flat)} examples, {real} real tokens ({real / len(flat):.1f}/example), "
-          f"lr {cfg.lr:g} warmup {cfg.warmup} cosine, fp32; {machine()}; load average before/after "
-          f"{load_avg_before:.2f}/{load_avg_after:.2f}; setup {load_s:.0f} s, interleaved training {wall:.0f} s")
-    print(f"\nmedian over steps 2..{args.steps}; 'paired' = median over steps of (Trainer step time / this "
-          f"run's time on the same batch)\n")
-    print("| run | tokens/s median | p25-p75 | ± (half min-max) | total tokens/s | paired speed-up vs PEFT + Trainer "
-          "| val loss | val loss vs PEFT |")
-    print("|---|---|---|---|---|---|---|---|")
-    for n in [ref] + names:
-        med, q1, q3, half = _stats(tps[n])
-        agg = sum(tokens[skip:]) / sum(secs[n])
-        paired = statistics.median([a / b for a, b in zip(secs[ref], secs[n])])
-        print(f"| {n} | {med:.0f} | {q1:.0f}-{q3:.0f} | {half:.0f} | {agg:.0f} | {paired:.3f} | {val[n]:.4f} | "
-              f"{100 * (val[n] / val[ref] - 1):+.2f}% |")
-    med_l, med_p = statistics.median(tps["lorakit"]), statistics.median(tps[ref])
-    ratio = med_l / med_p
-    val_ok = abs(val["lorakit"] / val[ref] - 1) <= 0.02
-    print(f"\nvalidation loss before training {val_start:.4f}; per-step training loss, lorakit vs Trainer: "
-          f"max |difference| {loss_gap:.2e} (same batches, same schedule)")
-    print(f"length batching (both tools): {padded} padded tokens for {real} real ({100 * (padded / real - 1):.1f}% "
-          f"padding) vs {padded_rnd} ({100 * (padded_rnd / real - 1):.1f}%) for random batches of the same examples")
-    print(f"ratio lorakit / PEFT + Trainer tokens/s (medians): {ratio:.3f}; target >= 1.5x with val loss within 2%: "
-          f"{'MET' if ratio >= 1.5 and val_ok else 'NOT MET'} (speed {'ok' if ratio >= 1.5 else 'short'}, "
-          f"val loss {'ok' if val_ok else 'off'})")
-    for n in levers:
-        if n == "compile":
-            first = {v.name: tokens[0] / v.recs[0]["tokens_per_s"] for v in variants}  # the warm-up step, s
-            print(f"lever compile on: lorakit {statistics.median(tps[n]):.0f} tokens/s "
-                  f"({statistics.median(tps[n]) / med_p:.3f}x PEFT + Trainer, medians; val loss {val[n]:.4f}), "
-                  f"{statistics.median([a / b for a, b in zip(secs['lorakit'], secs[n])]):.3f}x the eager steps "
-                  f"(paired); first step {first[n]:.0f} s (compilation), {sum(secs[n]) + first[n]:.0f} s for all "
-                  f"{args.steps} steps vs {sum(secs['lorakit']) + first['lorakit']:.0f} s eager")
-            continue
-        print(f"lever {n} off: lorakit {statistics.median(tps[n]):.0f} tokens/s; the lever is worth "
-              f"{statistics.median([a / b for a, b in zip(secs[n], secs['lorakit'])]):.3f}x (paired)")
-    _, q1l, q3l, _ = _stats(tps["lorakit"])
-    _, q1p, q3p, _ = _stats(tps[ref])
-    if q1l <= q3p and q1p <= q3l:
-        print("note: the interquartile ranges of lorakit and PEFT + Trainer tokens/s overlap")
+    models[REF] = peft_model.base_model.model
+    val = {n: LL.mean_loss(m, val_ex, pad_id)[0] for n, m in models.items()}
+    run = dict(args=args, cfg=cfg, batches=batches, flat=flat, tokens=tokens, names=names, variants=variants,
+               steppers=steppers, trl_info=trl_info, trainer_times=trainer_times, trainer_losses=trainer_losses,
+               val=val, val_start=val_start, load_s=load_s, wall=wall, load=(load_before, load_after))
+    report(run)
     return 0
 
 
