@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
 from common import SEVEN, base_model, interleaved, machine, spread_note, timed  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
-from lorakit.mixed import RowPlan  # noqa: E402
+from lorakit.mixed import _Route  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -92,12 +92,12 @@ def forward_section(args, base, ours, theirs, names, ids, counts) -> None:
         run = ours_mixed(per_row)
 
         def loop():
-            padded = RowPlan.padded
-            RowPlan.padded = lambda self, segments: None
+            fits = _Route.slots_fit
+            _Route.slots_fit = lambda self: False
             try:
                 run()
             finally:
-                RowPlan.padded = padded
+                _Route.slots_fit = fits
         return loop
 
     fns["lorakit mixed 16, per-adapter loop"] = ours_loop([names[i % 16] for i in range(args.rows)])
@@ -156,17 +156,21 @@ def _decode_step(model, prompt, prefill_ctx, step_ctx) -> float:
         return time.perf_counter() - t
 
 
-def _decode_timings(base, ours, prompt, rows, new_mix, repeats) -> dict[str, tuple[float, float]]:
-    """Base step, warmed mixed step and first step after a new mix, interleaved; (median, half-spread)."""
+def _decode_timings(base, ours, prompt, rows, new_mix, one_new, repeats) -> dict[str, tuple[float, float]]:
+    """Base step, warmed mixed step, first step after a new mix (16 adapters drawn afresh) and first
+    step after one adapter of the mix changed (a request leaving, another joining), interleaved;
+    (median, half-spread)."""
     null = contextlib.nullcontext
-    times = {"base": [], "warm": [], "first": []}
+    times = {"base": [], "warm": [], "first": [], "one": []}
     for i in range(repeats + 1):
         t_base = _decode_step(base, prompt, null(), null())
         with lorakit.mixed_batch(ours, rows):  # prefill and step in one block
             t_warm = _decode_step(ours, prompt, null(), null())
         t_first = _decode_step(ours, prompt, lorakit.mixed_batch(ours, new_mix()), lorakit.mixed_batch(ours, new_mix()))
+        before, after = one_new()
+        t_one = _decode_step(ours, prompt, lorakit.mixed_batch(ours, before), lorakit.mixed_batch(ours, after))
         if i:  # the first round warms up
-            for k, t in zip(times, (t_base, t_warm, t_first)):
+            for k, t in zip(times, (t_base, t_warm, t_first, t_one)):
                 times[k].append(t)
     return {k: (statistics.median(v), (max(v) - min(v)) / 2) for k, v in times.items()}
 
@@ -178,8 +182,9 @@ def decode_section(args, base, ours, theirs, names) -> None:
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     print(f"\n## decode: {args.rows} rows, 16 adapters in the batch (row i: adapter i mod 16), 4-token prompt")
     print("\n| resident | base step s | warmed mixed step / base | first step after a new mix / base "
-          "| generate lorakit / base | generate PEFT / lorakit | prefill mixed 16 / one adapter |")
-    print("|---|---|---|---|---|---|---|")
+          "| first step after one adapter changed / base | generate lorakit / base | generate PEFT / lorakit "
+          "| prefill mixed 16 / one adapter |")
+    print("|---|---|---|---|---|---|---|---|")
     for resident in [int(r) for r in args.decode_resident.split(",")]:
         while len(lorakit.list_adapters(ours)) < resident:
             lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False),
@@ -192,6 +197,11 @@ def decode_section(args, base, ours, theirs, names) -> None:
             drawn = rng.sample(pool, 16)
             return [drawn[i % 16] for i in range(args.rows)]
 
+        def one_new():  # the last mix, then the same with one adapter swapped for one not in it
+            drawn = rng.sample(pool, 16)
+            swapped = drawn[:-1] + [rng.choice([n for n in pool if n not in drawn] or drawn[-1:])]
+            return [drawn[i % 16] for i in range(args.rows)], [swapped[i % 16] for i in range(args.rows)]
+
         def ours_generate():
             with lorakit.mixed_batch(ours, rows):
                 ours.generate(prompt, **gen_kw)
@@ -201,7 +211,7 @@ def decode_section(args, base, ours, theirs, names) -> None:
                 ours(ids)
 
         with torch.inference_mode():
-            steps = _decode_timings(base, ours, prompt, rows, new_mix, args.repeats * 3)
+            steps = _decode_timings(base, ours, prompt, rows, new_mix, one_new, args.repeats * 3)
             gens = {"base": lambda: base.generate(prompt, **gen_kw), "lorakit": ours_generate}
             if resident == 16:
                 gens["PEFT"] = lambda: theirs.generate(input_ids=prompt, adapter_names=rows, **gen_kw)
@@ -212,7 +222,8 @@ def decode_section(args, base, ours, theirs, names) -> None:
         b = steps["base"][0]
         peft_ratio = f"{gen['PEFT'][0] / gen['lorakit'][0]:.2f}x" if "PEFT" in gen else "-"
         print(f"| {resident} | {b:.4f} ± {steps['base'][1]:.4f} | {steps['warm'][0] / b:.3f} (± {steps['warm'][1]:.4f} s) "
-              f"| {steps['first'][0] / b:.3f} (± {steps['first'][1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
+              f"| {steps['first'][0] / b:.3f} (± {steps['first'][1]:.4f} s) | {steps['one'][0] / b:.3f} "
+              f"(± {steps['one'][1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
               f"({gen['lorakit'][0]:.2f} vs {gen['base'][0]:.2f} s) | {peft_ratio} | {pre['mixed'][0] / pre['one'][0]:.3f} |",
               flush=True)
 

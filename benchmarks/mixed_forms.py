@@ -4,8 +4,9 @@ adapters disabled), interleaved. Rows go round-robin (row i: adapter i mod 16) o
 
 Forms (selected by ``lorakit.mixed``'s constants): ``bank-dense`` every resident adapter on every row,
 masked; ``bank-slots`` every bank slot's rows padded, one bmm pair over the bank as it lies (no
-gather); ``mix-padded`` the mix's factors gathered, its padded segments in one bmm pair (the form
-before the bank forms). Usage: ``python benchmarks/mixed_forms.py [--model small] [--repeats 4]``.
+copy); ``hot-slots`` the same over the layer's hot slots (``lorakit.hot``: the mix's adapters copied
+once; the form taken when many more adapters are resident than in the batch). Usage:
+``python benchmarks/mixed_forms.py [--model small] [--repeats 4]``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import lorakit  # noqa: E402
 import lorakit.mixed as mixed  # noqa: E402
 from common import SEVEN, base_model, interleaved, machine  # noqa: E402
 
-FORMS = {  # (DENSE_COLUMNS, DENSE_WORK, BANK_ROWS)
-    "bank-dense": (10 ** 9, 10 ** 9, 0),
-    "bank-slots": (0, 0, 10 ** 9),
-    "mix-padded": (0, 0, 0),
+CONSTANTS = ("DENSE_COLUMNS", "DENSE_WORK", "BANK_ROWS", "BANK_SPARE")
+FORMS = {  # values of CONSTANTS
+    "bank-dense": (10 ** 9, 10 ** 9, 0, 10 ** 9),
+    "bank-slots": (0, 0, 10 ** 9, 10 ** 9),
+    "hot-slots": (0, 0, 10 ** 9, 0),
 }
 
 
@@ -54,7 +56,8 @@ def main() -> None:
 
     def run(rows, form):
         def fn():
-            mixed.DENSE_COLUMNS, mixed.DENSE_WORK, mixed.BANK_ROWS = FORMS[form]
+            for name, value in zip(CONSTANTS, FORMS[form]):
+                setattr(mixed, name, value)
             with torch.no_grad(), lorakit.mixed_batch(model, rows):
                 model.generate(prompt, **kw)
         return fn
@@ -63,7 +66,7 @@ def main() -> None:
         with torch.no_grad(), lorakit.disable_adapters(model):
             model.generate(prompt, **kw)
 
-    defaults = (mixed.DENSE_COLUMNS, mixed.DENSE_WORK, mixed.BANK_ROWS)
+    defaults = [getattr(mixed, name) for name in CONSTANTS]
     print(f"# mixed_forms.py --model {args.model}: 32 rows, 16 adapters, 4-token prompt, {args.new_tokens} new tokens; "
           f"{machine()}")
     print("| rows | " + " | ".join(f"{f} / base" for f in FORMS) + " | base s |")
@@ -73,8 +76,10 @@ def main() -> None:
         b = res["base"][0]
         print(f"| {label} | " + " | ".join(f"{res[f][0] / b:.3f} (± {res[f][1]:.2f} s)" for f in FORMS)
               + f" | {b:.2f} ± {res['base'][1]:.2f} |")
-    mixed.DENSE_COLUMNS, mixed.DENSE_WORK, mixed.BANK_ROWS = defaults
-    print("defaults pick: bank-dense while rows x tokens x S·r <= DENSE_WORK and S·r <= DENSE_COLUMNS, else bank-slots")
+    for name, value in zip(CONSTANTS, defaults):
+        setattr(mixed, name, value)
+    print("defaults pick: hot-slots when the layer holds more than BANK_SPARE x the mix's adapters, else bank-dense while "
+          "rows x tokens x S·r <= DENSE_WORK and S·r <= DENSE_COLUMNS, else bank-slots")
 
 
 if __name__ == "__main__":
