@@ -91,7 +91,31 @@ def test_bank_layout_over_slots():
     assert lay.keep.flatten().tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 0]  # z's slot and x's third place: padding
     assert lay.inverse.tolist() == [6, 0, 7, 9, 1, 2] and not lay.complete  # row 3 (None) -> the zero row 9
     even = bank_layout(["x", "y", "y", "x"], ("x", "y"), "cpu")
-    assert even.keep is None and even.complete and even.inverse.tolist() == [0, 2, 3, 1]
+    assert even.keep is None and even.complete and even.inverse.tolist() == [0, 2, 3, 1] and not even.identity
+    grouped = bank_layout(["x", "x", "y", "y"], ("x", "y"), "cpu")  # rows already in slot order: nothing to gather
+    assert grouped.identity and grouped.index.tolist() == [0, 1, 2, 3]
+    assert not bank_layout(["x", "x", "y", None], ("x", "y"), "cpu").identity
+
+
+def test_rows_grouped_in_slot_order_are_not_gathered(monkeypatch):
+    import lorakit.mixed
+
+    m = tiny_llama()
+    for name, r in (("p", 2), ("q", 3)):
+        inject(m, LoRAConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False), name)
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)  # the bank's slots, not the dense form
+    gathers = []
+    gathered = lorakit.mixed.RowRouter.gathered
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "gathered", lambda *a: gathers.append(1) or gathered(*a))
+    torch.manual_seed(11)
+    ids = torch.randint(0, 64, (4, 3))
+    names = ["p", "p", "q", "q"]
+    refs = {n: _single(m, n, ids) for n in ("p", "q")}
+    with mixed_batch(m, names), torch.no_grad():
+        out = m(ids).logits
+    assert gathers == []
+    for i, n in enumerate(names):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
 
 
 def _generate(model, ids, **kw):

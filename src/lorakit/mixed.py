@@ -280,11 +280,15 @@ class RowRouter:
         slots as they lie. Results go back to their rows with one gather through ``inverse`` (on CPU
         far cheaper than a scatter); rows without an adapter here point at an appended zero row."""
         k, length = a_t.shape[0], layout.length
-        xs = self.gathered(x, layout.index).reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        xs = x if layout.identity else self.gathered(x, layout.index)  # rows grouped by slot already: no copy
+        xs = xs.reshape(k, -1, x.shape[-1]).to(a_t.dtype)
         keep = layout.keep
         if keep is not None:
             keep = keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
         delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *x.shape[1:-1], -1).to(out.dtype)
+        if layout.identity:
+            out.add_(delta)
+            return
         if not layout.complete:
             delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row k·L: no adapter here
         out.add_(delta.index_select(0, layout.inverse))

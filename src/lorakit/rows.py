@@ -58,13 +58,15 @@ class BankLayout:
     """Rows of one plan laid out over a bank's S slots: ``index`` int64 (S·L,), the batch row in
     each slot position (padding repeats a row); ``keep`` float (S, L, 1, 1), 0 at padding, or None;
     ``inverse`` int64 (N,), each row's position, or S·L (a zero row) for rows without an adapter here;
-    ``complete``: no such row (no zero row needed)."""
+    ``complete``: no such row (no zero row needed); ``identity``: ``index`` is ``arange(N)`` (rows
+    already grouped by slot, in slot order, none padded: nothing to gather)."""
 
     index: torch.Tensor
     keep: torch.Tensor | None
     inverse: torch.Tensor
     length: int
     complete: bool = False
+    identity: bool = False
 
 
 def bank_layout(names: list, slots: tuple, device) -> BankLayout:
@@ -84,5 +86,6 @@ def bank_layout(names: list, slots: tuple, device) -> BankLayout:
                 inverse[rows[n][t]] = j * length + t
     keep_t = None if all(keep) else torch.tensor(keep, device=device).view(len(slots), length, 1, 1)
     complete = max(inverse) < len(slots) * length  # every row has an adapter in the bank
+    identity = keep_t is None and index == list(range(len(names)))
     return BankLayout(torch.tensor(index, device=device), keep_t, torch.tensor(inverse, device=device), length,
-                      complete)
+                      complete, identity)
