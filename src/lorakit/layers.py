@@ -70,6 +70,7 @@ class LoRALayer(AdapterModule):
         self._bank: AdapterBank | None = None  # built on first use by a mixed batch
         self._hot = None  # HotBank (lorakit.hot): the last mixes' adapters, when many more are resident (mixed)
         self._held: tuple | None = None  # (adapters version, segments, segments held) of the last mix (mixed)
+        self._names: tuple | None = None  # (adapters version, names held, DoRA / lora_bias adapters) (mixed)
 
     @classmethod
     def from_base(cls, base_layer: nn.Module) -> "LoRALayer":

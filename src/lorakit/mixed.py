@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import dora, lora_bias
-from .adapter import adapter_key, masked_bypass_, stacked_bypass
+from .adapter import masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
 from .hot import HotBank
 from .rows import BankLayout, RowPlan, bank_layout, plan_rows
@@ -64,14 +64,20 @@ def _held_segments(layer, segments: tuple) -> tuple[tuple, tuple, tuple]:
     """The ``(name, start, end)`` segments of adapters ``layer`` holds, and among them ``(adapter, start,
     end)`` of its DoRA adapters and of those with a ``lora_bias`` (the rows the plain bypass leaves
     unfinished). The last answer is kept on the layer, so the next mix with the same segments (same
-    adapters, same row counts) costs one comparison, and any new mix a lookup per adapter."""
+    adapters, same row counts) costs one comparison, and any new mix set lookups only."""
+    version = layer._adapters_version
     seen = layer._held
-    if seen is None or seen[0] != layer._adapters_version or seen[1] != segments:
-        held = layer.adapters._modules
-        mine = tuple((seg, ad) for seg, ad in ((seg, held.get(adapter_key(seg[0]))) for seg in segments) if ad is not None)
-        dora_segs = tuple((ad, s, e) for (_, s, e), ad in mine if ad.use_dora)
-        biased = tuple((ad, s, e) for (_, s, e), ad in mine if ad.lora_B_bias is not None)
-        layer._held = seen = (layer._adapters_version, segments, (tuple(seg for seg, _ in mine), dora_segs, biased))
+    if seen is None or seen[0] != version or seen[1] != segments:
+        names = layer._names
+        if names is None or names[0] != version:  # per set of adapters: what it holds, which need more
+            ads = list(layer.adapters.values())
+            layer._names = names = (version, frozenset(ad.name for ad in ads),
+                                    {ad.name: ad for ad in ads if ad.use_dora or ad.lora_B_bias is not None})
+        mine = tuple(seg for seg in segments if seg[0] in names[1])
+        special = [(names[2][n], s, e) for n, s, e in mine if n in names[2]] if names[2] else []
+        dora_segs = tuple(seg for seg in special if seg[0].use_dora)
+        biased = tuple(seg for seg in special if seg[0].lora_B_bias is not None)
+        layer._held = seen = (version, segments, (mine, dora_segs, biased))
     return seen[2]
 
 
