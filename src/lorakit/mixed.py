@@ -97,7 +97,8 @@ class _Route:
     a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the
     bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r),
     ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots) and
-    ``hot_segments()`` (the same over the layer's ``HotBank``: the mix's adapters only)."""
+    ``hot_segments()`` (the same over the layer's ``HotBank``: the mix's adapters only), the latter
+    when ``sparse``: the layer holds more than ``BANK_SPARE`` times the mix's adapters."""
 
     __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "sparse", "dora", "biased", "_bank", "_banked",
                  "_hotted", "_columns")
@@ -154,7 +155,7 @@ class _Route:
     def slots_fit(self) -> bool:
         """Whether the slots' padded rows are at most twice the rows (else one pair per adapter is cheaper)."""
         a_t, _, layout = self.slot_segments()
-        return a_t.shape[0] * layout.length <= 2 * (self.plan.perm.numel() or 1)
+        return a_t.shape[0] * layout.length <= 2 * sum(e - s for _, s, e in self.segments)
 
 
 def _rescale_dora_rows_(layer, ad, out: torch.Tensor, rows: torch.Tensor) -> None:
@@ -264,8 +265,9 @@ class RowRouter:
         return self._layouts[key]
 
     def _add_decode(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> bool:
-        """The decoding-sized forms (see ``DENSE_COLUMNS``): the bank's adapters masked, or the bank's
-        slots in one batched matmul pair. Returns False, adding nothing, when neither applies."""
+        """The decoding-sized forms (see ``DENSE_COLUMNS``, ``BANK_SPARE``): the bank's adapters masked,
+        or the slots (the bank's, or the hot ones when ``route.sparse``) in one batched matmul pair.
+        Returns False, adding nothing, when neither applies."""
         tokens = x.numel() // x.shape[-1]
         if not route.sparse:  # with many more resident than in the batch, the mix's own, in hot slots
             columns = route.columns()
