@@ -29,3 +29,14 @@ def llama():
 def ids():
     torch.manual_seed(1)
     return torch.randint(0, 64, (2, 7))
+
+
+def alone_logits(model, name, ids):
+    """The logits of ``ids`` with only adapter ``name`` active (None: the base model, adapters disabled)."""
+    import lorakit
+
+    if name is None:
+        with lorakit.disable_adapters(model):
+            return model(ids).logits
+    lorakit.set_adapter(model, name)
+    return model(ids).logits

@@ -13,7 +13,7 @@ import lorakit.mixed
 from lorakit import LoRAConfig, disable_adapters, inject, mixed_batch, set_adapter
 from lorakit.hot import HotBank
 from lorakit.layers import LoRALinear
-from conftest import tiny_llama
+from conftest import alone_logits, tiny_llama
 
 
 def _layer(n: int = 6) -> LoRALinear:
@@ -82,14 +82,6 @@ def _many(resident: int = 9):
     return m
 
 
-def _alone(model, name, ids):
-    if name is None:
-        with disable_adapters(model):
-            return model(ids).logits
-    set_adapter(model, name)
-    return model(ids).logits
-
-
 @pytest.mark.parametrize("beams", [1, 2])
 def test_generation_over_hot_slots_equals_each_adapter_alone(beams, monkeypatch):
     model = _many()
@@ -129,7 +121,7 @@ def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
     layers = [layer for _, layer in lorakit.lora_layers(model)]
 
     def rows_equal_alone(names):
-        refs = {n: _alone(model, n, ids) for n in set(names)}
+        refs = {n: alone_logits(model, n, ids) for n in set(names)}
         with mixed_batch(model, names), torch.no_grad():
             out = model(ids).logits
         for i, n in enumerate(names):

@@ -9,7 +9,7 @@ from lorakit import (
     AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
     merge, mixed_batch, set_adapter,
 )
-from conftest import tiny_llama
+from conftest import alone_logits as _single, tiny_llama
 
 
 @pytest.fixture
@@ -19,14 +19,6 @@ def model():
     inject(m, LoRAConfig(r=2, lora_alpha=4, use_rslora=True, target_modules="all-linear", init_lora_weights=False), "b")
     inject(m, LoRAConfig(r=3, lora_alpha=6, target_modules=["o_proj"], init_lora_weights=False), "c.d")
     return m
-
-
-def _single(model, name, ids):
-    if name is None:
-        with disable_adapters(model):
-            return model(ids).logits
-    set_adapter(model, name)
-    return model(ids).logits
 
 
 FORMS = {  # (DENSE_COLUMNS, DENSE_WORK, BANK_ROWS) that select each form of a batched layer
