@@ -40,3 +40,14 @@ def alone_logits(model, name, ids):
             return model(ids).logits
     lorakit.set_adapter(model, name)
     return model(ids).logits
+
+
+def assert_rows_equal_alone(model, names, ids, grad: bool = False):
+    """Under ``mixed_batch(model, names)``, row i of the logits equals adapter ``names[i]`` alone (1e-5)."""
+    import lorakit
+
+    refs = {n: alone_logits(model, n, ids) for n in set(names)}
+    with lorakit.mixed_batch(model, names), torch.set_grad_enabled(grad):
+        out = model(ids).logits
+    for i, n in enumerate(names):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)

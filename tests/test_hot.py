@@ -13,7 +13,7 @@ import lorakit.mixed
 from lorakit import LoRAConfig, disable_adapters, inject, mixed_batch, set_adapter
 from lorakit.hot import HotBank
 from lorakit.layers import LoRALinear
-from conftest import alone_logits, tiny_llama
+from conftest import alone_logits, assert_rows_equal_alone, tiny_llama
 
 
 def _layer(n: int = 6) -> LoRALinear:
@@ -121,11 +121,7 @@ def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
     layers = [layer for _, layer in lorakit.lora_layers(model)]
 
     def rows_equal_alone(names):
-        refs = {n: alone_logits(model, n, ids) for n in set(names)}
-        with mixed_batch(model, names), torch.no_grad():
-            out = model(ids).logits
-        for i, n in enumerate(names):
-            torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+        assert_rows_equal_alone(model, names, ids)
 
     rows_equal_alone(["t1", "t5", None, "t1"])
     assert seen and max(seen) == 2  # two hot slots per layer, not nine bank slots

@@ -9,7 +9,7 @@ from lorakit import (
     AdapterNotFoundError, LoRAConfig, MergeStateError, MixedBatchError, active_adapters, disable_adapters, inject,
     merge, mixed_batch, set_adapter,
 )
-from conftest import alone_logits as _single, tiny_llama
+from conftest import alone_logits as _single, assert_rows_equal_alone, tiny_llama
 
 
 @pytest.fixture
@@ -216,11 +216,7 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
     ids = torch.randint(0, 64, (4, 6))
 
     def check(names):
-        refs = {n: _single(model, n, ids) for n in set(names)}
-        with mixed_batch(model, names), torch.no_grad():
-            out = model(ids).logits
-        for i, n in enumerate(names):
-            torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+        assert_rows_equal_alone(model, names, ids)
 
     copy, copies = lorakit.hot.HotBank._copy, []
     monkeypatch.setattr(lorakit.hot.HotBank, "_copy", lambda *a: copies.append(1) or copy(*a))
