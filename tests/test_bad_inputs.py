@@ -231,7 +231,7 @@ ADAPTER_CASES = [
      ["{W}", A_KEY, "NaN", "[1, 3]"]),
     ("weight-inf", lambda p: _set_value(p, B_KEY, (5, 0), -math.inf), AdapterLoadError,
      ["{W}", B_KEY, "Inf", "[5, 0]"]),
-    ("pickle-bin", _pickle_bin, AdapterLoadError, ["{W}", "adapter_model.bin", "pickle"]),
+    ("pickle-bin", _pickle_bin, AdapterLoadError, ["adapter_model.bin", "pickle", "weights_only=True"]),
     ("config-not-json", lambda p: (p / "adapter_config.json").write_text('{\n  "r": 2,\n  lora_alpha: 4\n}\n'),
      AdapterLoadError, ["{C}", "not valid JSON", "line 3"]),
     ("config-not-utf8", lambda p: (p / "adapter_config.json").write_bytes(b'{"r": 2, "task_type": "caf\xe9"}'),
@@ -295,10 +295,13 @@ def test_adapter_file(good_adapter, tmp_path, damage, error, fragments, into):
     assert not (tmp_path / "UNPICKLED").exists()  # the pickle case: never unpickled
 
 
-def test_read_adapter_refuses_pickle_without_unpickling(good_adapter, tmp_path):
+@pytest.mark.parametrize("allow_pickle", [True, False])
+def test_read_adapter_refuses_pickle_without_unpickling(good_adapter, tmp_path, allow_pickle):
+    """A pickle holding an object that runs code: refused unread (``allow_pickle=False``, the server), or by
+    ``torch.load(weights_only=True)``'s restricted unpickler before the object is built."""
     path = _damaged(good_adapter, tmp_path, _pickle_bin)
     with pytest.raises(AdapterLoadError) as e:
-        lorakit.read_adapter(path)
+        lorakit.read_adapter(path, allow_pickle=allow_pickle)
     assert_mentions(one_line(e.value), ["adapter_model.bin", "pickle"])
     assert not (tmp_path / "UNPICKLED").exists()
     pickle.loads((path / "adapter_model.bin").read_bytes())  # the marker works: unpickling does create it

@@ -79,6 +79,26 @@ def test_peft_state_dict_with_adapter_name_infixes_loads(tmp_path):
     torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
 
 
+def test_peft_pickle_adapter_loads_and_the_server_path_refuses_it(tmp_path):
+    """``save_pretrained(safe_serialization=False)`` writes ``adapter_model.bin``: it loads as PEFT loads it
+    (``torch.load(weights_only=True)``), with PEFT's outputs; ``allow_pickle=False`` refuses it unread."""
+    build, x, *_ = FAMILIES["llama"]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False)).eval()
+    expected = out(pm, x).detach()
+    pm.save_pretrained(tmp_path / "p", safe_serialization=False)
+    assert (tmp_path / "p" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "p" / "adapter_model.safetensors").exists()
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "p")
+    torch.testing.assert_close(out(model, x), expected, atol=TOL, rtol=0)
+    with pytest.raises(AdapterLoadError, match="adapter_model.bin is not loaded here"):
+        lorakit.read_adapter(tmp_path / "p", allow_pickle=False)
+    torch.save([torch.zeros(2)], tmp_path / "p" / "adapter_model.bin")  # a pickle, but not a dict of tensors
+    with pytest.raises(AdapterLoadError, match="holds list, not a dict of tensors"):
+        lorakit.read_adapter(tmp_path / "p")
+
+
 # --- hand-made files in legacy layouts -------------------------------------------------------------
 
 

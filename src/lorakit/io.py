@@ -37,6 +37,7 @@ from .tree import STATE_ATTR, activate, adapter_modules, drop_state, is_merged, 
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # PEFT's older (and safe_serialization=False) weights file
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # adapter weight dtypes that load
 
 
@@ -103,11 +104,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter folder without touching any model.
 
-    Returns ``(config, tensors)``. Safetensors only: a pickle ``adapter_model.bin``
-    is refused, never unpickled.
+    Returns ``(config, tensors)``. The weights come from ``adapter_model.safetensors``, or, as PEFT
+    reads older adapters, from a PyTorch ``adapter_model.bin`` through
+    ``torch.load(weights_only=True)``: its restricted unpickler builds tensors and plain containers
+    only and refuses any other object, so no code in the file runs. ``allow_pickle=False`` (the
+    server) refuses a ``.bin`` unread.
 
     Adapter weights must be finite: a NaN or Inf anywhere is refused (the file, key and first
     index named), never loaded or only warned about, since it would make every output NaN.
@@ -123,18 +127,21 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.T
     path = Path(path)
     if not path.is_dir():
         raise AdapterLoadError(f"adapter folder {str(path)!r} does not exist")
-    cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    cfg_file, w_file, bin_file = path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME
     if not cfg_file.is_file():
         raise AdapterLoadError(f"{str(cfg_file)!r} is missing")
-    if not w_file.is_file():
-        hint = " (pickle adapter_model.bin is not loaded for safety)" if (path / "adapter_model.bin").exists() else ""
+    if not w_file.is_file() and not (allow_pickle and bin_file.is_file()):
+        hint = " (pickle adapter_model.bin is not loaded here, for safety)" if bin_file.exists() else ""
         raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
     config = _read_config(cfg_file)
-    _check_header(w_file)
-    try:
-        tensors = load_file(w_file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
+    if w_file.is_file():
+        _check_header(w_file)
+        try:
+            tensors = load_file(w_file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
+    else:
+        w_file, tensors = bin_file, _load_pickle(bin_file)
     for k, t in tensors.items():
         if t.is_floating_point() and t.dtype not in FLOATS:
             raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
@@ -178,6 +185,26 @@ def _read_config(cfg_file: Path) -> LoRAConfig:
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                 "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _load_pickle(w_file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``adapter_model.bin``, unpickled with ``weights_only=True``.
+
+    Raises:
+        AdapterLoadError: the file holds anything but a dict of tensors (the restricted unpickler
+            refuses objects of other classes before building them), or is not a PyTorch file.
+    """
+    try:
+        state = torch.load(w_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0].split(". ")[0])
+        raise AdapterLoadError(f"{str(w_file)!r} is not a PyTorch pickle of tensors that "
+                               f"torch.load(weights_only=True) accepts: {why}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                              for k, t in state.items()):
+        raise AdapterLoadError(f"{str(w_file)!r} (a pickle) holds {type(state).__name__}, not a dict of tensors")
+    return state
 
 
 def _check_header(w_file: Path) -> None:

@@ -78,7 +78,7 @@ class Registry:
         """``(config, tensors)`` of an adapter folder, after the server's own checks: PEFT
         safetensors only, and, when lorakit.json names a base model, this server's."""
         try:
-            config, tensors = read_adapter(path)
+            config, tensors = read_adapter(path, allow_pickle=False)  # never unpickle what a request names
         except AdapterLoadError as e:
             raise ServeError(400, str(e), param, code="invalid_adapter") from None
         try:
