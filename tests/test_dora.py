@@ -274,6 +274,21 @@ def test_cached_norm_follows_in_place_updates_of_a_b_and_w():
         torch.testing.assert_close(layer(x), want + layer.base_layer.bias.detach(), rtol=0, atol=1e-12)
 
 
+def test_norm_cached_under_inference_mode_then_a_backward_in_eval_mode():
+    """A forward under torch.inference_mode caches the norm as an inference tensor; the next forward with
+    gradients (still in eval mode, so nothing clears the cache) recomputes it and its backward gives
+    the hand formula's gradient of m (new user's report: it raised 'Inference tensors cannot be saved')."""
+    model, x, layer, ad = _eval_dora_mlp(8)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).square().sum().backward()
+    w, a, b = layer.base_layer.weight.detach(), ad.lora_A.detach(), ad.lora_B.detach()
+    m = ad.lora_magnitude_vector.detach().clone().requires_grad_()
+    v = w + 2.0 * b @ a
+    (x @ (m[:, None] * v / v.norm(dim=1, keepdim=True)).T + layer.base_layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(ad.lora_magnitude_vector.grad, m.grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("rows", [["d1", "plain", None, "d2", "d1"], ["d1", "d1", "d2", "d2", "plain"], ["d2"] * 3])
 def test_mixed_batch_rows_of_dora_adapters_equal_peft_with_that_adapter_set(rows, tmp_path):
     """PEFT refuses adapter_names with DoRA; lorakit's rows each equal PEFT's output with the row's adapter."""

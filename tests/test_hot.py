@@ -132,3 +132,19 @@ def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
         for layer in layers:
             layer.lora_weights("t5")[0].add_(0.25)  # t5 trains in place between blocks
     rows_equal_alone(["t8", "t5", "t5", None])
+
+
+def test_slots_made_under_inference_mode_take_later_changes_without_it(monkeypatch, tmp_path):
+    """A block under torch.inference_mode builds the bank and the hot slots; the next blocks, under
+    no_grad, copy other adapters in and rewrite a changed one in place (new user's report)."""
+    model = _many()
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
+    torch.manual_seed(10)
+    ids = torch.randint(1, 64, (4, 1))
+    with mixed_batch(model, ["t1", "t2", "t1", None]), torch.inference_mode():
+        model(ids)
+    assert_rows_equal_alone(model, ["t1", "t3", "t3", None], ids)  # t3 copied into a slot, outside inference mode
+    with torch.no_grad():
+        for _, layer in lorakit.lora_layers(model):
+            layer.lora_weights("t1")[1].mul_(-2.0)  # the bank's slot and the hot copy are rewritten
+    assert_rows_equal_alone(model, ["t1", "t3", None, "t1"], ids)

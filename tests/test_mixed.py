@@ -239,13 +239,16 @@ def test_resident_adapters_are_stacked_once_and_follow_changes(model, monkeypatc
     assert len(stacks) == built + model.config.num_hidden_layers  # q_proj of each block, once
 
 
-def test_changing_adapters_inside_a_block_or_a_batchless_input_is_refused(model):
+def test_changing_adapters_inside_a_block_or_a_batchless_input_is_refused(model, tmp_path):
     ids = torch.randint(0, 64, (2, 5))
+    lorakit.save_adapter(model, tmp_path / "a", adapter_name="a")
     with mixed_batch(model, ["a", "b"]):
         with pytest.raises(MixedBatchError, match="delete adapter 'b' inside mixed_batch"):
             lorakit.delete_adapter(model, "b")
         with pytest.raises(MixedBatchError, match="inside mixed_batch"):
             inject(model, LoRAConfig(r=2, target_modules=["q_proj"]), "late")
+        with pytest.raises(MixedBatchError, match="cannot load adapter 'a' inside mixed_batch"):
+            lorakit.load_adapter(model, tmp_path / "a", adapter_name="a")  # over an existing name, too
     assert lorakit.list_adapters(model) == ["a", "b", "c.d"]
     layer = model.model.layers[0].self_attn.q_proj
     with mixed_batch(model, ["a", "b"]):

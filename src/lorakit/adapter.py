@@ -270,7 +270,9 @@ class AdapterBank:
         Raises:
             KeyError: a name the layer does not hold.
         """
-        with torch.no_grad():  # a block, not a decorator: mutation testing (mutmut) skips decorated functions
+        # a block, not a decorator: mutation testing (mutmut) skips decorated functions. Not an inference
+        # tensor even under torch.inference_mode: a later block without it writes the slots in place
+        with torch.inference_mode(False), torch.no_grad():
             self._sync(adapters, version, names, dtype)
 
     def _sync(self, adapters, version, names, dtype) -> None:

@@ -61,7 +61,8 @@ class NormCache:
         """The cached norm, or ``compute()`` (run without grad) when ``tensors`` or ``extra`` changed."""
         stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + extra
         same = len(tensors) == len(self._tensors) and all(x is y for x, y in zip(tensors, self._tensors))
-        if self._norm is None or not same or stamp != self._stamp:
+        stale = self._norm is None or (self._norm.is_inference() and not torch.is_inference_mode_enabled())
+        if stale or not same or stamp != self._stamp:  # an inference tensor cannot be saved for backward
             with torch.no_grad():  # detached (§4.3): no gradient flows through the norm
                 self._norm = compute()
             self._tensors, self._stamp = tensors, stamp

@@ -47,6 +47,12 @@ class HotBank:
     def admit(self, bank, names: Sequence[str]) -> tuple:
         """Make every adapter in ``names`` (held by ``bank``, its slots current) hot; returns the slot
         names, a tuple (C,) shared by every layer whose slots hold the same adapters."""
+        # the slots are never inference tensors, even when admitted under torch.inference_mode: a later
+        # block without it writes them in place
+        with torch.inference_mode(False), torch.no_grad():
+            return self._admit(bank, names)
+
+    def _admit(self, bank, names: Sequence[str]) -> tuple:
         self._tick += 1
         if self.a_t is None or not _fits(self.a_t, bank.a_t) or not _fits(self.b_t, bank.b_t):
             self._reset(bank, 0)
@@ -72,9 +78,8 @@ class HotBank:
     def _copy(self, bank, missing: list[str], slots: list[int]) -> None:
         device = str(self.a_t.device)
         dst, src = _index(tuple(slots), device), _index(tuple(bank.slots[n] for n in missing), device)
-        with torch.no_grad():
-            self.a_t.index_copy_(0, dst, bank.a_t.index_select(0, src))
-            self.b_t.index_copy_(0, dst, bank.b_t.index_select(0, src))
+        self.a_t.index_copy_(0, dst, bank.a_t.index_select(0, src))
+        self.b_t.index_copy_(0, dst, bank.b_t.index_select(0, src))
         for j, n in zip(slots, missing):
             self.names[j], self._gen[j], self._used[j] = n, bank.slot_gen[bank.slots[n]], self._tick
         self.copies += len(missing)
@@ -97,8 +102,7 @@ class HotBank:
 @functools.lru_cache(maxsize=1024)
 def _index(ids: tuple[int, ...], device: str) -> torch.Tensor:
     """``ids`` as an int64 tensor, shared by every layer that copies the same slots (never written to)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor(ids, dtype=torch.long, device=device)
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def _fits(hot: torch.Tensor, bank: torch.Tensor) -> bool:

@@ -30,7 +30,9 @@ from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
 from .durable import read_utf8, write_atomic, write_json
-from .errors import AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, SaveError
+from .errors import (
+    AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, MixedBatchError, SaveError,
+)
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
 from .tree import STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state, set_submodule
@@ -334,11 +336,14 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
     Same checks and guarantees as ``load_adapter``; ``source`` names the file in errors.
 
     Raises:
-        AdapterLoadError, TargetModuleError, MergeStateError: as ``load_adapter``.
+        AdapterLoadError, TargetModuleError, MergeStateError, MixedBatchError: as ``load_adapter``.
     """
     check_adapter_name(adapter_name)
     if is_merged(model):
         raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
+    state = vars(model).get(STATE_ATTR)
+    if state is not None and state.rows is not None:  # the block's routes hold the factors it started with
+        raise MixedBatchError(f"cannot load adapter {adapter_name!r} inside mixed_batch; load it before the block")
     weights = str(source)
     existed = adapter_name in list_adapters(model)
     if existed and _comparable(model_state(model).configs[adapter_name]) != _comparable(config):
