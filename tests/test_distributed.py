@@ -1,9 +1,11 @@
 """Training on 2 processes with real torchrun (gloo on CPU): 2 ranks × batch b equal 1 process × batch
 2b, the ranks end bitwise equal, several adapters and adapters without a gradient on a rank train,
-``--nproc`` starts torchrun itself, and a 2-rank run killed with SIGKILL resumes bit for bit."""
+``--nproc`` starts torchrun itself, and a 2-rank run killed with SIGKILL resumes bit for bit, with DDP
+and with FSDP (whose checkpoints hold the whole adapter and optimizer state, not rank 0's shards)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,9 +85,15 @@ def metrics(folder):
 
 
 @pytest.fixture(scope="module")
-def one_process(world):
-    p = run(lorakit(*train_args("one", 4)), world)
+def one_process(world):  # checkpoints at 30 and 60: the unsharded anchor of the FSDP checkpoints' contents
+    p = run(lorakit(*train_args("one", 4, "--save-every", 30)), world)
     return world / "one", p.stdout
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(world):
+    run(lorakit(*train_args("fsdp", 2, "--nproc", 2, "--fsdp", "--save-every", 30)), world)
+    return world / "fsdp"
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(world, two_ranks, one_process):
@@ -184,12 +192,11 @@ def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step(world):
     assert err.count("resume with:") == 1  # rank 0 speaks for all
 
 
-def test_fsdp_adapter_reloaded_in_one_process_gives_the_unsharded_outputs(world, one_process):
+def test_fsdp_adapter_reloaded_in_one_process_gives_the_unsharded_outputs(world, one_process, fsdp_run):
     from lorakit import load_adapter
     from transformers import AutoModelForCausalLM
 
-    run(lorakit(*train_args("fsdp", 2, "--nproc", 2, "--fsdp")), world)
-    one, fsdp = one_process[0], world / "fsdp"
+    one, fsdp = one_process[0], fsdp_run
     a, b = load_file(one / "adapter_model.safetensors"), load_file(fsdp / "adapter_model.safetensors")
     assert set(a) == set(b) and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # whole, not a shard
     ids = torch.randint(0, 200, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -205,14 +212,77 @@ def test_fsdp_adapter_reloaded_in_one_process_gives_the_unsharded_outputs(world,
     assert [r["step"] for r in metrics(fsdp)] == list(range(1, STEPS + 1))
 
 
-def test_fsdp_needs_several_processes_and_no_checkpoints(world):
+def _tiny_causal_lm(world):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(world / "model").eval()
+
+
+def test_fsdp_checkpoint_holds_the_whole_adapter_and_optimizer_state(world, one_process, fsdp_run):
+    """The shard trap: a checkpoint of rank 0's shards would reload with half of every lora_B row block
+    at its initial zeros and half the optimizer moments missing or wrong."""
+    from lorakit import load_adapter
+    from lorakit.io import adapter_state_dict
+
+    one = one_process[0]
+    for step in (30, 60):
+        model = _tiny_causal_lm(world)  # one process, no sharding: what a user reloads
+        load_adapter(model, fsdp_run / f"checkpoint-{step}")
+        got = adapter_state_dict(model)
+        ref = load_file(one / f"checkpoint-{step}" / "adapter_model.safetensors")  # the unsharded run's
+        assert set(got) == set(ref) and len(got) == 28
+        assert max(float((got[k] - ref[k]).abs().max()) for k in ref) < 1e-5
+        lora_b = [k for k in got if "lora_B" in k]  # initialised to 0: every row trained means no shard left behind
+        assert len(lora_b) == 14 and all(bool((got[k].abs().amax(dim=1) > 1e-4).all()) for k in lora_b)
+        opt, opt_ref = (load_file(f / f"checkpoint-{step}" / "optimizer.safetensors") for f in (fsdp_run, one))
+        assert set(opt) == set(opt_ref) and len(opt) == 3 * 28
+        for k in opt_ref:
+            assert opt[k].shape == opt_ref[k].shape, k  # whole, not a shard
+            # float rounding of the gradient's reduction only (measured: relative error <= 1e-6)
+            assert float((opt[k] - opt_ref[k]).norm()) <= 1e-5 * float(opt_ref[k].norm()) and opt_ref[k].any(), k
+    final = load_file(fsdp_run / "adapter_model.safetensors")  # gathered by unsharding, not by the checkpoint code
+    last = load_file(fsdp_run / "checkpoint-60" / "adapter_model.safetensors")
+    assert set(final) == set(last) and all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_fsdp_sigkill_then_resume_is_byte_identical(world, fsdp_run):
+    out = world / "fsdp-killed"
+    p = subprocess.Popen(lorakit(*train_args(out.name, 2, "--nproc", 2, "--fsdp", "--save-every", 7)), cwd=world,
+                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint-7").is_dir():
+        assert p.poll() is None and time.monotonic() < deadline, "no checkpoint-7"
+        time.sleep(0.003)
+    procs = [p.pid, *descendants(p.pid)]
+    for pid in procs:
+        os.kill(pid, signal.SIGKILL)
+    p.wait(timeout=TIMEOUT)
+    for pid in procs[1:]:
+        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            assert time.monotonic() < deadline, f"worker {pid} outlived SIGKILL"
+            time.sleep(0.01)
+    newest = ckpt.steps_in(out)[-1][0]
+    assert newest < STEPS and not (out / "adapter_model.safetensors").exists()
+    doc = ckpt.latest(out)[1]
+    assert doc["config"]["world_size"] == 2 and len(doc["rng"]) == 2 and doc["config"]["run"]["options"]["fsdp"]
+    res = run(lorakit("train", "--resume", out.name, "--no-progress"), world)
+    assert f"checkpoint-{newest} (step {newest} of {STEPS})" in res.stdout and "(FSDP)" in res.stdout
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / name).read_bytes() == (fsdp_run / name).read_bytes(), name
+    assert [(r["step"], r["loss"]) for r in metrics(out)] == [(r["step"], r["loss"]) for r in metrics(fsdp_run)]
+
+
+def test_fsdp_needs_several_processes_also_to_resume(world, fsdp_run):
     p = subprocess.run(lorakit(*train_args("fsdp1", 2, "--fsdp")), cwd=world, env=env(), capture_output=True,
                        text=True, timeout=TIMEOUT)
-    assert p.returncode == 1 and "--fsdp shards the model across processes" in p.stderr
-    p = subprocess.run(lorakit(*train_args("fsdp1", 2, "--fsdp", "--nproc", 2, "--save-every", 5)), cwd=world,
-                       env=env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 2 and "--fsdp does not write or resume checkpoints yet" in p.stderr
+    assert p.returncode == 1 and "--fsdp shards the model across processes: add --nproc N" in p.stderr
     assert not (world / "fsdp1").exists()
+    (world / "fsdp-refuse").mkdir()
+    shutil.copytree(fsdp_run / "checkpoint-30", world / "fsdp-refuse" / "checkpoint-30")
+    p = subprocess.run(lorakit("train", "--resume", "fsdp-refuse", "--nproc", 1), cwd=world, env=env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr, p.stderr
+    assert sorted(x.name for x in (world / "fsdp-refuse").iterdir()) == ["checkpoint-30"]
 
 
 def test_sigterm_to_the_nproc_launcher_reaches_the_workers(world):

@@ -175,6 +175,22 @@ def test_save_to_a_file_path_is_refused(saved):
     assert target.read_bytes() == b"keep me"
 
 
+def test_save_with_given_tensors_writes_them_and_refuses_other_keys(saved, tmp_path):
+    model, path = saved
+    own = load_file(path / "adapter_model.safetensors")
+    given = {k: torch.full_like(t, float(i)) for i, (k, t) in enumerate(sorted(own.items()))}
+    save_adapter(model, tmp_path / "given", tensors=given)
+    written = load_file(tmp_path / "given" / "adapter_model.safetensors")
+    assert set(written) == set(own) and all(torch.equal(written[k], given[k]) for k in own)
+    assert (tmp_path / "given" / "adapter_config.json").read_bytes() == (path / "adapter_config.json").read_bytes()
+    first = sorted(own)[0]
+    for bad, why in (({k: t for k, t in given.items() if k != first}, "missing"),
+                     (given | {"base_model.model.extra.lora_A.weight": torch.zeros(1)}, "not in the adapter")):
+        with pytest.raises(lorakit.errors.SaveError, match=why):
+            save_adapter(model, tmp_path / "bad", tensors=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("offset, ok", [(0.0, True), (1e-3, False)])
 def test_full_base_weight_copy_in_the_file_must_equal_the_model(saved, ids, offset, ok):
     """PEFT's save_embedding_layers writes ``<module>.base_layer.weight``: accepted only when it is the model's weight."""

@@ -70,6 +70,18 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in adapter_tensors(model, adapter_name).items()}
 
 
+def _given(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` as ``adapter_state_dict`` would give them, after checking they are the adapter's keys."""
+    if adapter_name not in list_adapters(model):
+        raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list_adapters(model)}")
+    own = set(adapter_tensors(model, adapter_name))
+    odd = sorted(own ^ set(tensors))
+    if odd:
+        raise SaveError(f"tensors for adapter {adapter_name!r} do not match its keys: {odd[0]!r} "
+                        f"({'missing' if odd[0] in own else 'not in the adapter'}); nothing written")
+    return {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
+
+
 def _config_dict(model: nn.Module, adapter_name: str) -> dict:
     config: LoRAConfig = model_state(model).configs[adapter_name]
     d = config.to_dict()
@@ -83,22 +95,29 @@ def _config_dict(model: nn.Module, adapter_name: str) -> dict:
     return d
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default",
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write adapter ``adapter_name`` to folder ``path`` in PEFT's format.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter
     weights only, in their own dtype), each atomically (temp file, fsync, rename).
     The folder is created if needed. Returns the folder path.
 
+    Args:
+        tensors: the values to write instead of the model's own, under the adapter's PEFT keys
+            (every key of ``adapter_state_dict``, no other): e.g. the whole tensors gathered from
+            the shards of an FSDP-sharded model, whose own parameters hold one rank's part.
+
     Raises:
         AdapterNotFoundError: no adapter of that name.
-        SaveError (an OSError): ``path`` is an existing file (nothing is written).
+        SaveError (an OSError): ``path`` is an existing file, or ``tensors`` misses or adds a key
+            (first named; nothing is written).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SaveError(f"{str(path)!r} is a file; save_adapter writes a folder (adapter_config.json, "
                                  f"{WEIGHTS_NAME})")
-    state = adapter_state_dict(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name) if tensors is None else _given(model, adapter_name, tensors)
     config = _config_dict(model, adapter_name)
     path.mkdir(parents=True, exist_ok=True)
     write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

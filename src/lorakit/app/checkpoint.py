@@ -15,7 +15,9 @@ was, so that both end with byte-identical adapters:
 
 Nothing is unpickled on load: tensors come from safetensors, the rest from JSON. The folder is
 built beside its final name, fsynced and renamed (``files.write_folder``), so a crash at any
-instant leaves the previous checkpoints complete; only the newest ``keep`` are kept.
+instant leaves the previous checkpoints complete; only the newest ``keep`` are kept. An
+FSDP-sharded run writes the same files, with the whole tensors gathered from every rank's shards
+(``fsdp_state``), so its checkpoints load in one process like any other.
 """
 
 from __future__ import annotations
@@ -211,17 +213,21 @@ def check_covered(model) -> None:
                                   "checkpoints hold the adapters, so freeze it or train it as modules_to_save")
 
 
-def _optimizer_parts(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+def _optimizer_parts(opt: torch.optim.Optimizer, names: list[str], tensors: dict | None) -> tuple[dict, dict]:
+    """(JSON part, tensors) of the optimizer's state; ``tensors``: already gathered whole (FSDP)."""
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    if tensors is None:
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
     return {"param_groups": sd["param_groups"], "parameters": names}, tensors
 
 
 def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], state: TrainState,
-         data: dict, config: dict, rngs: list[tuple[dict, dict]]) -> Path:
+         data: dict, config: dict, rngs: list[tuple[dict, dict]], gathered: tuple[dict, dict] | None = None) -> Path:
     """Write ``ck.folder/checkpoint-STEP`` atomically, then drop all but the newest ``ck.keep``.
 
-    ``rngs``: each rank's ``rng_state()`` (one entry in a single process).
+    ``rngs``: each rank's ``rng_state()`` (one entry in a single process). ``gathered``: for a
+    sharded model, the whole adapters and optimizer tensors (``fsdp_state.gather``), written instead
+    of the model's and optimizer's own (one rank's shards).
 
     Raises:
         SaveError: the write failed (disk full, permission); the path is named, the temporary
@@ -229,12 +235,12 @@ def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], stat
     """
     dest = Path(ck.folder) / f"{PREFIX}{step}"
     rng_tensors = {f"rank{k}.{name}": t for k, (_, ts) in enumerate(rngs) for name, t in ts.items()}
-    opt_plain, opt_tensors = _optimizer_parts(opt, names)
+    opt_plain, opt_tensors = _optimizer_parts(opt, names, gathered[1] if gathered else None)
     active = active_adapters(model)
 
     def fill(tmp: Path) -> None:
         for name in active:
-            save_adapter(model, _adapter_folder(tmp, name), name)
+            save_adapter(model, _adapter_folder(tmp, name), name, gathered[0][name] if gathered else None)
         save_file(opt_tensors, str(tmp / OPTIMIZER), metadata={"format": "pt"})
         save_file(rng_tensors, str(tmp / RNG), metadata={"format": "pt"})
         files = {str(p.relative_to(tmp)): file_digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -265,9 +271,11 @@ def remove_partial(folder: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: dict, rank: int = 0) -> TrainState:
+def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: dict, rank: int = 0,
+            sharded: bool = False) -> TrainState:
     """Load a checkpoint (``latest``'s result) into the model, optimizer and scheduler; the generator
-    states to restore before the next step are rank ``rank``'s.
+    states to restore before the next step are rank ``rank``'s. ``sharded``: an FSDP model, every
+    rank calls this together and keeps its shards of the whole tensors (``fsdp_state.scatter``).
 
     Raises:
         CheckpointError: the configuration, adapters or parameters differ from the checkpoint's
@@ -280,12 +288,15 @@ def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: 
     if doc["optimizer"]["parameters"] != names:
         raise CheckpointError(f"{str(path)!r} trains other parameters than this model "
                               f"(first: {doc['optimizer']['parameters'][:1]} vs {names[:1]})")
-    active = active_adapters(model)
+    active, whole = active_adapters(model), {}
     try:
         for name in doc["adapters"]:
             src = _adapter_folder(path, name)
             cfg, tensors = read_adapter(src)
-            load_adapter_tensors(model, cfg, tensors, name, src)
+            if sharded:  # loaded below, into the shards
+                whole[name] = tensors
+            else:
+                load_adapter_tensors(model, cfg, tensors, name, src)
         opt_tensors, rng_tensors = load_file(str(path / OPTIMIZER)), load_file(str(path / RNG))
     except (AdapterLoadError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{str(path)!r}: {e}") from None
@@ -295,7 +306,12 @@ def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: 
     for key, t in opt_tensors.items():
         i, k = key.split(".", 1)
         state.setdefault(int(i), {})[k] = t
-    opt.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
+    if sharded:
+        from .fsdp_state import scatter
+
+        scatter(model, opt, whole, state, doc["optimizer"]["param_groups"], names, str(path))
+    else:
+        opt.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
     sched.load_state_dict(doc["scheduler"])
     return TrainState(step=doc["step"], skipped=doc["skipped_steps"], val_loss_start=doc["val_loss_start"],
                       history=doc["log_history"], extra=doc["extra"],

@@ -293,7 +293,10 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
     training, checkpoints while it runs (``resume``: the checkpoint to continue from and its state).
     Under torchrun every rank trains its share; rank 0 alone evaluates, prints and writes."""
     if o.fsdp and not distributed.launched():
-        raise CLIError("--fsdp shards the model across processes: add --nproc N (N > 1) or run under torchrun")
+        world = resume[1]["config"].get("world_size") if resume is not None else None
+        raise CLIError("--fsdp shards the model across processes: " + (
+            f"the run was checkpointed by {world} processes; resume it on as many, world_size ({world} -> 1)"
+            if world else "add --nproc N (N > 1) or run under torchrun"))
     if o.quantize and distributed.launched():
         raise CLIError(QUANTIZE_ONE_PROCESS)
     d = distributed.setup(fsdp=o.fsdp)
@@ -345,7 +348,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
         d.barrier()  # the other ranks wait for rank 0's evaluation
     ck.extra |= {"before": results["before"], "before_preds": before_preds}
     summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
-                            None if o.fsdp or o.full else ck, d)
+                            None if o.full else ck, d)
     meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
     with distributed.unsharded(model) if o.fsdp else nullcontext():  # all ranks gather, rank 0 writes
         if main and o.full:

@@ -20,9 +20,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from lorakit import active_adapters
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, fsdp_state
 from .blocks import blocks, compile_blocks, set_checkpointing  # noqa: F401  (set_checkpointing: the loop's API)
 from .checkpoint import Checkpointing
 from .distributed import Dist
@@ -190,7 +191,7 @@ class _Run:
             if doc["step"] > self.total:
                 raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {self.total} steps")
             state = checkpoint.restore(path, doc, self.model, self.opt, self.sched, [n for n, _ in self.named],
-                                       self.config(), self.d.rank if self.d is not None else 0)
+                                       self.config(), self.d.rank if self.d is not None else 0, self.fsdp)
             state.extra |= ck.extra  # the caller's newer values win
             return state
         state = checkpoint.TrainState(extra=ck.extra if ck is not None else {})
@@ -256,7 +257,8 @@ class _Run:
 
     def maybe_checkpoint(self, state: checkpoint.TrainState, stop: int | None) -> None:
         """Write a checkpoint at every ``ck.every``-th step and on a signal (then raise
-        ``TrainingInterrupted``); under torchrun rank 0 writes it, with every rank's generators."""
+        ``TrainingInterrupted``); under torchrun rank 0 writes it, with every rank's generators (and,
+        under FSDP, the whole tensors every rank helped gather)."""
         ck, cfg, d = self.ck, self.cfg, self.d
         if ck is None or not ((ck.every and state.step % ck.every == 0) or stop):
             return
@@ -266,9 +268,12 @@ class _Run:
                 "order_seed": cfg.seed, "ranks": self.world}
         rngs = d.gather(checkpoint.rng_state()) if d is not None else [checkpoint.rng_state()]
         path = Path(ck.folder) / f"{checkpoint.PREFIX}{state.step}"
+        names = [n for n, _ in self.named]
+        # FSDP: every rank joins the gather of the whole adapters and optimizer state; rank 0 writes them
+        gathered = fsdp_state.gather(self.model, self.opt, active_adapters(self.model), names) if self.fsdp else None
         if self.main:
-            path = checkpoint.save(ck, state.step, self.model, self.opt, self.sched, [n for n, _ in self.named],
-                                   state, data, self.config(), rngs)
+            path = checkpoint.save(ck, state.step, self.model, self.opt, self.sched, names, state, data,
+                                   self.config(), rngs, gathered)
         if d is not None:
             d.barrier()
         if stop:
@@ -291,7 +296,9 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     first replays its logged records through ``on_log``, so the caller sees every step once, and
     the run ends bit for bit where an uninterrupted one would. With ``dist`` (``distributed.setup()``
     under torchrun): DDP over the trainable parameters, each rank on its slice of every global batch
-    of ``batch_size × world`` examples (``distributed``); rank 0 alone validates and checkpoints.
+    of ``batch_size × world`` examples (``distributed``); rank 0 alone validates and checkpoints. With
+    ``dist.fsdp``: FSDP2 shards instead of DDP; a checkpoint holds the whole adapters and optimizer
+    state, gathered from every rank (``fsdp_state``), and a resume splits them into the shards again.
 
     Returns:
         ``{"steps", "tokens", "train_seconds", "tokens_per_s", "val_loss_start", "skipped_steps",
@@ -301,7 +308,7 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
 
     Raises:
         DataError: no training examples.
-        ConfigError: no trainable parameters, an unknown ``on_nonfinite``, or checkpoints with FSDP.
+        ConfigError: no trainable parameters, or an unknown ``on_nonfinite``.
         NonFiniteError: a non-finite loss or gradient with ``cfg.on_nonfinite == "error"`` (step and
             first parameter named); the weights keep the previous step's values.
         CheckpointError: nothing to resume, or a checkpoint of another configuration (keys listed).
@@ -315,8 +322,6 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
         raise DataError("no training examples")
     if cfg.on_nonfinite not in ("error", "skip"):
         raise ConfigError(f"on_nonfinite must be 'error' or 'skip', got {cfg.on_nonfinite!r}")
-    if checkpoints is not None and dist is not None and dist.fsdp:
-        raise ConfigError("checkpoints of an FSDP-sharded run are not supported yet; train with DDP to checkpoint")
     if checkpoints is not None:
         checkpoint.check_covered(model)
     run = _Run(model, task, cfg, checkpoints, dist)

@@ -103,7 +103,7 @@ class TrainOptions:
     nproc: int = _opt(1, "train on N processes: starts torchrun --standalone --nproc_per_node N (DDP; gloo on "
                       "CPU, nccl on GPU); each takes --batch-size examples per micro-batch", type=int)
     fsdp: bool = _opt(False, "with --nproc or torchrun: shard each decoder layer, frozen base included (FSDP2), "
-                      "for bases that do not fit one process; no checkpoints yet")
+                      "for bases that do not fit one process; --save-every / --resume as with DDP")
     overwrite: bool = _opt(False, "reuse an output folder holding an adapter or checkpoints")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
@@ -252,8 +252,6 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
     if o.resume is not None and o.output is not None and Path(o.output) != Path(o.resume):
         raise UsageError(f"--output {o.output!r} and --resume {o.resume!r} differ; a resumed run writes to its "
                          "own folder")
-    if o.fsdp and (o.save_every or o.resume is not None):
-        raise UsageError("--fsdp does not write or resume checkpoints yet; drop --save-every / --resume")
     if o.task == "classify":
         _check_classify(o, given)
     elif o.builtin and o.eval_data is not None and o.resume is None:  # a resumed run's --data is the run's
