@@ -14,15 +14,12 @@ embedding saves ``<module>.lora_embedding_A`` (r x num_embeddings) and
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import modules_to_save as mts
@@ -36,6 +33,7 @@ from .errors import (
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
 from .tree import STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state, set_submodule
+from .weightfile import load_pickle, load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,13 +154,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
         raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
     config = _read_config(cfg_file)
     if w_file.is_file():
-        _check_header(w_file)
-        try:
-            tensors = load_file(w_file)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
+        tensors = load_safetensors(w_file)
     else:
-        w_file, tensors = bin_file, _load_pickle(bin_file)
+        w_file, tensors = bin_file, load_pickle(bin_file)
     for k, t in tensors.items():
         if t.is_floating_point() and t.dtype not in FLOATS:
             raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
@@ -202,64 +196,6 @@ def _read_config(cfg_file: Path) -> LoRAConfig:
     for w in caught:  # re-issued naming the file
         warnings.warn(f"{str(cfg_file)!r}: {w.message}", w.category, stacklevel=3)
     return config
-
-
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def _load_pickle(w_file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a PyTorch ``adapter_model.bin``, unpickled with ``weights_only=True``.
-
-    Raises:
-        AdapterLoadError: the file holds anything but a dict of tensors (the restricted unpickler
-            refuses objects of other classes before building them), or is not a PyTorch file.
-    """
-    try:
-        state = torch.load(w_file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        why = next((ln for ln in lines if "Unsupported global" in ln), lines[0].split(". ")[0])
-        raise AdapterLoadError(f"{str(w_file)!r} is not a PyTorch pickle of tensors that "
-                               f"torch.load(weights_only=True) accepts: {why}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(t, torch.Tensor)
-                                              for k, t in state.items()):
-        raise AdapterLoadError(f"{str(w_file)!r} (a pickle) holds {type(state).__name__}, not a dict of tensors")
-    return state
-
-
-def _check_header(w_file: Path) -> None:
-    """Check a safetensors header against its data before ``load_file`` reads it: an 8-byte
-    little-endian header length, a JSON header, and per tensor ``dtype`` x ``shape`` bytes equal to
-    its ``data_offsets`` span, inside the file (the safetensors format).
-
-    Raises:
-        AdapterLoadError: the file is shorter than its header or data, or a tensor's dtype and
-            shape do not fit its bytes (the key, dtype, shape and byte counts named).
-    """
-    size = w_file.stat().st_size
-    with open(w_file, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8:
-            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {size} bytes, shorter than its header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: the header is not JSON") from None
-    data = size - 8 - n
-    for k, v in (header.items() if isinstance(header, dict) else ()):
-        try:
-            dtype, shape, (start, end) = v["dtype"], [int(x) for x in v["shape"]], v["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            continue  # __metadata__, or a malformed entry: load_file reports it
-        need = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
-        if dtype in _DTYPE_BYTES and need != end - start:
-            raise AdapterLoadError(f"{str(w_file)!r} is corrupt: the header gives tensor {k!r} dtype {dtype} shape "
-                                   f"{shape} ({need} bytes) but {end - start} bytes of data")
-        if end > data:
-            raise AdapterLoadError(f"{str(w_file)!r} is truncated: tensor {k!r} ends at byte {end} of the data, "
-                                   f"which holds {data} bytes")
 
 
 def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:
