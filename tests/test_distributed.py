@@ -132,11 +132,9 @@ def test_nproc_starts_torchrun(world, two_ranks):
         assert (world / "nproc" / name).read_bytes() == (two_ranks / name).read_bytes()
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
-def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks, launcher):
-    out = world / f"killed-{launcher}"
-    args = train_args(out.name, 2, "--save-every", 7)
-    cmd = torchrun("-m", "lorakit", *args) if launcher == "torchrun" else lorakit(*args, "--nproc", 2)
+def _kill_after_checkpoint_7(cmd: list, out: Path, world: Path) -> None:
+    """Start ``cmd`` (a 2-rank run checkpointing every 7 steps into ``out``), wait for checkpoint-7,
+    then SIGKILL the launcher and every worker, and wait until each is gone."""
     p = subprocess.Popen(cmd, cwd=world, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT
     while not (out / "checkpoint-7").is_dir():
@@ -151,6 +149,14 @@ def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks, launch
         while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
             assert time.monotonic() < deadline, f"worker {pid} outlived SIGKILL"
             time.sleep(0.01)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "nproc"])
+def test_two_rank_sigkill_then_resume_is_byte_identical(world, two_ranks, launcher):
+    out = world / f"killed-{launcher}"
+    args = train_args(out.name, 2, "--save-every", 7)
+    cmd = torchrun("-m", "lorakit", *args) if launcher == "torchrun" else lorakit(*args, "--nproc", 2)
+    _kill_after_checkpoint_7(cmd, out, world)
     newest = ckpt.steps_in(out)[-1][0]
     assert newest < STEPS and not (out / "adapter_model.safetensors").exists()
     doc = ckpt.latest(out)[1]
@@ -247,20 +253,7 @@ def test_fsdp_checkpoint_holds_the_whole_adapter_and_optimizer_state(world, one_
 
 def test_fsdp_sigkill_then_resume_is_byte_identical(world, fsdp_run):
     out = world / "fsdp-killed"
-    p = subprocess.Popen(lorakit(*train_args(out.name, 2, "--nproc", 2, "--fsdp", "--save-every", 7)), cwd=world,
-                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + TIMEOUT
-    while not (out / "checkpoint-7").is_dir():
-        assert p.poll() is None and time.monotonic() < deadline, "no checkpoint-7"
-        time.sleep(0.003)
-    procs = [p.pid, *descendants(p.pid)]
-    for pid in procs:
-        os.kill(pid, signal.SIGKILL)
-    p.wait(timeout=TIMEOUT)
-    for pid in procs[1:]:
-        while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
-            assert time.monotonic() < deadline, f"worker {pid} outlived SIGKILL"
-            time.sleep(0.01)
+    _kill_after_checkpoint_7(lorakit(*train_args(out.name, 2, "--nproc", 2, "--fsdp", "--save-every", 7)), out, world)
     newest = ckpt.steps_in(out)[-1][0]
     assert newest < STEPS and not (out / "adapter_model.safetensors").exists()
     doc = ckpt.latest(out)[1]
