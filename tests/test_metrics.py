@@ -38,3 +38,28 @@ def test_g2p_scores():
 def test_perplexity():
     assert math.isclose(perplexity(math.log(7.0)), 7.0)
     assert perplexity(1e6) == float("inf")
+
+
+def test_beam_search_completions_are_transformers_beam_search_per_prompt(tmp_path):
+    """``greedy_generate(num_beams=3)`` in a left-padded batch gives, per prompt, what transformers' own beam
+    search gives on that prompt alone (and greedy stays greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from _tiny import tiny_model_folder, tiny_tokenizer
+    from lorakit.app.evaluate import encode_prompt, greedy_generate
+
+    folder = tiny_model_folder(tmp_path / "m", seed=6)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), tiny_tokenizer()
+    prompts = ["cat", "hello world", "tiny dog"]  # different lengths: left padding in the batch
+    greedy = greedy_generate(model, tok, prompts, max_new_tokens=6)
+    assert greedy != greedy_generate(model, tok, prompts, max_new_tokens=6, num_beams=3)  # beams change the output
+    for beams in (1, 3):
+        got = greedy_generate(model, tok, prompts, max_new_tokens=6, num_beams=beams)
+        for text, prompt in zip(got, prompts):
+            ids = torch.tensor([encode_prompt(tok, prompt)])
+            kw = {"num_beams": beams, "early_stopping": True} if beams > 1 else {}
+            with torch.no_grad():
+                want = model.generate(ids, do_sample=False, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, **kw)[0, ids.shape[1]:]
+            assert text == tok.decode(want, skip_special_tokens=True).strip(), (beams, prompt)

@@ -67,8 +67,10 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64) -> list[str]:
-    """Greedy completions of already rendered prompt texts.
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64,
+                    num_beams: int = 1) -> list[str]:
+    """Greedy completions of already rendered prompt texts (beam search with ``num_beams`` > 1:
+    length penalty 1, done when every beam has ended).
 
     Prompts are sorted by length and batched with left padding; decoding uses the KV cache
     and stops at the tokenizer's EOS. Special tokens are dropped from the output, which is
@@ -98,6 +100,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
                 temperature=None,
                 top_p=None,
                 top_k=None,
+                **({"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {}),
             )
             new = gen[:, batch["input_ids"].shape[1]:]
             for i, row in zip(idx, new):
@@ -108,8 +111,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return out
 
 
-def evaluate_g2p(model, tokenizer, items, prompt_format: dict, batch_size: int = 64, max_new_tokens: int | None = None):
-    """Greedy-decode each word's pronunciation and score it.
+def evaluate_g2p(model, tokenizer, items, prompt_format: dict, batch_size: int = 64, max_new_tokens: int | None = None,
+                 num_beams: int = 1):
+    """Greedy-decode (or beam-search, ``num_beams`` > 1) each word's pronunciation and score it.
 
     Args:
         items: ``(word, [pronunciation, ...])`` pairs (see ``g2p.G2PSplit``).
@@ -121,7 +125,8 @@ def evaluate_g2p(model, tokenizer, items, prompt_format: dict, batch_size: int =
     if max_new_tokens is None:  # room for the longest reference + EOS: bounds a babbling base model
         max_new_tokens = 2 + max(len(tokenizer(" ".join(p), add_special_tokens=False).input_ids) for _, refs in items for p in refs)
     prompts = [render_prompt(tokenizer, w, prompt_format) for w, _ in items]
-    preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            num_beams=num_beams)
     return g2p_scores(preds, [refs for _, refs in items]), preds
 
 
