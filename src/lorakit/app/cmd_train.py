@@ -183,14 +183,17 @@ def _model_with_lora(o: TrainOptions):
     return lm, lcfg, trainable, total - trainable
 
 
-def _evaluate(model, tok, data: Dataset, split, val_ex, label: str) -> tuple[dict | None, list | None]:
-    """Test exact match / PER (built-in task) or validation loss (user data) as ``label`` reports it."""
+def _evaluate(model, tok, data: Dataset, split, val_ex, label: str,
+              num_beams: int = 1) -> tuple[dict | None, list | None]:
+    """Test exact match / PER (built-in task; greedy, or beam search with ``num_beams``) or validation
+    loss (user data) as ``label`` reports it."""
     t = time.perf_counter()
     if split is not None:
-        res, preds = evaluate_g2p(model, tok, split.test, data.prompt_format)
+        res, preds = evaluate_g2p(model, tok, split.test, data.prompt_format, num_beams=num_beams)
         words = f" on {res['words']} test words" if label == "before" else ""
+        how = f", {num_beams} beams" if num_beams > 1 else (", greedy" if label == "before" else "")
         print(f"{label + ':':<7} exact match {pct(res['exact_match'])}, PER {res['per']:.3f}{words} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+              f"({time.perf_counter() - t:.0f} s{how})", flush=True)
         return res, preds
     if not val_ex:
         return None, None
@@ -245,7 +248,8 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         | {"steps": n_steps},
     }
     if o.builtin:
-        meta["g2p"] = {"seed": o.seed, "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION}
+        meta["g2p"] = {"seed": o.seed, "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION,
+                       "num_beams": o.num_beams}
     return meta
 
 
@@ -359,21 +363,22 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
             d.barrier()
     if main or o.fsdp:  # a sharded model evaluates on every rank together; rank 0 writes
         _finish(model, tok, out, (train_data, split, val_ex), results, before_preds, summary, history, t_start,
-                merged=not (o.fsdp or o.full or o.quantize is not None), write=main)  # a quantised base cannot merge
+                merged=not (o.fsdp or o.full or o.quantize is not None), write=main,  # a quantised base cannot merge
+                num_beams=o.num_beams)
     if d is not None:
         d.barrier()
     return 0
 
 
 def _finish(model, tok, out: Path, data: tuple, results: dict, before_preds, summary: dict,
-            history: list[dict], t_start: float, merged: bool = True, write: bool = True) -> None:
+            history: list[dict], t_start: float, merged: bool = True, write: bool = True, num_beams: int = 1) -> None:
     """After training: the evaluation after (merged, unless the model is sharded), ``eval.json`` and
     ``loss.png`` (``write``)."""
     train_data, split, val_ex = data
     if merged:
         merge(model)  # faster decoding; unmerge restores the weights exactly
     try:
-        results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after")
+        results["after"], preds = _evaluate(model, tok, train_data, split, val_ex, "after", num_beams)
     finally:
         if merged:
             unmerge(model)

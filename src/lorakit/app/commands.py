@@ -31,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"adapter {args.adapter!r} was not trained on the built-in task; pass --data FILE.jsonl")
     if user is not None and (args.batch_size < 1 or (args.max_length is not None and args.max_length < 2)):
         raise UsageError("--batch-size must be >= 1 and --max-length >= 2")  # before the model loads
-    if args.num_beams < 1:
+    if args.num_beams is not None and args.num_beams < 1:
         raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
@@ -44,8 +44,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         g = meta.get("g2p", {})
         split = g2p.g2p_split(g.get("seed", 0), g.get("test_size", 200), g.get("validation_size", g2p.G2P_VALIDATION))
-        res, _ = evaluate_g2p(lm.model, lm.tokenizer, split.test, prompt_format(meta, lm.tokenizer),
-                              num_beams=args.num_beams)
+        beams = args.num_beams if args.num_beams is not None else g.get("num_beams", 1)  # older adapters: greedy
+        res, _ = evaluate_g2p(lm.model, lm.tokenizer, split.test, prompt_format(meta, lm.tokenizer), num_beams=beams)
     print(json.dumps(res))
     return 0
 

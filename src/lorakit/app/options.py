@@ -93,6 +93,9 @@ class TrainOptions:
     compile: bool = _opt(False, "torch.compile the transformer blocks: faster steps after a 15-75 s first step")
     eval_every: int = _opt(_default(TrainConfig, "eval_every"), "validation loss every N steps (0 = never)", type=int)
     test_size: int = _opt(200, "built-in task: test words", type=int)
+    num_beams: int = _opt(4, "built-in task: beam search width of the test evaluation after training (1: greedy; "
+                          "chosen on the validation words, benchmarks/decoding.py); the untrained base's is greedy",
+                          type=int)
     save_every: int = _opt(0, "write a checkpoint (OUTPUT/checkpoint-STEP) every N steps (0 = only on "
                            "SIGINT/SIGTERM)", type=int)
     keep: int | None = _opt(None, "keep only the newest K checkpoints (default: all)", type=int)
@@ -260,7 +263,7 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
 
 def _check_numbers(o: TrainOptions) -> None:
     for key, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("max_length", 1), ("test_size", 1),
-                     ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1), ("nproc", 1)):
+                     ("num_beams", 1), ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1), ("nproc", 1)):
         v = getattr(o, key)
         if (v is not None or low == 0) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
