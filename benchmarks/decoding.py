@@ -25,42 +25,23 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import torch  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine  # noqa: E402
 from lorakit.app import g2p  # noqa: E402
 from lorakit.app.console import quiet_transformers  # noqa: E402
 from lorakit.app.data import render_prompt  # noqa: E402
-from lorakit.app.evaluate import encode_prompt, g2p_scores  # noqa: E402
+from lorakit.app.evaluate import g2p_scores, generated_tokens  # noqa: E402
 from lorakit.app.models import load_with_adapter, prompt_format  # noqa: E402
 from lorakit.app.qbase import merge_unless_quantized  # noqa: E402
 
 PHONEME = re.compile(r"^[A-Z]{1,2}[012]?$")  # ARPAbet, with CMUdict's stress digits
 
 
-@torch.no_grad()
-def decode(model, tokenizer, prompts: list[str], max_new_tokens: int, beams: int, batch_size: int = 32):
+def decode(model, tokenizer, prompts: list[str], max_new_tokens: int, beams: int):
     """Completions of ``prompts`` (greedy when ``beams`` is 1) and, per prompt, whether it ended with EOS."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts, ended = [""] * len(prompts), [False] * len(prompts)
-    enc = [encode_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    eos = tokenizer.eos_token_id
-    try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            batch = tokenizer.pad({"input_ids": [enc[i] for i in idx]}, return_tensors="pt")
-            kw = dict(num_beams=beams, early_stopping=True, length_penalty=1.0) if beams > 1 else {}
-            gen = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                 temperature=None, top_p=None, top_k=None, **kw)
-            for i, row in zip(idx, gen[:, batch["input_ids"].shape[1]:]):
-                texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-                ended[i] = bool((row == eos).any())
-    finally:
-        tokenizer.padding_side = side
-    return texts, ended
+    rows = generated_tokens(model, tokenizer, prompts, max_new_tokens, batch_size=32, num_beams=beams)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return texts, [bool((row == tokenizer.eos_token_id).any()) for row in rows]
 
 
 def main(argv=None) -> int:

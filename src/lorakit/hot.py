@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+
 class _Empty:
     """An empty slot's name: unique, never equal to an adapter name or to None (a row without an
     adapter must never be laid out on a slot)."""

@@ -14,6 +14,11 @@ from safetensors.torch import load_file
 
 from .errors import AdapterLoadError
 
+_DTYPE_BYTES = {  # safetensors dtype -> bytes per element
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
 
 def load_safetensors(w_file: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``w_file``, its header checked first (``_check_header``).
@@ -26,10 +31,6 @@ def load_safetensors(w_file: Path) -> dict[str, torch.Tensor]:
         return load_file(w_file)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise AdapterLoadError(f"{str(w_file)!r} is truncated or corrupt: {e}") from None
-
-
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def load_pickle(w_file: Path) -> dict[str, torch.Tensor]:

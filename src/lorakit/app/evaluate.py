@@ -67,23 +67,20 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64,
-                    num_beams: int = 1) -> list[str]:
-    """Greedy completions of already rendered prompt texts (beam search with ``num_beams`` > 1:
-    length penalty 1, done when every beam has ended).
+def generated_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64,
+                     num_beams: int = 1) -> list[torch.Tensor]:
+    """The new token ids (int64, at most ``max_new_tokens``, padded after EOS) generated for each of
+    ``prompts`` (already rendered texts), in the input order: greedy, or beam search with ``num_beams``
+    > 1 (length penalty 1, done when every beam has ended).
 
-    Prompts are sorted by length and batched with left padding; decoding uses the KV cache
-    and stops at the tokenizer's EOS. Special tokens are dropped from the output, which is
-    stripped of surrounding whitespace.
-
-    Returns:
-        one completion string per prompt, in the input order.
+    Prompts are sorted by length and batched with left padding; decoding uses the KV cache and
+    stops at the tokenizer's EOS.
     """
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[str] = [""] * len(prompts)
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(prompts)
     enc_all = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(enc_all[i]))
     try:
@@ -102,13 +99,24 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
                 top_k=None,
                 **({"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {}),
             )
-            new = gen[:, batch["input_ids"].shape[1]:]
-            for i, row in zip(idx, new):
-                out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            for i, row in zip(idx, gen[:, batch["input_ids"].shape[1]:]):
+                out[i] = row
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 64,
+                    num_beams: int = 1) -> list[str]:
+    """Greedy completions (beam search with ``num_beams`` > 1) of already rendered prompt texts
+    (``generated_tokens``), special tokens dropped, surrounding whitespace stripped.
+
+    Returns:
+        one completion string per prompt, in the input order.
+    """
+    rows = generated_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, num_beams)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
 
 
 def evaluate_g2p(model, tokenizer, items, prompt_format: dict, batch_size: int = 64, max_new_tokens: int | None = None,

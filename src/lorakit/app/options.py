@@ -263,7 +263,8 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
 
 def _check_numbers(o: TrainOptions) -> None:
     for key, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("max_length", 1), ("test_size", 1),
-                     ("num_beams", 1), ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1), ("nproc", 1)):
+                     ("num_beams", 1), ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1),
+                     ("nproc", 1)):
         v = getattr(o, key)
         if (v is not None or low == 0) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
