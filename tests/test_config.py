@@ -46,7 +46,7 @@ def test_rank_and_alpha_patterns_match_the_end_of_module_names_like_peft():
 
 
 def test_dict_round_trip_and_peft_type():
-    c = LoRAConfig(r=4, lora_alpha=8, target_modules=".*q_proj", layers_to_transform=[0], rank_pattern={"q": 2})
+    c = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], rank_pattern={"q": 2})
     d = c.to_dict()
     assert d["peft_type"] == "LORA" and d["use_dora"] is False
     assert LoRAConfig.from_dict(d) == c

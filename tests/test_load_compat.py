@@ -99,6 +99,71 @@ def test_peft_pickle_adapter_loads_and_the_server_path_refuses_it(tmp_path):
         lorakit.read_adapter(tmp_path / "p")
 
 
+class _Sub(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class Stack(nn.Module):
+    """No single block list: a top-level ``lin``, a top-level list (``blocks.0.lin``: PEFT's default rule finds
+    no block index there) and a nested one (``body.layers.1.lin``: block 1)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([_Sub(), _Sub()])
+        self.body = nn.Module()
+        self.body.layers = nn.ModuleList([_Sub(), _Sub()])
+
+    def forward(self, x):
+        for m in [self.lin, *self.blocks, *self.body.layers]:
+            x = m(x)
+        return x
+
+
+def _adapted(model):
+    """Module names holding a lora_A (PEFT: ``base_model.model.X.lora_A.default``; lorakit: ``X.adapters.default.lora_A``)."""
+    names = (n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n)
+    return sorted({n.split(".adapters.")[0] for n in names})
+
+
+@pytest.mark.parametrize("kw", [dict(layers_to_transform=[1]), dict(layers_to_transform=1),
+                                dict(layers_to_transform=[1], layers_pattern="blocks"),
+                                dict(layers_to_transform=[0, 1], layers_pattern=["layers", "blocks"]),
+                                dict(layers_to_transform=[])], ids=str)
+def test_layers_to_transform_on_a_model_without_one_block_list_selects_what_peft_selects(kw, tmp_path):
+    """PEFT 0.21's rule: a name given in full is adapted whatever its block; a suffix match needs a block index
+    in the chosen set; [] selects every block. lorakit adapts the same modules and gives PEFT's outputs."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    pm = peft.get_peft_model(Stack(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False, **kw))
+    pm.eval()
+    expected = pm(x).detach()
+    pm.save_pretrained(tmp_path / "p")
+    model = Stack()
+    lorakit.load_adapter(model, tmp_path / "p")
+    assert _adapted(model) == _adapted(pm)
+    torch.testing.assert_close(model.eval()(x), expected, atol=TOL, rtol=0)
+    fresh = Stack()  # and inject picks the same modules from the same config
+    lorakit.inject(fresh, LoRAConfig(r=2, lora_alpha=4, target_modules=["lin"], **kw))
+    assert _adapted(fresh) == _adapted(pm)
+
+
+def test_layers_to_transform_errors_name_the_rule():
+    with pytest.raises(lorakit.ConfigError, match=r"layers_to_transform=\[1\] needs target_modules as a list"):
+        LoRAConfig(target_modules=".*lin", layers_to_transform=[1])  # PEFT refuses it too
+    with pytest.warns(LoRAWarning, match="without layers_to_transform"):
+        LoRAConfig(target_modules=["lin"], layers_pattern="layers")
+    model = Stack()
+    with pytest.raises(lorakit.TargetModuleError, match=r"matches 'blocks.0.lin', with no block index .*layers_pattern"):
+        lorakit.inject(model, LoRAConfig(target_modules=["0.lin"], layers_to_transform=[1]))
+    assert _adapted(model) == []
+
+
 # --- hand-made files in legacy layouts -------------------------------------------------------------
 
 

@@ -88,9 +88,13 @@ class LoRAConfig:
         exclude_modules: modules never adapted even when ``target_modules`` selects them: a
             list (an entry matches a module whose qualified name equals it or ends with
             ``"." + entry``) or a full-match regex string (PEFT's rule); None for none.
-        layers_to_transform: block indices to adapt (the first ``.<int>.`` in a
-            module's name, or the index after ``layers_pattern``); None for all.
-        layers_pattern: name(s) of the block list, e.g. ``"layers"`` or ``"h"``.
+        layers_to_transform: block indices (an int or a list; None or [] for all) restricting the
+            modules a list ``target_modules`` matches by suffix, as PEFT: the index is the first
+            ``<list>.<int>.`` after a dot in the module's name (``model.layers.3.``), or the one
+            after ``layers_pattern``; a module without one is not adapted, a module named in full
+            is adapted whatever its block. Not with a string ``target_modules`` (ConfigError).
+        layers_pattern: name(s) of the block list, e.g. ``"layers"`` or ``"h"`` (needed for a
+            top-level list, ``layers.3.``).
         rank_pattern / alpha_pattern: ``{pattern: r}`` / ``{pattern: alpha}``
             overrides; a pattern matches when it matches the end of a module name
             (PEFT's ``(.*\\.)?(pattern)$`` rule); the first matching key wins.
@@ -168,6 +172,7 @@ class LoRAConfig:
         self.exclude_modules = check_excludes(self.exclude_modules)
         self.layers_to_transform = check_layers(self.layers_to_transform)
         self._check_patterns()
+        self._check_layer_options()
         for name in ("base_model_name_or_path", "task_type", "revision"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string or None, got {getattr(self, name)!r}")
@@ -201,6 +206,19 @@ class LoRAConfig:
         lp = self.layers_pattern
         if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
             raise ConfigError(f"layers_pattern must be a string or a list of strings, got {lp!r}")
+
+    def _check_layer_options(self) -> None:
+        """PEFT's rules: block indices select among names matched by a list, not by a regex, which
+        can name its blocks itself; ``layers_pattern`` alone selects nothing (PEFT refuses it; a
+        warning here, as it leaves the math unchanged)."""
+        if isinstance(self.target_modules, str) and self.layers_to_transform:
+            raise ConfigError(
+                f"layers_to_transform={self.layers_to_transform!r} needs target_modules as a list of names, "
+                f"not the string {self.target_modules!r} (PEFT refuses it too); write the block indices "
+                r"into the regex instead, e.g. '.*\.layers\.(0|1)\..*q_proj'")
+        if self.layers_pattern and self.layers_to_transform is None:
+            warnings.warn(f"layers_pattern={self.layers_pattern!r} without layers_to_transform selects no "
+                          "blocks and is ignored (PEFT refuses it)", LoRAWarning, stacklevel=3)
 
     # --- per-module values -------------------------------------------------------
 

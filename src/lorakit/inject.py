@@ -35,14 +35,15 @@ class Target:
 
 
 def _layer_index(name: str, layers_pattern) -> int | None:
-    """Block index of ``name``: the first ``.<int>.`` (after ``layers_pattern`` if given)."""
+    """Block index of ``name``, PEFT's rule: the first ``<list>.<int>.`` after a dot (``model.layers.3.``;
+    a top-level list has none), or the index after ``layers_pattern`` if given (``layers.3.`` too)."""
     if layers_pattern:
         for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
             m = re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name)
             if m:
                 return int(m.group(1))
         return None
-    m = re.match(r"(?:^|.*?\.)[^.]*\.(\d+)\.", name)
+    m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -69,6 +70,7 @@ class _Matcher:
         classes = lora_classes()
         self.linear_types = tuple(t for t, c in classes.items() if c in (LoRALinear, LoRAConv1D))
         self.used: set[str] = set()  # list entries that matched something
+        self.outside: dict[str, tuple[str, int | None]] = {}  # entry -> a match outside layers_to_transform
 
     def inside_saved(self, name: str) -> bool:
         return any((name + ".").startswith(p + ".") for p in self.saved)
@@ -82,8 +84,13 @@ class _Matcher:
         else:
             entries = [e for e in tm if name == e or name.endswith("." + e)]
             hit = bool(entries)
-        if hit and self.config.layers_to_transform is not None:
-            hit = _layer_index(name, self.config.layers_pattern) in self.config.layers_to_transform
+        # PEFT's rule: a module named in full is adapted whatever its block; a suffix match must lie
+        # in one of layers_to_transform's blocks ([] means every block)
+        if hit and self.config.layers_to_transform and name not in entries:
+            block = _layer_index(name, self.config.layers_pattern)
+            hit = block in self.config.layers_to_transform
+            for e in entries:  # for the error if nothing in the chosen blocks matches
+                self.outside.setdefault(e, (name, block))
         if hit:
             self.used.update(entries)  # matched, even if excluded below: not a typo in target_modules
         return hit and not excluded(self.config, name)
@@ -95,9 +102,16 @@ class _Matcher:
         if missing:
             sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
             lt = self.config.layers_to_transform
-            where = f" in layers {lt}" if lt is not None else ""
+            where = f" in layers {lt}" if lt else ""
             near = nearest_names(missing[0], names)
             hint = f"nearest module names: {', '.join(near)}" if near else "no module name is close to it"
+            if missing[0] in self.outside:
+                name, block = self.outside[missing[0]]
+                pattern = self.config.layers_pattern
+                found = (f"block {block}" if block is not None else "no block index"
+                         + (f" after {pattern!r}" if pattern else " (PEFT's rule reads it from '<parent>.<list>."
+                                                                 "<int>.'; set layers_pattern to the list's name)"))
+                hint = f"it matches {name!r}, with {found}"
             raise TargetModuleError(
                 f"target_modules entry {missing[0]!r} matches no module{where}; {hint}; "
                 f"available Linear modules include: {sample or '(none)'}"
