@@ -68,8 +68,9 @@ def test_unknown_peft_keys_only_accepted_at_neutral_value():
     assert LoRAConfig.from_dict({**d, "use_dora": False, "lora_bias": False, "megatron_config": None}).r == 8
     with pytest.raises(ConfigError, match="use_qalora"):
         LoRAConfig.from_dict({**d, "use_qalora": True})
-    with pytest.raises(ConfigError, match="loftq_config"):
-        LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}})
+    with pytest.raises(ConfigError, match="init_lora_weights='loftq'"):  # LoftQ rewrote the base
+        LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}, "init_lora_weights": "loftq"})
+    assert LoRAConfig.from_dict({**d, "loftq_config": {"loftq_bits": 4}}).r == 8  # read only by that init
     with pytest.warns(lorakit.LoRAWarning, match=r"\['no_such_key'\].*ignored"):  # as PEFT: named, not fatal
         assert LoRAConfig.from_dict({**d, "no_such_key": 1}).r == 8
     with pytest.raises(ConfigError, match="did you mean 'lora_alpha'"):  # a misspelt field would change the math

@@ -18,7 +18,7 @@ from torch import nn
 import lorakit
 from lorakit import AdapterLoadError, LoRAConfig, LoRAWarning
 
-from test_families import FAMILIES, TOL, out, peft_trained_and_loaded
+from test_families import FAMILIES, TOL, out, peft_trained_and_loaded, train
 
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", module="peft")
@@ -46,6 +46,9 @@ MATRIX = {  # row -> (family, PEFT LoraConfig keywords)
     "layers-to-transform": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1],
                                           layers_pattern="layers")),
     "gaussian-init": ("llama", dict(r=2, lora_alpha=4, target_modules=["k_proj"], init_lora_weights="gaussian")),
+    "orthogonal-init": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="orthogonal")),
+    "eva-init": ("llama", dict(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights="eva")),
+    "mica-init": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="mica")),
     "dora": ("llama", dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True)),
     "lora-bias": ("bert", dict(r=2, lora_alpha=4, target_modules=["query"], lora_bias=True)),
     "bias-all": ("bert", dict(r=2, lora_alpha=4, target_modules=["query"], bias="all")),
@@ -97,6 +100,28 @@ def test_peft_pickle_adapter_loads_and_the_server_path_refuses_it(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "p" / "adapter_model.bin")  # a pickle, but not a dict of tensors
     with pytest.raises(AdapterLoadError, match="holds list, not a dict of tensors"):
         lorakit.read_adapter(tmp_path / "p")
+
+
+def test_pissa_adapter_is_refused_naming_the_conversion_and_loads_once_peft_converted_it(tmp_path):
+    """PiSSA rewrites the base (W - s·B0·A0) at init: its raw file is refused with the way out; PEFT's conversion
+    (``path_initial_model_for_weight_conversion``: a plain rank-2r adapter on the original base) loads with PEFT's
+    outputs."""
+    build, x, *_ = FAMILIES["llama"]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights="pissa"))
+    pm.save_pretrained(tmp_path / "init")
+    train(pm, x, [p for p in pm.parameters() if p.requires_grad])
+    pm.eval()
+    expected = out(pm, x).detach()
+    pm.save_pretrained(tmp_path / "raw")
+    pm.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="raw.adapter_config.json.*init_lora_weights=.pissa.*path_initial_model_for_weight_conversion"):
+        lorakit.load_adapter(model, tmp_path / "raw")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    lorakit.load_adapter(model, tmp_path / "plain")
+    torch.testing.assert_close(out(model.eval(), x), expected, atol=TOL, rtol=0)
 
 
 class _Sub(nn.Module):

@@ -33,10 +33,11 @@ _METADATA_KEYS = {
 _NEUTRAL = {
     "megatron_config": (None,),
     "megatron_core": ("megatron.core", None),
-    "loftq_config": ({}, None),
-    "eva_config": (None,),
-    "corda_config": (None,),
-    "lora_ga_config": (None,),
+    # settings of an initialisation, read only with that init_lora_weights (checked in _loaded_init)
+    "loftq_config": None,
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
     "velora_config": (None,),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False,),
@@ -289,7 +290,32 @@ class LoRAConfig:
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
+        _loaded_init(kwargs)
         return cls(**kwargs)
+
+
+# PEFT's data- or SVD-driven initialisations: these only chose the first A and B, which a loaded file
+# replaces, so the adapter loads as plain LoRA ...
+_INIT_ONLY = ("eva", "orthogonal", "mica")
+# ... while these also rewrote the base weight at init (W - s·B0·A0, or a quantised W), so the file's
+# A and B belong to a base no other tool has unless PEFT converts them first.
+_BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _loaded_init(kwargs: dict) -> None:
+    init = kwargs.get("init_lora_weights")
+    if not isinstance(init, str) or init == "gaussian":
+        return
+    if init.lower() in _INIT_ONLY:
+        warnings.warn(f"init_lora_weights={init!r} only set the adapter's initial A and B, which the file's "
+                      "weights replace; loaded as plain LoRA (init_lora_weights=True)", LoRAWarning, stacklevel=3)
+        kwargs["init_lora_weights"] = True
+    elif init.lower().startswith(_BASE_CHANGING):
+        raise ConfigError(
+            f"init_lora_weights={init!r}: PEFT changed the base weights when it built this adapter, so its A and B "
+            "fit only that changed base; convert it to a plain LoRA adapter with PEFT "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=<folder of the initial adapter>)), "
+            "which loads here")
 
 
 def _near(key: Any) -> list[str]:
