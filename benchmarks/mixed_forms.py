@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "small"])
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=32, help="batch rows (the server's decoding batch: 16)")
     args = ap.parse_args()
     from lorakit.app.console import quiet_transformers
 
@@ -50,8 +51,9 @@ def main() -> None:
                 if f".{n}.lora_B" in pn:
                     p.normal_(0, 0.02)
     rng = random.Random(0)
-    layouts = {"round-robin": [names[i % 16] for i in range(32)], "random": [rng.choice(names) for _ in range(32)]}
-    prompt = torch.randint(0, 1000, (32, 4))
+    n = args.rows
+    layouts = {"round-robin": [names[i % 16] for i in range(n)], "random": [rng.choice(names) for _ in range(n)]}
+    prompt = torch.randint(0, 1000, (n, 4))
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
 
     def run(rows, form):
@@ -67,13 +69,14 @@ def main() -> None:
             model.generate(prompt, **kw)
 
     defaults = [getattr(mixed, name) for name in CONSTANTS]
-    print(f"# mixed_forms.py --model {args.model}: 32 rows, 16 adapters, 4-token prompt, {args.new_tokens} new tokens; "
+    print(f"# mixed_forms.py --model {args.model}: {n} rows, 16 adapters resident, 4-token prompt, {args.new_tokens} new tokens; "
           f"{machine()}")
     print("| rows | " + " | ".join(f"{f} / base" for f in FORMS) + " | base s |")
     print("|---|" + "---|" * (len(FORMS) + 1))
     for label, rows in layouts.items():
         res = interleaved({"base": base, **{f: run(rows, f) for f in FORMS}}, args.repeats)
         b = res["base"][0]
+        label = f"{label} ({len(set(rows))} adapters)"
         print(f"| {label} | " + " | ".join(f"{res[f][0] / b:.3f} (± {res[f][1]:.2f} s)" for f in FORMS)
               + f" | {b:.2f} ± {res['base'][1]:.2f} |")
     for name, value in zip(CONSTANTS, defaults):
