@@ -4,6 +4,7 @@ with ``--bases``, lorakit LoRA on a float32, int8 and NF4 base (quantized.py).
     python benchmarks/memory.py                    # SmolLM2-135M-Instruct, 5 steps of 8 G2P examples
     python benchmarks/memory.py --model small      # random 4-layer, hidden-512 Llama
     python benchmarks/memory.py --bases fp32,int8,nf4   # + one default `lorakit train` per base
+    python benchmarks/memory.py --bases fp32,nf4-gc,nf4 --workers-only   # KIND+gc / KIND-gc: checkpointing on / off
 
 Modes (each ``python benchmarks/memory.py --worker MODE`` in a fresh process):
 
@@ -69,7 +70,8 @@ class Sampler:
         self.peak = max(self.peak, _status_kib("VmRSS"))
 
 
-def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | None = None) -> dict:
+def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | None = None,
+           checkpointing: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +118,8 @@ def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | No
         model = get_peft_model(model, LoraConfig(target_modules=SEVEN, **LORA))
         net = model.base_model.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if checkpointing:  # as lorakit train --gradient-checkpointing
+        LT.set_checkpointing(net, True)
     gc.collect()
     after_load, load_hwm = _status_kib("VmRSS"), _status_kib("VmHWM")
     try:  # reset the kernel's peak RSS (VmHWM) to the current RSS
@@ -168,10 +172,11 @@ def _trainer(peft_model, train_ex, cfg, pad_id) -> None:
                       optimizers=(opt, sched)).train()
 
 
-def run_worker(mode: str, args, quantize: str | None = None) -> dict:
+def run_worker(mode: str, args, quantize: str | None = None, checkpointing: bool = False) -> dict:
     """``worker(mode, ...)`` in a fresh process: its result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--model", args.model,
            "--steps", str(args.steps), "--batch-size", str(args.batch_size)] + (["--quantize", quantize] if quantize else [])
+    cmd += ["--gradient-checkpointing"] if checkpointing else []
     p = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not line:
@@ -188,11 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--bases", help="instead of the modes: lorakit LoRA on these bases (fp32,int8,nf4), the "
                     "training peak here and one default `lorakit train` run each (quantized.py)")
+    ap.add_argument("--workers-only", action="store_true", help="with --bases: the training peaks only, no "
+                    "`lorakit train` runs")
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--quantize", help=argparse.SUPPRESS)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        res = worker(args.worker, args.model, args.steps, args.batch_size, args.quantize)
+        res = worker(args.worker, args.model, args.steps, args.batch_size, args.quantize, args.gradient_checkpointing)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if args.bases:

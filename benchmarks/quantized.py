@@ -29,10 +29,19 @@ from pathlib import Path
 MIB = 1 / 1024
 
 
+def parse_base(base: str) -> tuple[str, bool]:
+    """``KIND`` (``lorakit train``'s default: gradient checkpointing with a quantised base only), ``KIND+gc`` or
+    ``KIND-gc`` (``--gradient-checkpointing`` / ``--no-gradient-checkpointing``): (kind, checkpointing)."""
+    kind = base.removesuffix("+gc").removesuffix("-gc")
+    return kind, base.endswith("+gc") or (kind != "fp32" and not base.endswith("-gc"))
+
+
 def cli_run(base: str, out: Path) -> dict:
     """One default ``lorakit train`` on ``base`` in a child process: its peak RSS and eval.json."""
+    kind, checkpointing = parse_base(base)
     cmd = [sys.executable, "-m", "lorakit.app.cli", "train", "--output", str(out), "--no-progress"]
-    cmd += [] if base == "fp32" else ["--quantize", base]
+    cmd += [] if kind == "fp32" else ["--quantize", kind]
+    cmd += ["--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"]
     t = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -47,9 +56,12 @@ def compare_bases(bases: list[str], run_worker, args) -> int:
     from common import machine
 
     load_before = os.getloadavg()[0]
-    work = {b: run_worker("lorakit", args, None if b == "fp32" else b) for b in bases}
+    work = {}
+    for b in bases:
+        kind, checkpointing = parse_base(b)
+        work[b] = run_worker("lorakit", args, None if kind == "fp32" else kind, checkpointing)
     root = Path(tempfile.mkdtemp(prefix="lorakit-bases-"))
-    runs = {b: cli_run(b, root / b) for b in bases}
+    runs = {b: cli_run(b, root / b) for b in bases} if not args.workers_only else {}
     print(f"# memory.py --bases {','.join(bases)} --steps {args.steps} --batch-size {args.batch_size}: lorakit LoRA "
           f"r=8 on 7 projections of SmolLM2-135M-Instruct; columns 2-4: memory.py's worker ({args.steps} G2P steps); "
           f"the rest: one default `lorakit train [--quantize]` each; {machine()}; load average at start "
@@ -60,12 +72,19 @@ def compare_bases(bases: list[str], run_worker, args) -> int:
     ref = bases[0]
     pk = lambda r: max(r["peak_kib"], r["hwm_kib"] or 0)  # noqa: E731
     for b in bases:
-        w, r = work[b], runs[b]
+        w = work[b]
+        row = (f"| {b} | {w['after_load_kib'] * MIB:.0f} | {w['load_hwm_kib'] * MIB:.0f} | {pk(w) * MIB:.0f} | "
+               f"{pk(w) / pk(work[ref]):.3f} | ")
+        if b not in runs:  # --workers-only
+            print(row + "- | - | - | - | - | - |")
+            continue
+        r = runs[b]
         after, tr = r["eval"]["after"], r["eval"]["train"]
-        print(f"| {b} | {w['after_load_kib'] * MIB:.0f} | {w['load_hwm_kib'] * MIB:.0f} | {pk(w) * MIB:.0f} | "
-              f"{pk(w) / pk(work[ref]):.3f} | {r['maxrss_kib'] * MIB:.0f} | {r['maxrss_kib'] / runs[ref]['maxrss_kib']:.3f} | "
+        print(row + f"{r['maxrss_kib'] * MIB:.0f} | {r['maxrss_kib'] / runs[ref]['maxrss_kib']:.3f} | "
               f"{tr['tokens_per_s']:.0f} | {after['per']:.4f} | {after['exact_match']:.3f} | "
               f"{after['per'] / runs[ref]['eval']['after']['per']:.3f} |")
+    if not runs:
+        return 0
     before = runs[ref]["eval"]["before"]
     print(f"\nbase model before training ({ref}): PER {before['per']:.4f}, exact match {before['exact_match']:.3f}; "
           f"wall s: " + ", ".join(f"{b} {runs[b]['wall_s']:.0f}" for b in bases))

@@ -83,3 +83,15 @@ def test_classify_task_defaults_and_refused_options():
 def test_train_options_without_config_attribute():
     o, _ = train_options(argparse.Namespace(steps=3))
     assert o.steps == 3 and o.max_length == 64
+
+
+def test_gradient_checkpointing_is_on_with_quantize_unless_turned_off(tmp_path):
+    """QLoRA's memory recipe (as PEFT's prepare_model_for_kbit_training): --quantize recomputes activations."""
+    assert parse()[0].gradient_checkpointing is False
+    assert parse("--gradient-checkpointing")[0].gradient_checkpointing is True
+    assert parse("--quantize", "nf4")[0].gradient_checkpointing is True
+    assert parse("--quantize", "int8", "--no-gradient-checkpointing")[0].gradient_checkpointing is False
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("quantize: nf4\ngradient_checkpointing: false\n")
+    assert parse("--config", cfg)[0].gradient_checkpointing is False
+    assert parse("--config", cfg, "--gradient-checkpointing")[0].gradient_checkpointing is True

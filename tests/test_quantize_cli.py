@@ -45,6 +45,7 @@ def test_train_quantized_then_eval_and_merge(tiny, capsys, tmp_path, kind):
                             "--batch-size", 2, "--lr", "0.05", "--output", out, "--no-progress", "--quantize", kind)
     assert code == 0, stdout + err
     assert f"quantised to {kind}" in err
+    assert "gradient checkpointing: activations recomputed" in stdout + err  # QLoRA's recipe
     assert json.loads((out / "lorakit.json").read_text())["quantize"] == kind
     ev = json.loads((out / "eval.json").read_text())
     assert f"linear layers quantised to {kind}" in run(capsys, "info", out)[1]

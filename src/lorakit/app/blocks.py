@@ -51,3 +51,16 @@ def set_checkpointing(model, on: bool) -> None:
     else:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
+
+
+@contextmanager
+def checkpointed(model, on: bool):
+    """Activation checkpointing on inside the block when ``on`` (off again after, even on an error)."""
+    if not on:
+        yield
+        return
+    set_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        set_checkpointing(model, False)

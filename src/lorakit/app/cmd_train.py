@@ -208,13 +208,15 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
     (summary, records).
 
     A resumed run rewrites ``metrics.jsonl`` from the checkpoint's records, then appends its own."""
-    if o.gradient_checkpointing:
-        loop.set_checkpointing(model, True)
     main = d is None or d.main
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if o.gradient_checkpointing:
+            print("gradient checkpointing: activations recomputed in the backward" + (
+                " (--quantize's default; --no-gradient-checkpointing keeps them)" if o.quantize else ""))
     history: list[dict] = []
-    with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file:
+    with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file, \
+            loop.checkpointed(model, o.gradient_checkpointing):
 
         def on_log(rec: dict) -> None:
             history.append(rec)
@@ -222,8 +224,6 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
             metrics_file.flush()
 
         summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck, dist=d)
-    if o.gradient_checkpointing:
-        loop.set_checkpointing(model, False)
     first, last = summary["resumed_from"] + 1, summary["steps"]
     done = f"{last} steps" if first == 1 else f"steps {first}-{last}" if first <= last else "no steps (resumed at the last)"
     skipped = f" ({summary['skipped_steps']} non-finite steps skipped)" if summary["skipped_steps"] else ""

@@ -24,7 +24,7 @@ from lorakit import active_adapters
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
 from . import checkpoint, distributed, fsdp_state
-from .blocks import blocks, compile_blocks, set_checkpointing  # noqa: F401  (set_checkpointing: the loop's API)
+from .blocks import blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (the loop's API)
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .interrupt import Signals

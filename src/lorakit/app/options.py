@@ -89,7 +89,10 @@ class TrainOptions:
                                 "generate and merge rebuild the same base (merge writes a dequantised, full-precision "
                                 "checkpoint); needs bitsandbytes", type=str)
     bf16: bool = _opt(False, "bfloat16 autocast if the CPU supports it")
-    gradient_checkpointing: bool = _opt(False, "recompute activations")
+    gradient_checkpointing: bool = _opt(False, "recompute each block's activations in the backward instead of keeping "
+                                        "them (default: on with --quantize, as QLoRA and PEFT's "
+                                        "prepare_model_for_kbit_training do; off with --no-gradient-checkpointing)",
+                                        group="negatable")
     compile: bool = _opt(False, "torch.compile the transformer blocks: faster steps after a 15-75 s first step")
     eval_every: int = _opt(_default(TrainConfig, "eval_every"), "validation loss every N steps (0 = never)", type=int)
     test_size: int = _opt(200, "built-in task: test words", type=int)
@@ -137,8 +140,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     groups = {"length": p.add_mutually_exclusive_group()}
     for f in FIELDS.values():
         m = f.metadata
-        target = groups[m["group"]] if m["group"] else p
         flag = m["flag"] or "--" + f.name.replace("_", "-")
+        if m["group"] == "negatable":  # --x and --no-x: its default depends on other options (task_defaults)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=m["help"])
+            continue
+        target = groups[m["group"]] if m["group"] else p
         if m["type"] is None:  # a switch: sets the opposite of the default
             target.add_argument(flag, dest=f.name, action="store_const", const=not f.default, help=m["help"])
             continue
@@ -152,12 +158,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def task_defaults(task: str, values: dict) -> dict:
     """Defaults of ``task`` that replace ``TrainOptions``' (given ``values`` from file and flags)."""
     length_given = "steps" in values or "epochs" in values
+    recipe = {"gradient_checkpointing": values.get("quantize") is not None}  # QLoRA's memory recipe
     if task == "classify":
         d = {"epochs": classify.EPOCHS, "batch_size": classify.BATCH_SIZE, "max_length": classify.MAX_LENGTH,
-             "target_modules": list(classify.TARGETS)}
+             "target_modules": list(classify.TARGETS), **recipe}
         return {k: v for k, v in d.items() if not (k == "epochs" and length_given)}
     builtin = values.get("data") is None
-    d = {"max_length": g2p.G2P_MAX_LENGTH if builtin else USER_MAX_LENGTH}
+    d = {"max_length": g2p.G2P_MAX_LENGTH if builtin else USER_MAX_LENGTH, **recipe}
     if not length_given:
         d.update({"steps": g2p.G2P_STEPS} if builtin else {"epochs": USER_EPOCHS})
     if builtin and "r" not in values and "lora_alpha" not in values:  # the job's rank, with its alpha
