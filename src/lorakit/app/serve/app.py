@@ -143,6 +143,14 @@ def create_app(server: Server) -> FastAPI:
         return _error(500, f"internal error: {type(e).__name__}", code="internal_error")
 
     _routes(app, server)
+    described = app.openapi  # FastAPI's generator (cached), then the request bodies it cannot see
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = protocol.openapi_bodies(described())
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

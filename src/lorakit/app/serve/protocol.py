@@ -69,6 +69,41 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class LoadAdapterRequest(BaseModel):  # vLLM's /v1/load_lora_adapter body (checked by the route itself)
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):  # vLLM's /v1/unload_lora_adapter body
+    lora_name: str
+
+
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+          "/v1/load_lora_adapter": LoadAdapterRequest, "/v1/unload_lora_adapter": UnloadAdapterRequest}
+
+
+def openapi_bodies(doc: dict) -> dict:
+    """FastAPI's OpenAPI document ``doc`` with each POST route's JSON request body described (the routes read
+    raw bytes, to answer malformed bodies with OpenAI's error shape, so FastAPI cannot see their models),
+    and the bearer API key as the /v1 routes' security scheme."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in BODIES.items():
+        op = doc.get("paths", {}).get(path, {}).get("post")
+        if op is None:  # the load/unload routes exist only with --allow-runtime-loading
+            continue
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+    doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, item in doc.get("paths", {}).items():
+        for op in item.values():
+            if path.startswith("/v1"):
+                op["security"] = [{"bearer": []}]
+    return doc
+
+
 def parse_json(raw: bytes) -> dict:
     """A request body -> its JSON object.
 
