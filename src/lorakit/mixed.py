@@ -124,9 +124,10 @@ class _Route:
         return self._banked
 
     def columns(self) -> int:
-        """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row)."""
+        """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row). Read
+        off the bank's shape, no slot synced: the form then taken syncs the slots it reads."""
         if self._columns is None:
-            a_t = self.bank_segments()[0]
+            a_t = self.layer.bank([]).a_t
             self._columns = a_t.shape[0] * a_t.shape[2]
         return self._columns
 
