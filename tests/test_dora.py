@@ -420,3 +420,24 @@ def test_cached_norm_sees_a_replaced_tensor_and_data_edits_after_eval():
     layer.base_layer.weight.data.mul_(1.5)  # in place, no version bump: seen after eval()
     model.eval()
     torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)
+
+
+def test_dora_refuses_an_all_zero_output_feature_naming_the_module_and_feature():
+    """‖W_i‖ = 0 for an all-zero row i (by hand): m_i / ‖W_i + s·B_i A‖ = 0 / 0 at B = 0, a NaN output (PEFT's
+    too); refused before anything changes. Conv1D stores (in, out): its feature 2 is column 2."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), Conv1D(3, 3))
+    with torch.no_grad():
+        model[2].weight[:, 2] = 0.0
+        model[2].weight[1, :] = 0.0  # a zero input row of Conv1D is no zero output feature
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lorakit.TargetModuleError, match=r"'2'.*output feature 2 .*all zeros"):
+        lorakit.inject(model, LoRAConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    assert type(model[0]) is nn.Linear and type(model[2]) is Conv1D and not lorakit.list_adapters(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        model[2].weight[0, 2] = 1e-3  # small but not zero: its norm is 1e-3, the output finite
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["0", "2"], use_dora=True))
+    assert torch.isfinite(model(torch.randn(2, 4))).all()

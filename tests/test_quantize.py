@@ -239,3 +239,54 @@ def test_dora_on_a_quantized_base_is_refused_naming_the_module_and_nothing_chang
     with pytest.raises(TargetModuleError, match=r"target module '0' has a quantised base.*DoRA"):
         inject(model, LoRAConfig(r=2, target_modules=["0", "2"], use_dora=True))
     assert [type(m) for m in model] == before and not list_adapters(model)
+
+
+def two_linears(dtype2=torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64).to(dtype2))
+
+
+def unchanged(model: nn.Sequential, before: dict) -> bool:
+    """Same module types (no quantised layer) and the same tensors, bit for bit."""
+    after = model.state_dict()
+    return (lorakit.quantization(model) is None and all(type(m) in (nn.Linear, nn.ReLU) for m in model)
+            and before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: lorakit.quantize_base("model", "nf4"), r"model must be a torch\.nn\.Module, got str"),
+    (lambda m: lorakit.quantize_base(m, "nf4", skip=[0]), r"skip entries must be module names \(str\), got 0"),
+    (lambda m: lorakit.quantize_base(m, "nf4", skip=[], compute_dtype="float16"),
+     r"compute_dtype must be torch\.float16, torch\.bfloat16 or torch\.float32, got 'float16'"),
+    (lambda m: lorakit.quantize_base(m, "nf4", skip=[], compute_dtype=torch.int8), r"compute_dtype .* got torch\.int8"),
+])
+def test_quantize_base_refuses_wrong_argument_types_naming_them(call, match):
+    m = two_linears()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(lorakit.ConfigError, match=match):
+        call(m)
+    assert unchanged(m, before)
+
+
+def test_skip_given_as_one_string_is_one_module_name():
+    m = lorakit.quantize_base(two_linears(), "nf4", skip="2")  # not the characters of "2"
+    assert type(m[0]) is bnb.nn.Linear4bit and type(m[2]) is nn.Linear
+    with pytest.raises(lorakit.TargetModuleError, match=r"skip entry 'lin' matches no module"):
+        lorakit.quantize_base(two_linears(), "nf4", skip="lin")
+
+
+def test_nf4_refuses_a_float64_layer_before_quantising_any_naming_it():
+    m = two_linears(torch.float64)  # bitsandbytes' 4-bit quantiser takes 16- and 32-bit floats only
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(QuantizedBaseError, match=r"quantise '2' to nf4: it holds a torch\.float64 weight.*float32"):
+        lorakit.quantize_base(m, "nf4", skip=[])
+    assert unchanged(m, before)  # layer '0' (float32) was not quantised either
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16", None])
+def test_dequantize_refuses_a_dtype_that_is_not_floating_and_changes_nothing(dtype):
+    m = lorakit.quantize_base(two_linears(), "int8", skip=[])
+    codes = m[0].weight.data.clone()
+    with pytest.raises(lorakit.ConfigError, match=r"dtype must be a floating torch\.dtype, got " + repr(dtype)):
+        lorakit.dequantize(m, dtype)
+    assert type(m[0]) is bnb.nn.Linear8bitLt and torch.equal(m[0].weight.data, codes)

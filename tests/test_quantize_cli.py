@@ -110,3 +110,24 @@ def test_quantize_is_bound_to_a_checkpoint():
                             changeable)
     kept = resumed_options(TrainOptions(resume="runs/x"), frozenset({"resume"}), run, changeable)
     assert kept.quantize == "nf4"  # not given again: the run's own
+
+
+def test_merge_to_gguf_dequantizes_the_quantized_base_like_the_transformers_merge(tiny, capsys, tmp_path):
+    from gguf import GGUFReader
+
+    model, data = tiny
+    out = tmp_path / "adapter"
+    assert run(capsys, "train", "--model", model, "--data", data, "--steps", 2, "--batch-size", 2, "--lr", "0.05",
+               "--output", out, "--no-progress", "--quantize", "nf4")[0] == 0
+    code, stdout, err = run(capsys, "merge", "--adapter", out, "--format", "gguf", "--outtype", "f32",
+                            "--output", tmp_path / "m.gguf")
+    assert code == 0, stdout + err
+    name = "model.layers.1.mlp.down_proj"  # blk.1.ffn_down: not permuted (only q / k rows are)
+    lora, cfg = load_file(out / "adapter_model.safetensors"), json.loads((out / "adapter_config.json").read_text())
+    a = lora[f"base_model.model.{name}.lora_A.weight"].double()
+    b = lora[f"base_model.model.{name}.lora_B.weight"].double()
+    w = bnb_dequant(load_file(model / "model.safetensors")[f"{name}.weight"], "nf4")
+    expected = w + cfg["lora_alpha"] / cfg["r"] * b @ a  # float64, by hand
+    t = next(t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.1.ffn_down.weight")
+    got = torch.from_numpy(t.data.copy()).double().reshape(expected.shape)
+    assert (b.abs().max() > 0).item() and torch.allclose(got, expected, atol=1e-6, rtol=0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import dora
 from . import modules_to_save as mts
 from . import param_wrapper as pw
 from . import trainable_tokens as tt
@@ -154,6 +155,21 @@ def _target(name: str, module: nn.Module, config: LoRAConfig, adapter_name: str,
     r = config.rank_for(name)
     n_in, n_out = cls.features(base)
     return Target(name, r, config.alpha_for(name), n_in, n_out, cls.peft_shapes(base, r, config.use_dora, config.lora_bias))
+
+
+def check_dora_norms(model: nn.Module, targets: list[Target]) -> None:
+    """Raise ``TargetModuleError`` naming the first target with an all-zero output feature: a fresh DoRA
+    adapter (B = 0) starts with ``m = ‖W‖_c = 0`` there and divides 0 by 0 (NaN outputs, as in PEFT)."""
+    for t in targets:
+        module = model.get_submodule(t.name)
+        base = _base(module)
+        cls = type(module) if isinstance(module, LoRALayer) else lora_class_for(base)
+        zero = (dora.column_norm(base.weight.detach(), cls.weight_out_axis) == 0).nonzero()
+        if len(zero):
+            raise TargetModuleError(
+                f"target module {t.name!r}: output feature {int(zero[0])} of its {type(base).__name__} weight is all "
+                f"zeros ({len(zero)} such), so DoRA's magnitude / ‖W‖_c would be 0 / 0 (NaN outputs, as in PEFT); "
+                "leave it out of target_modules or use plain LoRA")
 
 
 def find_targets(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> list[Target]:
@@ -312,7 +328,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         ConfigError: ``adapter_name`` is not a str, or ``model`` / ``config`` of the wrong type.
         MixedBatchError: called inside ``mixed_batch``.
         AdapterExistsError: the model already has an adapter ``adapter_name`` (on any layer).
-        TargetModuleError: see ``find_targets`` and ``aux_targets``.
+        TargetModuleError: see ``find_targets`` and ``aux_targets``; a fresh DoRA adapter on a weight with an
+            all-zero output feature (``check_dora_norms``).
         MergeStateError: adapters are merged (unmerge first).
     """
     _check_can_inject(model, config, adapter_name)
@@ -323,6 +340,8 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
         if any(isinstance(_base(model.get_submodule(t.name)), conv1d) for t in targets):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
     tokens, params = aux_targets(model, config, adapter_name, {t.name for t in targets})
+    if config.use_dora and init_weights and config.init_lora_weights is not False:  # B = 0: m = ‖W‖_c
+        check_dora_norms(model, targets)
     shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -37,6 +37,8 @@ from .tree import adapter_modules, set_submodule
 
 QUANT_TYPES = ("nf4", "int8")
 NF4_BLOCKSIZE = 64  # weights per absmax (QLoRA's block size)
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what bitsandbytes' 4-bit layers compute in
+NF4_WEIGHT_DTYPES = COMPUTE_DTYPES  # what bitsandbytes' 4-bit quantiser reads (not float64)
 
 
 def _bnb():
@@ -91,6 +93,38 @@ def _quantized(bnb, lin: nn.Linear, kind: str, compute_dtype: torch.dtype | None
     return keep_cpu_layout(q.to(w.device))  # bitsandbytes quantises on this move
 
 
+def _check_arguments(model, skip, compute_dtype) -> list[str]:
+    """``skip`` as a list of names (one str: one name, not its characters).
+
+    Raises:
+        ConfigError: ``model`` is not an ``nn.Module``, a ``skip`` entry is not a str, or ``compute_dtype``
+            is not None / float16 / bfloat16 / float32 (each named).
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    bad = [s for s in skip if not isinstance(s, str)]
+    if bad:
+        raise ConfigError(f"skip entries must be module names (str), got {bad[0]!r}")
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be {', '.join(map(str, COMPUTE_DTYPES[:-1]))} or {COMPUTE_DTYPES[-1]}, "
+                          f"got {compute_dtype!r}")
+    return skip
+
+
+def _check_weights(model: nn.Module, todo: list[str], kind: str) -> None:
+    """Raise ``QuantizedBaseError`` naming the first layer of ``todo`` whose weight ``kind`` cannot quantise
+    (NF4: bitsandbytes reads 16- and 32-bit floats only), before any layer is replaced."""
+    if kind != "nf4":
+        return
+    for name in todo:
+        dtype = model.get_submodule(name).weight.dtype
+        if dtype not in NF4_WEIGHT_DTYPES:
+            raise QuantizedBaseError(f"cannot quantise {name!r} to nf4: it holds a {dtype} weight and bitsandbytes' "
+                                     "4-bit quantiser reads float16, bfloat16 or float32 only; cast the model "
+                                     "(model.float()) first, or skip the layer")
+
+
 def _skipped(name: str, skip: list[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
@@ -112,14 +146,17 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     memory back to the OS). Returns ``model``.
 
     Raises:
-        ConfigError: ``kind`` is not ``"nf4"`` or ``"int8"``.
-        QuantizedBaseError: adapters are already injected (quantise the base first), or bitsandbytes is
-            missing; nothing is changed.
+        ConfigError: ``kind`` is not ``"nf4"`` or ``"int8"``, ``model`` is not an ``nn.Module``, a ``skip``
+            entry is not a str (a single str is one name), or ``compute_dtype`` is not float16 / bfloat16 /
+            float32; nothing is changed.
+        QuantizedBaseError: adapters are already injected (quantise the base first), bitsandbytes is
+            missing, or a layer's weight dtype cannot be quantised (NF4 of a float64 weight; the layer
+            named); nothing is changed.
         TargetModuleError: no ``nn.Linear`` is left to quantise, or a ``skip`` entry matches no module
             (nearest names listed); nothing is changed.
     """
     check_kind(kind)
-    skip = list(skip or [])
+    skip = _check_arguments(model, skip, compute_dtype)
     if next(adapter_modules(model), None) is not None:
         raise QuantizedBaseError(f"{type(model).__name__} already has LoRA adapters; quantise the base model "
                                  "before inject / load_adapter")
@@ -135,6 +172,7 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     if not todo:
         raise TargetModuleError(f"{type(model).__name__} has no nn.Linear to quantise (output head and skip={skip} "
                                 "kept full precision)")
+    _check_weights(model, todo, kind)
     bnb = _bnb()
     for name in todo:
         layer = _quantized(bnb, model.get_submodule(name), kind, compute_dtype)
@@ -195,7 +233,12 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     quantised forward multiplies by the same dequant(W)); adapters are untouched and can then be merged:
     ``W' = dequant(W) + s·B·A`` (``lorakit.merge`` / ``unload``). A no-op on a model without quantised
     layers. Returns ``model``.
+
+    Raises:
+        ConfigError: ``dtype`` is not a floating ``torch.dtype``; nothing is changed.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     layers = [(n, m) for n, m in model.named_modules() if _kind(m) is not None]
     for name, layer in layers:
         set_submodule(model, name, _full_precision(layer, dtype))

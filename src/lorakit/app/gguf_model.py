@@ -21,6 +21,7 @@ from .console import quiet_transformers
 from .gguf_adapter import write_gguf
 from .gguf_names import gguf_arch, name_map, permuted_heads
 from .models import DEFAULT_MODEL, default_gguf, load_with_adapter, make_plain
+from .qbase import full_precision
 from .rope_layout import BaseDims, read_dims, to_interleaved
 
 # copied from a GGUF base except these: the writer adds the architecture, the rest describe the old tensors
@@ -143,6 +144,7 @@ def cmd_merge_gguf(args: argparse.Namespace) -> int:
         raise CLIError(f"output {str(out)!r} is a folder; --format gguf writes one file")
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
+    full_precision(lm.model)  # a quantised base: float32 dequant(W) first, as the transformers merge
     model = unload(lm.model, merge=True)
     make_plain(model)
     outtype = args.outtype or "f16"
