@@ -245,12 +245,17 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
 
 
 def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, dict] | None,
-                   main: bool = True) -> Checkpointing:
+                   main: bool = True, world: int = 1) -> Checkpointing:
     """How this run checkpoints: every ``--save-every`` steps, and on SIGINT / SIGTERM.
 
     Raises:
-        CheckpointError: resuming with changed data or base model files (changed keys listed).
+        CheckpointError: resuming with changed data or base model files (changed keys listed), or on
+            another number of processes (``world``; refused before any file of the run is touched).
     """
+    if resume is not None and resume[1]["config"].get("world_size", 1) != world:
+        was = resume[1]["config"].get("world_size", 1)
+        raise CheckpointError(f"{str(resume[0])!r} was written by {was} processes; resume it on as many: "
+                              f"world_size ({was} -> {world})")
     if resume is not None:
         changed = checkpoint.changed_keys(resume[1]["config"]["run"], run)
         if changed:
@@ -310,7 +315,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     main = d is None or d.main
     out = output_folder(o, "g2p" if o.builtin else "lora")
     run = _run_config(o)
-    ck = _checkpointing(o, out, run, resume, main)
+    ck = _checkpointing(o, out, run, resume, main, d.world if d is not None else 1)
     train_data, val_data, split = _read_data(o)
     if o.bf16 and not _bf16_supported():
         log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
