@@ -53,7 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
     if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
         _check_data_files(o)  # here, before any worker starts: a worker failing alone leaves its peers' noise
-        return distributed.launch(distributed.without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc)
+        return distributed.launch(distributed.without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc,
+                                  o.fsdp)
     return train_lm(o, t_start, resume)
 
 

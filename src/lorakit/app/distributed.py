@@ -163,9 +163,17 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(argv: list[str], nproc: int) -> int:
+# glibc's malloc: blocks of 256 KiB and more get their own memory map, returned to the system when
+# freed. By default the threshold grows to the largest block freed (up to 32 MiB), so FSDP's per-layer
+# gather buffers, allocated and freed every forward, end up in the heap, which fragments and keeps them
+# (SmolLM2-135M, 16 test words then 3 steps: rank 1 grew from 1.1 to 1.9 GiB; 0.9 GiB with this).
+FSDP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
+
+
+def launch(argv: list[str], nproc: int, fsdp: bool = False) -> int:
     """Run ``lorakit <argv>`` on ``nproc`` processes, as ``torchrun --standalone --nproc_per_node nproc``
-    does (torch's elastic launcher, in this process); the exit status.
+    does (torch's elastic launcher, in this process); the exit status. ``fsdp``: the workers start
+    with ``FSDP_MALLOC`` in their environment (unless set already).
 
     SIGINT / SIGTERM reach the workers (which checkpoint, then exit); a failing worker stops the others
     and its status is returned (rank 0's message says why; another rank's failure is named here).
@@ -179,6 +187,8 @@ def launch(argv: list[str], nproc: int) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks report for themselves
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets: the ranks share the cores
     os.environ["LORAKIT_NPROC"] = str(nproc)
+    for k, v in FSDP_MALLOC.items() if fsdp else ():
+        os.environ.setdefault(k, v)  # read by glibc when a worker starts
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:

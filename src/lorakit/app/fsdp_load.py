@@ -92,3 +92,18 @@ def shard(model: nn.Module, d: Dist) -> None:
     _set_buffers(model, buffers[0])
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()  # a meta model's tensors were assigned one by one
+    if d.main:
+        _own_memory(model)
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy what is left whole (embeddings, norm, LM head, buffers) out of the loaded file's memory map.
+
+    transformers loads safetensors as views of one read-only map of the file; while any tensor views it,
+    every page the broadcast read stays resident (measured on SmolLM2-135M: 610 MiB of file pages on
+    rank 0 after sharding, 96 MiB once the map is gone)."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for t in {id(t): t for t in [*model.parameters(), *model.buffers()] if not isinstance(t, DTensor)}.values():
+            t.data = t.data.clone()
