@@ -91,8 +91,9 @@ def one_process(world):  # checkpoints at 30 and 60: the unsharded anchor of the
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(world):
-    run(lorakit(*train_args("fsdp", 2, "--nproc", 2, "--fsdp", "--save-every", 30)), world)
+def fsdp_run(world):  # each rank records what it held of the base (_fsdp_probe.py)
+    run(torchrun(HERE / "_fsdp_probe.py", world / "fsdp-probe", *train_args("fsdp", 2, "--fsdp", "--save-every", 30)),
+        world)
     return world / "fsdp"
 
 
@@ -246,7 +247,7 @@ def test_fsdp_checkpoint_holds_the_whole_adapter_and_optimizer_state(world, one_
             assert opt[k].shape == opt_ref[k].shape, k  # whole, not a shard
             # float rounding of the gradient's reduction only (measured: relative error <= 1e-6)
             assert float((opt[k] - opt_ref[k]).norm()) <= 1e-5 * float(opt_ref[k].norm()) and opt_ref[k].any(), k
-    final = load_file(fsdp_run / "adapter_model.safetensors")  # gathered by unsharding, not by the checkpoint code
+    final = load_file(fsdp_run / "adapter_model.safetensors")  # gathered without the optimizer state
     last = load_file(fsdp_run / "checkpoint-60" / "adapter_model.safetensors")
     assert set(final) == set(last) and all(torch.equal(final[k], last[k]) for k in final)
 
@@ -276,6 +277,31 @@ def test_fsdp_needs_several_processes_also_to_resume(world, fsdp_run):
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr, p.stderr
     assert sorted(x.name for x in (world / "fsdp-refuse").iterdir()) == ["checkpoint-30"]
+
+
+def test_fsdp_rank_1_never_holds_the_whole_base(world, one_process, fsdp_run):
+    """Sharded loading: rank 0 alone reads the base; rank 1 builds it on the meta device and receives only
+    its shards; after each layer's forward no layer stays gathered (evaluation, validation, training)."""
+    r0, r1 = (json.loads((world / f"fsdp-probe-rank{k}.json").read_text()) for k in (0, 1))
+    assert r0["loads"] == 1 and r1["loads"] == 0
+    r = json.loads((fsdp_run / "adapter_config.json").read_text())["r"]
+    shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (48, 32), (48, 32), (32, 48)]  # q k v o gate up down (out, in)
+    layer = sum(o * i + r * (o + i) for o, i in shapes) + 2 * 32  # base, lora_B + lora_A, two norms
+    assert [c["bytes"] for c in r1["shard_calls"]] == [4 * layer] * 2  # float32, _tiny's 2 layers
+    assert all(c["held"] == 0 for c in r1["shard_calls"])  # every layer was on meta when sharded
+    assert all(c["held"] == c["bytes"] for c in r0["shard_calls"])  # rank 0: the loaded layer
+    assert r0["most_gathered_after_forward"] == r1["most_gathered_after_forward"] == 0
+    a, b = load_file(one_process[0] / "adapter_model.safetensors"), load_file(fsdp_run / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_resume_of_a_two_rank_fsdp_run_on_three_is_refused(world, fsdp_run):
+    (world / "fsdp-three").mkdir()
+    shutil.copytree(fsdp_run / "checkpoint-30", world / "fsdp-three" / "checkpoint-30")
+    p = subprocess.run(lorakit("train", "--resume", "fsdp-three", "--nproc", 3), cwd=world, env=env(),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 1 and "world_size (2 -> 3)" in p.stderr, p.stderr
+    assert sorted(x.name for x in (world / "fsdp-three").iterdir()) == ["checkpoint-30"]
 
 
 def test_sigterm_to_the_nproc_launcher_reaches_the_workers(world):

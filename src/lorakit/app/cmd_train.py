@@ -25,7 +25,7 @@ from lorakit import disable_adapters, inject, merge, save_adapter, trainable_par
 from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
 from lorakit.durable import write_json
 
-from . import checkpoint, classify, distributed, full, g2p, loop
+from . import checkpoint, classify, distributed, fsdp_load, fsdp_state, full, g2p, loop
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .console import log, pct, quiet_transformers
@@ -53,21 +53,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
     if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
         _check_data_files(o)  # here, before any worker starts: a worker failing alone leaves its peers' noise
-        return distributed.launch(_without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc)
+        return distributed.launch(distributed.without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc,
+                                  o.fsdp)
     return train_lm(o, t_start, resume)
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    """The command line without ``--nproc N`` (what each torchrun worker runs)."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--nproc="):
-            skip = False
-            continue
-        skip = a == "--nproc"
-        if not skip:
-            out.append(a)
-    return out
 
 
 def output_folder(o: TrainOptions, name: str, adapter_dir: str = ".") -> Path:
@@ -169,17 +157,21 @@ def _bf16_supported() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
-def _model_with_lora(o: TrainOptions):
-    """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``."""
+def _model_with_lora(o: TrainOptions, d: Dist | None = None):
+    """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``;
+    under ``--fsdp`` loaded sharded (``fsdp_load``: only rank 0 reads the base), its layers split."""
     quiet_transformers()
     torch.manual_seed(o.seed)
-    lm = load_base(o.model, o.quantize)
+    fsdp = d is not None and d.fsdp
+    lm = fsdp_load.skeleton(load_base, o.model, d) if fsdp else load_base(o.model, o.quantize)
     if o.full:
         n = full.prepare(lm.model)
         return lm, None, n, n
     lcfg = o.lora_config(base_model_name_or_path=DEFAULT_HF_ID if lm.reference == DEFAULT_MODEL else lm.reference)
     inject(lm.model, lcfg)
     trainable, total = trainable_parameters(lm.model)
+    if fsdp:
+        fsdp_load.shard(lm.model, d)
     return lm, lcfg, trainable, total - trainable
 
 
@@ -254,12 +246,17 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
 
 
 def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, dict] | None,
-                   main: bool = True) -> Checkpointing:
+                   main: bool = True, world: int = 1) -> Checkpointing:
     """How this run checkpoints: every ``--save-every`` steps, and on SIGINT / SIGTERM.
 
     Raises:
-        CheckpointError: resuming with changed data or base model files (changed keys listed).
+        CheckpointError: resuming with changed data or base model files (changed keys listed), or on
+            another number of processes (``world``; refused before any file of the run is touched).
     """
+    if resume is not None and resume[1]["config"].get("world_size", 1) != world:
+        was = resume[1]["config"].get("world_size", 1)
+        raise CheckpointError(f"{str(resume[0])!r} was written by {was} processes; resume it on as many: "
+                              f"world_size ({was} -> {world})")
     if resume is not None:
         changed = checkpoint.changed_keys(resume[1]["config"]["run"], run)
         if changed:
@@ -274,8 +271,9 @@ def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, di
     return Checkpointing(out, o.save_every, o.keep, run, resume=resume is not None, extra={"options": changeable})
 
 
-def _save_adapter(model, out: Path, meta: dict) -> None:
-    """The trained adapter and ``lorakit.json``, each file atomically.
+def _save_adapter(model, out: Path, meta: dict, tensors: dict | None = None) -> None:
+    """The trained adapter (``tensors``: its whole values, gathered from FSDP shards) and ``lorakit.json``,
+    each file atomically.
 
     Raises:
         SaveError: a write failed (the folder named; files already there are left as they were).
@@ -283,7 +281,7 @@ def _save_adapter(model, out: Path, meta: dict) -> None:
     new = [f for f in (out / "adapter_model.safetensors", out / "adapter_config.json", out / "lorakit.json")
            if not f.exists()]
     try:
-        save_adapter(model, out)  # the weights first: a failure there leaves every file as it was
+        save_adapter(model, out, tensors=tensors)  # the weights first: a failure there leaves every file as it was
         write_metadata(out, meta)
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         for f in new:  # no half adapter where there was none
@@ -318,12 +316,12 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     main = d is None or d.main
     out = output_folder(o, "g2p" if o.builtin else "lora")
     run = _run_config(o)
-    ck = _checkpointing(o, out, run, resume, main)
+    ck = _checkpointing(o, out, run, resume, main, d.world if d is not None else 1)
     train_data, val_data, split = _read_data(o)
     if o.bf16 and not _bf16_supported():
         log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
         o = dataclasses.replace(o, bf16=False)
-    lm, lcfg, trainable, base_params = _model_with_lora(o)
+    lm, lcfg, trainable, base_params = _model_with_lora(o, d)
     model, tok = lm.model, lm.tokenizer
     print(f"output: {out}")
     if o.full:
@@ -343,7 +341,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     if resume is not None:  # evaluated before the interrupted run's first step
         results["before"], before_preds = resume[1]["extra"]["before"], resume[1]["extra"]["before_preds"]
         print(f"resuming from {resume[0]} (step {resume[1]['step']} of {n_steps})", flush=True)
-    elif main:
+    elif main or o.fsdp:  # a sharded model evaluates on every rank together
         with disable_adapters(model) if not o.full else nullcontext():  # the base model (B = 0: same, slower)
             results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")
     else:
@@ -354,13 +352,14 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
                             None if o.full else ck, d)
     meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
-    with distributed.unsharded(model) if o.fsdp else nullcontext():  # all ranks gather, rank 0 writes
-        if main and o.full:
-            print(f"model written to {full.save(model, tok, out, meta)}")
-        elif main:
-            _save_adapter(model, out, meta)
-        if d is not None:
-            d.barrier()
+    # FSDP: all ranks gather the adapter's tensors, one at a time (not the layers); rank 0 writes
+    whole = fsdp_state.gather_adapters(model, ["default"]) if o.fsdp else None
+    if main and o.full:
+        print(f"model written to {full.save(model, tok, out, meta)}")
+    elif main:
+        _save_adapter(model, out, meta, whole["default"] if whole else None)
+    if d is not None:
+        d.barrier()
     if main or o.fsdp:  # a sharded model evaluates on every rank together; rank 0 writes
         _finish(model, tok, out, (train_data, split, val_ex), results, before_preds, summary, history, t_start,
                 merged=not (o.fsdp or o.full or o.quantize is not None), write=main,  # a quantised base cannot merge

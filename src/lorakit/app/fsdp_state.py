@@ -39,6 +39,32 @@ def _peft_fqns(model: nn.Module, adapter: str) -> dict[str, str]:
     return out
 
 
+def _model_part(model: nn.Module, adapters: list[str]) -> tuple[dict, dict, object]:
+    """``({adapter: {PEFT key: state-dict name}}, model state dict, its options)``: the state dict holds
+    whole CPU tensors on rank 0, nothing elsewhere, and only the trainable parameters unless an adapter
+    tensor is frozen. torch gathers one tensor at a time: a layer's frozen base is never gathered whole."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    keys = {a: _peft_fqns(model, a) for a in adapters}
+    # frozen adapter tensors (an active adapter not trained) are not in a trainable-only state dict
+    frozen = not all(p.requires_grad for a in adapters for p in adapter_tensors(model, a).values())
+    opts = _options(cpu_offload=True, ignore_frozen_params=not frozen)
+    return keys, get_model_state_dict(model, options=opts), opts
+
+
+def gather_adapters(model: nn.Module, adapters: list[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The whole tensors of ``adapters`` of a sharded model (a collective: every rank calls it):
+    ``{adapter: {PEFT key: whole CPU tensor}}`` on rank 0, None on the others.
+
+    Raises:
+        CheckpointError: an adapter tensor that is no parameter or buffer of the model (named).
+    """
+    import torch.distributed as dist
+
+    keys, msd, _ = _model_part(model, adapters)
+    return {a: {k: msd[f] for k, f in ks.items()} for a, ks in keys.items()} if dist.get_rank() == 0 else None
+
+
 def gather(model: nn.Module, opt: torch.optim.Optimizer, adapters: list[str], names: list[str]):
     """The whole adapters and optimizer state of a sharded model (a collective: every rank calls it).
 
@@ -56,13 +82,9 @@ def gather(model: nn.Module, opt: torch.optim.Optimizer, adapters: list[str], na
             optimizer state of a parameter not in ``names`` (named).
     """
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    keys = {a: _peft_fqns(model, a) for a in adapters}
-    # frozen adapter tensors (an active adapter not trained) are not in a trainable-only state dict
-    frozen = not all(p.requires_grad for a in adapters for p in adapter_tensors(model, a).values())
-    opts = _options(cpu_offload=True, ignore_frozen_params=not frozen)
-    msd = get_model_state_dict(model, options=opts)
+    keys, msd, opts = _model_part(model, adapters)
     osd = get_optimizer_state_dict(model, opt, options=opts)
     if dist.get_rank() != 0:
         return None

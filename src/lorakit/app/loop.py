@@ -166,7 +166,8 @@ class _Run:
     def __init__(self, model, task: Task, cfg: TrainConfig, ck: Checkpointing | None, d: Dist | None) -> None:
         self.model, self.task, self.cfg, self.ck, self.d = model, task, cfg, ck, d
         self.fsdp = d is not None and d.fsdp
-        if d is not None and not (ck is not None and ck.resume):
+        sharded = self.fsdp and bool(distributed.sharded_modules(model))  # fsdp_load: filled from rank 0 already
+        if d is not None and not (ck is not None and ck.resume) and not sharded:
             distributed.broadcast_trainable(model)  # one initialisation for all ranks (a resume loads one)
         if self.fsdp:  # before the optimizer: sharding replaces the parameters
             distributed.shard_blocks(blocks(model))
