@@ -95,3 +95,29 @@ def test_gradient_checkpointing_is_on_with_quantize_unless_turned_off(tmp_path):
     cfg.write_text("quantize: nf4\ngradient_checkpointing: false\n")
     assert parse("--config", cfg)[0].gradient_checkpointing is False
     assert parse("--config", cfg, "--gradient-checkpointing")[0].gradient_checkpointing is True
+
+
+def test_split_seed_fixes_the_words_while_seed_varies(tmp_path):
+    from types import SimpleNamespace
+
+    from lorakit.app import cmd_train, g2p
+
+    fixed = g2p.g2p_split(0, 5, g2p.G2P_VALIDATION)
+    o, _ = parse("--seed", 2, "--split-seed", 0, "--steps", 3, "--test-size", 5)
+    train, val, split = cmd_train._read_data(o)
+    assert (split.test, split.validation) == (fixed.test, fixed.validation)
+    assert [r["prompt"] for r in train.records] == [w for w, _ in fixed.train[:24]]  # 3 steps of 8 words
+    meta = cmd_train._metadata(o, SimpleNamespace(reference="default"), train, 3, 1, 1)
+    assert (meta["g2p"]["seed"], meta["train"]["seed"]) == (0, 2)  # lorakit eval rebuilds split 0's test words
+    assert o.train_config().seed == 2  # init and batch order keep --seed
+    _, _, own = cmd_train._read_data(parse("--seed", 2, "--steps", 3, "--test-size", 5)[0])
+    assert own.test == g2p.g2p_split(2, 5, g2p.G2P_VALIDATION).test != fixed.test  # without it: --seed's split
+
+
+def test_split_seed_errors(tmp_path):
+    with pytest.raises(UsageError, match=r"--split-seed must be an integer >= 0, got -1"):
+        parse("--split-seed", -1)
+    with pytest.raises(UsageError, match="--split-seed splits the built-in task's words"):
+        parse("--split-seed", 0, "--data", tmp_path / "d.jsonl")
+    with pytest.raises(UsageError, match="--task classify does not take --split-seed"):
+        parse("--task", "classify", "--split-seed", 0)

@@ -33,7 +33,7 @@ from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
 from .lm_loss import lm_task, mean_loss
 from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
-from .options import QUANTIZE_ONE_PROCESS, TrainOptions, resumed_options, run_options, train_options
+from .options import QUANTIZE_ONE_PROCESS, TrainOptions, resumed_options, run_options, split_seed, train_options
 from .plots import plot_losses
 
 
@@ -138,7 +138,7 @@ def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
 def _read_data(o: TrainOptions):
     """``(train Dataset, validation Dataset or None, G2P split or None)``."""
     if o.builtin:
-        split = g2p.g2p_split(o.seed, o.test_size, g2p.G2P_VALIDATION)
+        split = g2p.g2p_split(split_seed(o), o.test_size, g2p.G2P_VALIDATION)
         # Tokenise only the words the run will see (the full split is 124k words, ~1 min).
         n_words = len(split.train) if o.steps is None else min(len(split.train), o.steps * o.batch_size * o.grad_accum)
         return g2p.g2p_dataset(split.train[:n_words]), g2p.g2p_dataset(split.validation), split
@@ -240,7 +240,7 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         | {"steps": n_steps},
     }
     if o.builtin:
-        meta["g2p"] = {"seed": o.seed, "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION,
+        meta["g2p"] = {"seed": split_seed(o), "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION,
                        "num_beams": o.num_beams}
     return meta
 

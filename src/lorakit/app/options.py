@@ -84,6 +84,9 @@ class TrainOptions:
     max_length: int | None = _opt(None, f"tokens per example (default {g2p.G2P_MAX_LENGTH} built-in, "
                                   f"{USER_MAX_LENGTH} user data)", type=int)
     seed: int = _opt(_default(TrainConfig, "seed"), "seed for LoRA init, split and batch order", type=int)
+    split_seed: int | None = _opt(None, "built-in task: seed of the train/validation/test split alone (default "
+                                  "--seed): vary --seed with it fixed to compare training seeds on the same words",
+                                  type=int)
     quantize: str | None = _opt(None, "quantise the frozen base's linear layers (output head and embeddings kept): "
                                 "nf4 (4-bit NormalFloat, QLoRA) or int8; adapters stay float32; recorded so eval, "
                                 "generate and merge rebuild the same base (merge writes a dequantised, full-precision "
@@ -132,6 +135,11 @@ class TrainOptions:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainOptions)}
+
+
+def split_seed(o: TrainOptions) -> int:
+    """The seed of the built-in task's word split: ``--split-seed``, else ``--seed``."""
+    return o.seed if o.split_seed is None else o.split_seed
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -264,16 +272,19 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
                          "own folder")
     if o.task == "classify":
         _check_classify(o, given)
+    elif not o.builtin and o.split_seed is not None:
+        raise UsageError("--split-seed splits the built-in task's words; --data brings its own split")
     elif o.builtin and o.eval_data is not None and o.resume is None:  # a resumed run's --data is the run's
         raise UsageError("--eval-data needs --data (the built-in task has its own validation split)")
 
 
 def _check_numbers(o: TrainOptions) -> None:
     for key, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("max_length", 1), ("test_size", 1),
-                     ("num_beams", 1), ("warmup", 0), ("eval_every", 0), ("seed", 0), ("save_every", 0), ("keep", 1),
-                     ("nproc", 1)):
+                     ("num_beams", 1), ("warmup", 0), ("eval_every", 0), ("seed", 0), ("split_seed", 0),
+                     ("save_every", 0), ("keep", 1), ("nproc", 1)):
         v = getattr(o, key)
-        if (v is not None or low == 0) and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        if (v is not None or (low == 0 and key != "split_seed")) and (isinstance(v, bool) or not isinstance(v, int)
+                                                                     or v < low):
             raise UsageError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
     for key in ("lr", "epochs", "lora_alpha", "lora_dropout"):
         v = getattr(o, key)
