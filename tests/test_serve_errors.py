@@ -206,3 +206,23 @@ def test_a_tiny_temperature_is_greedy(server):
     greedy = post(server, "/v1/completions", completion(max_tokens=8, temperature=0))[1]["choices"][0]["text"]
     status, out = post(server, "/v1/completions", completion(max_tokens=8, temperature=1e-310))
     assert status == 200 and out["choices"][0]["text"] == greedy
+
+
+def test_an_adapter_trained_on_a_quantised_base_is_served_with_a_warning(world, tmp_path, caplog):
+    """As vLLM serves QLoRA adapters: on the full-precision base, saying so (lorakit.json's "quantize")."""
+    import json
+    import logging
+
+    from lorakit.app.serve.registry import Registry
+
+    _, base, adapters, _ = world
+    folder = tmp_path / "qlora"
+    shutil.copytree(adapters / "good", folder)
+    (folder / "lorakit.json").write_text(json.dumps({"quantize": "nf4"}))
+    reg = Registry(None, 4, "base", str(base))
+    with caplog.at_level(logging.WARNING, logger="lorakit.serve"):
+        config, tensors = reg.read(folder)
+    assert tensors and "trained on a nf4-quantised base; served on this full-precision base" in caplog.text
+    caplog.clear()
+    reg.read(adapters / "good")
+    assert "quantised" not in caplog.text

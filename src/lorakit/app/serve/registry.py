@@ -8,6 +8,7 @@ Everything here runs on the engine thread except ``resolve``/``read`` (pure file
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from lorakit.io import CONFIG_NAME
 
 from ..models import read_metadata
 
+log = logging.getLogger("lorakit.serve")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}")
 
 
@@ -82,12 +84,17 @@ class Registry:
         except AdapterLoadError as e:
             raise ServeError(400, str(e), param, code="invalid_adapter") from None
         try:
-            base = read_metadata(path).get("base_model")
+            meta = read_metadata(path)
+            base = meta.get("base_model")
         except Exception as e:  # noqa: BLE001 - a broken lorakit.json is the adapter's fault
             raise ServeError(400, f"{str(path)!r}: {e}", param, code="invalid_adapter") from None
         if base and base != self.base_reference:
             raise ServeError(400, f"adapter {str(path)!r} was trained on base model {base!r}, but this server "
                              f"serves {self.base_reference!r}", param, code="base_model_mismatch")
+        if meta.get("quantize"):  # served as vLLM serves QLoRA adapters: on the full-precision base
+            log.warning("adapter %s was trained on a %s-quantised base; served on this full-precision base, so "
+                        "its outputs can differ slightly from lorakit eval / generate, which rebuild the "
+                        "quantised base", path, meta["quantize"])
         return config, tensors
 
     # --- the set of servable adapters ---------------------------------------------------------
