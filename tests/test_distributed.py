@@ -271,12 +271,18 @@ def test_fsdp_needs_several_processes_also_to_resume(world, fsdp_run):
                        text=True, timeout=TIMEOUT)
     assert p.returncode == 1 and "--fsdp shards the model across processes: add --nproc N" in p.stderr
     assert not (world / "fsdp1").exists()
-    (world / "fsdp-refuse").mkdir()
-    shutil.copytree(fsdp_run / "checkpoint-30", world / "fsdp-refuse" / "checkpoint-30")
-    p = subprocess.run(lorakit("train", "--resume", "fsdp-refuse", "--nproc", 1), cwd=world, env=env(),
+    _resume_is_refused_untouched(world, fsdp_run, "fsdp-refuse", 1)
+
+
+def _resume_is_refused_untouched(world, fsdp_run, name: str, nproc: int) -> None:
+    """A copy of the 2-rank FSDP run's checkpoint-30 resumed on ``nproc`` processes: refused naming the
+    world sizes, the folder untouched."""
+    (world / name).mkdir()
+    shutil.copytree(fsdp_run / "checkpoint-30", world / name / "checkpoint-30")
+    p = subprocess.run(lorakit("train", "--resume", name, "--nproc", nproc), cwd=world, env=env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 1 and "world_size (2 -> 1)" in p.stderr, p.stderr
-    assert sorted(x.name for x in (world / "fsdp-refuse").iterdir()) == ["checkpoint-30"]
+    assert p.returncode == 1 and f"world_size (2 -> {nproc})" in p.stderr, p.stderr
+    assert sorted(x.name for x in (world / name).iterdir()) == ["checkpoint-30"]
 
 
 def test_fsdp_rank_1_never_holds_the_whole_base(world, one_process, fsdp_run):
@@ -296,12 +302,7 @@ def test_fsdp_rank_1_never_holds_the_whole_base(world, one_process, fsdp_run):
 
 
 def test_resume_of_a_two_rank_fsdp_run_on_three_is_refused(world, fsdp_run):
-    (world / "fsdp-three").mkdir()
-    shutil.copytree(fsdp_run / "checkpoint-30", world / "fsdp-three" / "checkpoint-30")
-    p = subprocess.run(lorakit("train", "--resume", "fsdp-three", "--nproc", 3), cwd=world, env=env(),
-                       capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 1 and "world_size (2 -> 3)" in p.stderr, p.stderr
-    assert sorted(x.name for x in (world / "fsdp-three").iterdir()) == ["checkpoint-30"]
+    _resume_is_refused_untouched(world, fsdp_run, "fsdp-three", 3)
 
 
 def test_sigterm_to_the_nproc_launcher_reaches_the_workers(world):
