@@ -253,11 +253,11 @@ def _checkpointing(o: TrainOptions, out: Path, run: dict, resume: tuple[Path, di
         CheckpointError: resuming with changed data or base model files (changed keys listed), or on
             another number of processes (``world``; refused before any file of the run is touched).
     """
-    if resume is not None and resume[1]["config"].get("world_size", 1) != world:
-        was = resume[1]["config"].get("world_size", 1)
-        raise CheckpointError(f"{str(resume[0])!r} was written by {was} processes; resume it on as many: "
-                              f"world_size ({was} -> {world})")
     if resume is not None:
+        was = resume[1]["config"].get("world_size", 1)
+        if was != world:
+            raise CheckpointError(f"{str(resume[0])!r} was written by {was} processes; resume it on as many: "
+                                  f"world_size ({was} -> {world})")
         changed = checkpoint.changed_keys(resume[1]["config"]["run"], run)
         if changed:
             raise CheckpointError(f"--resume {str(out)!r}: the run's files changed since {str(resume[0])!r}: "

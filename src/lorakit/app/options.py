@@ -49,10 +49,11 @@ def _default(cls, name: str):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _opt(default, help: str, type=None, flag: str | None = None, group: str | None = None):
-    """A ``TrainOptions`` field: its default, and how its flag reads (``type`` None: a switch)."""
+def _opt(default, help: str, type=None, flag: str | None = None, group: str | None = None, negatable: bool = False):
+    """A ``TrainOptions`` field: its default, and how its flag reads (``type`` None: a switch; ``negatable``:
+    ``--x`` and ``--no-x``, for a switch whose default depends on other options, see ``task_defaults``)."""
     kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(**kw, metadata={"help": help, "type": type, "flag": flag, "group": group})
+    return field(**kw, metadata={"help": help, "type": type, "flag": flag, "group": group, "negatable": negatable})
 
 
 @dataclass
@@ -95,7 +96,7 @@ class TrainOptions:
     gradient_checkpointing: bool = _opt(False, "recompute each block's activations in the backward instead of keeping "
                                         "them (default: on with --quantize, as QLoRA and PEFT's "
                                         "prepare_model_for_kbit_training do; off with --no-gradient-checkpointing)",
-                                        group="negatable")
+                                        negatable=True)
     compile: bool = _opt(False, "torch.compile the transformer blocks: faster steps after a 15-75 s first step")
     eval_every: int = _opt(_default(TrainConfig, "eval_every"), "validation loss every N steps (0 = never)", type=int)
     test_size: int = _opt(200, "built-in task: test words", type=int)
@@ -149,7 +150,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in FIELDS.values():
         m = f.metadata
         flag = m["flag"] or "--" + f.name.replace("_", "-")
-        if m["group"] == "negatable":  # --x and --no-x: its default depends on other options (task_defaults)
+        if m["negatable"]:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=m["help"])
             continue
         target = groups[m["group"]] if m["group"] else p
