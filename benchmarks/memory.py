@@ -85,6 +85,10 @@ def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | No
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if checkpointing:  # as lorakit train does with checkpointing on: freed large blocks go back to the OS
+        from lorakit.app.allocator import return_large_blocks
+
+        return_large_blocks()
     if kind == "smollm2":
         from lorakit.app.models import load_model
 

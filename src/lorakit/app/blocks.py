@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .allocator import trim
+
 
 def blocks(model) -> list[torch.nn.Module]:
     """The model's transformer blocks: the longest ``nn.ModuleList`` whose entries share one type."""
@@ -55,12 +57,25 @@ def set_checkpointing(model, on: bool) -> None:
 
 @contextmanager
 def checkpointed(model, on: bool):
-    """Activation checkpointing on inside the block when ``on`` (off again after, even on an error)."""
+    """Activation checkpointing on inside the block when ``on`` (off again after, even on an error), and
+    the allocator's free memory handed back to the OS after each transformer block's forward
+    (``allocator.trim``; the freed memory of the previous step's backward goes back at the next step's
+    first blocks): memory over speed, as checkpointing is.
+
+    Measured on SmolLM2-135M, NF4 base, 10 steps of 8 G2P rows with ``allocator.return_large_blocks``:
+    peak RSS 942 MiB without the trims, 843-849 MiB with them; the trims took 3% of the time (1.6 ms each)."""
     if not on:
         yield
         return
     set_checkpointing(model, True)
+    hooks = [b.register_forward_hook(_trim_after) for b in blocks(model)]
     try:
         yield
     finally:
+        for h in hooks:
+            h.remove()
         set_checkpointing(model, False)
+
+
+def _trim_after(module, args, output) -> None:
+    trim()  # returns None: the block's output stays as it is

@@ -25,7 +25,7 @@ from lorakit import disable_adapters, inject, merge, save_adapter, trainable_par
 from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
 from lorakit.durable import write_json
 
-from . import checkpoint, classify, distributed, fsdp_load, fsdp_state, full, g2p, loop
+from . import allocator, checkpoint, classify, distributed, fsdp_load, fsdp_state, full, g2p, loop
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .console import log, pct, quiet_transformers
@@ -204,7 +204,8 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if o.gradient_checkpointing:
-            print("gradient checkpointing: activations recomputed in the backward" + (
+            print("gradient checkpointing: activations recomputed in the backward, freed blocks of 1 MiB or more "
+                  "returned to the OS" + (
                 " (--quantize's default; --no-gradient-checkpointing keeps them)" if o.quantize else ""))
     history: list[dict] = []
     with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file, \
@@ -318,6 +319,8 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     run = _run_config(o)
     ck = _checkpointing(o, out, run, resume, main, d.world if d is not None else 1)
     train_data, val_data, split = _read_data(o)
+    if o.gradient_checkpointing:  # memory over speed: large freed blocks go back to the OS (the load's too)
+        allocator.return_large_blocks()
     if o.bf16 and not _bf16_supported():
         log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
         o = dataclasses.replace(o, bf16=False)

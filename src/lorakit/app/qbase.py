@@ -6,42 +6,52 @@
 
 from __future__ import annotations
 
-import ctypes
+from collections import Counter
 
 import torch
 from torch import nn
 
 from lorakit import dequantize, merge, quantization, quantize_base
 
+from .allocator import drop_file_pages, trim
 from .console import quiet_bitsandbytes
 
 
 def quantize_loaded(model: nn.Module, kind: str) -> None:
     """``quantize_base(model, kind)`` on a freshly loaded model (output head and embeddings kept), then
-    give every remaining tensor its own memory and return freed memory to the OS (``_trim``).
+    give every remaining tensor its own memory and return freed memory to the OS (``allocator.trim``).
 
-    transformers loads safetensors through one memory map per file; the kept tensors (the embedding,
-    norms) would hold that whole map, and every page the quantisation read, resident. Copying them lets
-    the map go, so the float32 linear weights leave memory once quantised.
+    transformers loads safetensors through one memory map per file, and every page of it the quantisation
+    reads stays in this process's RSS while the map lives: each replaced weight's pages are dropped
+    right after its layer is quantised (``allocator.drop_file_pages``), and the kept tensors (the
+    embedding, norms) are copied so that the map goes. Measured on SmolLM2-135M (NF4): the load's peak
+    RSS 1149 MiB before the pages were dropped, 747 MiB after.
 
     Raises:
         QuantizedBaseError: bitsandbytes is missing.
     """
     quiet_bitsandbytes()
-    quantize_base(model, kind, each=lambda name, layer: _trim())
+    replaced = _sole_weights(model)  # held until dropped: the map cannot go (and its range be reused) before
+
+    def each(name: str, layer: nn.Module) -> None:
+        weight = replaced.pop(name, None)
+        if weight is not None:
+            drop_file_pages(weight)
+        trim()
+
+    quantize_base(model, kind, each=each)
+    replaced.clear()
     _own_memory(model)
-    _trim()
+    trim()
 
 
-def _trim() -> None:
-    """Hand the C allocator's free memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Quantising frees a float32 weight and bitsandbytes' temporaries per layer; glibc keeps such freed
-    blocks, so without this SmolLM2-135M's process stays ~270 MiB larger after quantising."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def _sole_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``name -> weight`` of each ``nn.Linear`` whose weight's storage no other parameter or buffer shares
+    (a tied or shared weight may be kept, so its pages are never dropped)."""
+    refs = [t for _, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))]
+    owners = Counter(t.untyped_storage().data_ptr() for t in refs if t is not None)
+    return {n: m.weight for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and owners[m.weight.untyped_storage().data_ptr()] == 1}
 
 
 def _own_memory(model: nn.Module) -> None:
