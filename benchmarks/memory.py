@@ -122,8 +122,6 @@ def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | No
         model = get_peft_model(model, LoraConfig(target_modules=SEVEN, **LORA))
         net = model.base_model.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if checkpointing:  # as lorakit train --gradient-checkpointing
-        LT.set_checkpointing(net, True)
     gc.collect()
     after_load, load_hwm = _status_kib("VmRSS"), _status_kib("VmHWM")
     try:  # reset the kernel's peak RSS (VmHWM) to the current RSS
@@ -133,7 +131,7 @@ def worker(mode: str, kind: str, steps: int, batch_size: int, quantize: str | No
     except OSError:
         hwm_ok = False
     t = time.perf_counter()
-    with Sampler() as s:
+    with Sampler() as s, LT.checkpointed(net, checkpointing):  # as lorakit train --gradient-checkpointing
         if mode == "peft-trainer":
             _trainer(model, train_ex, cfg, tok.pad_token_id)
         else:

@@ -7,8 +7,8 @@ For each base, in fresh processes, one after the other:
 1. ``memory.py``'s worker (``lorakit`` mode, the base quantised right after loading as the CLI does):
    RSS after load, the load's peak (VmHWM before training) and the peak RSS of ``--steps`` training steps
    (VmRSS sampled every 10 ms and VmHWM reset after load), on the same G2P batches.
-2. The default run, ``lorakit train [--quantize KIND]`` (built-in G2P task, its default steps, r=8 on the
-   seven projections): the whole process's peak RSS (``ru_maxrss`` of the child: load, the evaluation
+2. The default run, ``lorakit train [--quantize KIND]`` (built-in G2P task and its defaults: r=16 on the
+   seven projections, 300 steps): the whole process's peak RSS (``ru_maxrss`` of the child: load, the evaluation
    before and after, training), training tokens/s, and test PER and exact match after training from its
    eval.json. The float32 run evaluates merged (its merge keeps a copy of each adapted weight); the
    quantised runs evaluate unmerged (a quantised base takes no merge).
