@@ -77,5 +77,6 @@ def checkpointed(model, on: bool):
         set_checkpointing(model, False)
 
 
+@torch.compiler.disable  # under compile_blocks: run eagerly, no graph break traced into ctypes
 def _trim_after(module, args, output) -> None:
     trim()  # returns None: the block's output stays as it is
