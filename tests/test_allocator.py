@@ -3,6 +3,7 @@ safetensors through a memory map: the pages of each replaced weight leave the pr
 the model changes (checked against the file read without a map), anonymous memory is never touched."""
 
 import mmap
+import subprocess
 import sys
 
 import numpy as np
@@ -83,10 +84,19 @@ def test_quantize_loaded_from_a_mapped_file_equals_quantizing_the_file_read_into
     assert torch.equal(mapped(ids).logits, in_memory(ids).logits)
 
 
-def test_return_large_blocks_is_taken_by_glibc():
+def test_return_large_blocks_is_taken_by_glibc_and_recorded():
+    """In a child process: the setting holds for the rest of a process, and this one keeps glibc's default."""
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc only")
-    assert allocator.return_large_blocks(allocator.LARGE_BLOCK) is True
+    code = ("from lorakit.app import allocator as a; assert a.large_blocks_returned() is None; "
+            "assert a.return_large_blocks(3 << 20) is True; print(a.large_blocks_returned())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [str(3 << 20)]
+
+
+def test_a_tensor_off_the_cpu_is_never_dropped():
+    t = torch.empty(1 << 20, device="meta")  # no memory of this process behind it
+    assert allocator.drop_file_pages(t) == 0
 
 
 def test_checkpointed_blocks_trim_after_each_forward_and_keep_outputs_and_gradients(monkeypatch):

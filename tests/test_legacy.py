@@ -23,7 +23,9 @@ def test_adapter_saved_before_the_restructure_gives_the_same_outputs(name):
     model = lorakit.load_adapter(BUILDERS[name](), folder)
     with torch.no_grad():
         got = model(expected["input"]).logits
-    torch.testing.assert_close(got, expected["logits"], rtol=0, atol=1e-6)
+    # 1e-5: the expected logits were computed on another CPU, whose BLAS kernels round differently (this
+    # one, an AMD EPYC, differs by up to 1.1e-6); a changed adapter or scaling moves them by far more
+    torch.testing.assert_close(got, expected["logits"], rtol=0, atol=1e-5)
     lorakit.merge(model)
     with torch.no_grad():
         torch.testing.assert_close(model(expected["input"]).logits, expected["logits"], rtol=0, atol=1e-5)

@@ -6,6 +6,7 @@ model file already read (Linux). Elsewhere these do nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 
 import torch
@@ -14,6 +15,10 @@ M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 LARGE_BLOCK = 1 << 20  # bytes
 
 
+_returned: list[int] = []  # the threshold return_large_blocks set, once it took
+
+
+@functools.lru_cache(maxsize=1)
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
@@ -45,7 +50,15 @@ def return_large_blocks(threshold: int = LARGE_BLOCK) -> bool:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+    took = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+    if took:
+        _returned[:] = [threshold]
+    return took
+
+
+def large_blocks_returned() -> int | None:
+    """The threshold (bytes) ``return_large_blocks`` set in this process, or None if it never took."""
+    return _returned[0] if _returned else None
 
 
 def file_mappings() -> list[tuple[int, int]]:
@@ -75,9 +88,11 @@ def drop_file_pages(t: torch.Tensor) -> int:
     for a weight just replaced (``qbase.quantize_loaded``), which nothing reads again.
     """
     advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or t.device.type != "cpu":  # a device address is not this process's memory
+        return 0
     storage = t.untyped_storage()
     ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    if advice is None or not any(start <= ptr and ptr + nbytes <= end for start, end in file_mappings()):
+    if not any(start <= ptr and ptr + nbytes <= end for start, end in file_mappings()):
         return 0
     page = mmap.PAGESIZE
     first, last = -(-ptr // page) * page, (ptr + nbytes) // page * page

@@ -204,9 +204,9 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if o.gradient_checkpointing:
-            print("gradient checkpointing: activations recomputed in the backward, freed blocks of 1 MiB or more "
-                  "returned to the OS" + (
-                " (--quantize's default; --no-gradient-checkpointing keeps them)" if o.quantize else ""))
+            print("gradient checkpointing: activations recomputed in the backward" + (
+                " (--quantize's default; --no-gradient-checkpointing keeps them)" if o.quantize else "")
+                + ("; freed blocks of 1 MiB or more returned to the OS" if allocator.large_blocks_returned() else ""))
     history: list[dict] = []
     with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file, \
             loop.checkpointed(model, o.gradient_checkpointing):
