@@ -25,10 +25,11 @@ def test_adapter_built_directly_has_plain_scaling_and_no_dropout():
     ad = LoRAAdapter("n", a.clone(), b.clone(), r=4, lora_alpha=8.0)
     assert ad.scaling == 8.0 / 4 and ad.use_rslora is False
     ad.train()  # the default dropout is p = 0: training mode changes nothing
-    x = torch.randn(6, 5, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     got = ad.bypass(x, lambda x, a: x @ a.T, lambda h, b: h @ b.T)
     want = 2.0 * (x @ a.double().T @ b.double().T)
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    # float32 factors against a float64 reference: float32's rounding, 1e-5 (one AMD CPU was 2e-6 off)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     rs = LoRAAdapter("n", a.clone(), b.clone(), r=4, lora_alpha=8.0, use_rslora=True)
     assert rs.use_rslora is True and rs.scaling == 8.0 / math.sqrt(4)
 
