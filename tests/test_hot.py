@@ -148,3 +148,24 @@ def test_slots_made_under_inference_mode_take_later_changes_without_it(monkeypat
         for _, layer in lorakit.lora_layers(model):
             layer.lora_weights("t1")[1].mul_(-2.0)  # the bank's slot and the hot copy are rewritten
     assert_rows_equal_alone(model, ["t1", "t3", None, "t1"], ids)
+
+
+def test_bank_and_hot_slots_store_a_as_a_is_and_a_cat_is_a_view():
+    """Slots keep each A in its own (r, in) row-major layout (a batched matmul reads it row by row), seen as
+    A^T (S, in, r); the bank's every-adapter-side-by-side ``a_cat`` is a view of them, no second copy, so a
+    slot rewritten in place (an optimizer step) shows in it at once."""
+    layer = _layer(4)
+    bank = layer.bank(list(layer.adapter_names))
+    s, n_in, r_max = bank.a_t.shape
+    assert (s, n_in, r_max) == (4, 5, 3) and bank.a_t.stride() == (r_max * n_in, 1, n_in)
+    assert bank.a_cat.shape == (n_in, s * r_max) and bank.a_cat.data_ptr() == bank.a_t.data_ptr()
+    with torch.no_grad():
+        layer.lora_weights("ad1")[0].mul_(2.0)  # A of ad1 changes in place
+    bank = layer.bank(["ad1"])
+    a_t, _ = _by_hand(layer, "ad1", r_max)
+    torch.testing.assert_close(bank.a_cat[:, r_max:2 * r_max].double(), a_t, rtol=1e-6, atol=1e-7)
+    hot = HotBank()
+    hot.admit(bank, ("ad1",))
+    hot.admit(layer.bank(["ad0", "ad1", "ad2"]), ("ad0", "ad1", "ad2"))  # grows from one slot to three
+    assert hot.a_t.shape == (3, n_in, r_max) and hot.a_t.stride() == (r_max * n_in, 1, n_in)
+    _check_slots(hot, layer, ["ad0", "ad1", "ad2"])

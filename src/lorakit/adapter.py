@@ -24,6 +24,7 @@ from torch import nn
 
 from .dora import NormCache
 from .errors import ConfigError
+from .hot import a_slots
 
 _COPIES = itertools.count()  # AdapterBank.slot_gen numbers: unique across banks, so a copy is never mistaken for current
 HALF = (torch.float16, torch.bfloat16)  # base dtypes whose adapters are kept in float32
@@ -191,13 +192,14 @@ class LoRAAdapter(nn.Module):
 
 
 def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear adapters stacked for batched bypasses: ``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))``.
+    """Linear adapters stacked for batched bypasses: ``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))``;
+    ``A^T`` is a transposed view of (k, r_max, in) storage (``a_slots``).
 
     Ranks are zero-padded to the largest, which is exact: the extra rank components are 0.
     """
     r_max = max(ad.r for ad in adapters)
     a0, b0 = adapters[0].lora_A, adapters[0].lora_B
-    a_t = a0.new_zeros((len(adapters), a0.shape[1], r_max), dtype=dtype)
+    a_t = a_slots(a0, len(adapters), a0.shape[1], r_max, dtype)
     b_t = b0.new_zeros((len(adapters), r_max, b0.shape[0]), dtype=dtype)
     for j, ad in enumerate(adapters):
         a, sb = ad.folded(dtype)
@@ -236,7 +238,7 @@ class AdapterBank:
     Attributes:
         a_t: (S, in, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
         b_t: (S, r_max, out) = ``(s·B)^T``, the scaling folded in.
-        a_cat: (in, S·r_max), ``a_t``'s slots side by side, and ``b_cat`` (S·r_max, out), a view of
+        a_cat: (in, S·r_max), ``a_t``'s slots side by side (a view), and ``b_cat`` (S·r_max, out), a view of
             ``b_t``: every resident adapter in two dense matmuls (``masked_bypass_``).
         slots: adapter name -> its index along S; ``names``: the names in slot order.
 
@@ -279,7 +281,8 @@ class AdapterBank:
         if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
             self._adapters = adapters = list(adapters.values())
             self.a_t, self.b_t = stack(adapters, dtype)
-            self.a_cat = self.a_t.permute(1, 0, 2).reshape(self.a_t.shape[1], -1)
+            s_, n_in, r_max = self.a_t.shape  # a_t is (S, r, in) storage: every slot's A side by side is a view
+            self.a_cat = self.a_t.transpose(1, 2).reshape(s_ * r_max, n_in).t()
             self.names = tuple(ad.name for ad in adapters)
             self.slots = {n: j for j, n in enumerate(self.names)}
             self._seen = [self._stamp(ad) for ad in adapters]
@@ -295,9 +298,7 @@ class AdapterBank:
                     or b._version != vb or b.data_ptr() != pb or ad.scaling != s):
                 a, sb = ad.folded(dtype)
                 self.a_t[j].zero_()[:, : ad.r] = a.t()
-                self.b_t[j].zero_()[: ad.r] = sb.t()
-                r_max = self.a_t.shape[2]
-                self.a_cat[:, j * r_max: (j + 1) * r_max] = self.a_t[j]
+                self.b_t[j].zero_()[: ad.r] = sb.t()  # a_cat and b_cat are views: nothing more to copy
                 self._seen[j] = self._stamp(ad)
                 self.slot_gen[j] = next(_COPIES)
 

@@ -20,6 +20,14 @@ from collections.abc import Sequence
 import torch
 
 
+def a_slots(like: torch.Tensor, slots: int, n_in: int, r: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros for ``slots`` stacked ``A^T`` (slots, n_in, r), stored as ``A`` is, (slots, r, n_in) row-major,
+    and viewed transposed: a batched matmul reads each slot's A row by row. Measured on 2 CPU threads
+    with SmolLM2 shapes (16 slots, 2 rows each, r=8): ``bmm`` 36-40 µs against 43-49 µs for a
+    row-major (slots, n_in, r)."""
+    return like.new_zeros((slots, r, n_in), dtype=dtype or like.dtype).transpose(1, 2)
+
+
 class _Empty:
     """An empty slot's name: unique, never equal to an adapter name or to None (a row without an
     adapter must never be laid out on a slot)."""
@@ -87,7 +95,9 @@ class HotBank:
 
     def _grow(self, bank, extra: int) -> list[int]:
         c = len(self.names)
-        self.a_t = torch.cat([self.a_t, bank.a_t.new_zeros((extra, *bank.a_t.shape[1:]))])
+        a_t = a_slots(bank.a_t, c + extra, *bank.a_t.shape[1:])  # A's own row-major layout (``a_slots``)
+        a_t[:c] = self.a_t
+        self.a_t = a_t
         self.b_t = torch.cat([self.b_t, bank.b_t.new_zeros((extra, *bank.b_t.shape[1:]))])
         self.names += [_Empty() for _ in range(extra)]
         self._gen += [-1] * extra
@@ -95,7 +105,7 @@ class HotBank:
         return list(range(c, c + extra))
 
     def _reset(self, bank, slots: int) -> None:
-        self.a_t = bank.a_t.new_zeros((slots, *bank.a_t.shape[1:]))
+        self.a_t = a_slots(bank.a_t, slots, *bank.a_t.shape[1:])
         self.b_t = bank.b_t.new_zeros((slots, *bank.b_t.shape[1:]))
         self.names, self._gen, self._used = [_Empty() for _ in range(slots)], [-1] * slots, [0] * slots
 

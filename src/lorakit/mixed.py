@@ -200,16 +200,17 @@ class RowRouter:
         Raises:
             MixedBatchError: ``batch`` is not a multiple of the number of names.
         """
-        key = (batch, str(device))
-        if key not in self._plans:
+        key = (batch, device)  # torch.device hashes by value; str(device) cost a few µs per layer
+        plan = self._plans.get(key)
+        if plan is None:
             n = len(self.names)
             if batch % n:
                 raise MixedBatchError(
                     f"mixed_batch got {n} adapter names but the forward has batch size {batch} "
                     f"(expected {n}, or a multiple of it for beam search / num_return_sequences)"
                 )
-            self._plans[key] = plan_rows(self._row_names(batch), device, self.rank)
-        return self._plans[key]
+            plan = self._plans[key] = plan_rows(self._row_names(batch), device, self.rank)
+        return plan
 
     def add_bypass(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus, for each row, the bypass of that row's adapter on ``layer`` (Hu et al. 2021 eq. 3)."""
@@ -275,7 +276,7 @@ class RowRouter:
             if columns <= DENSE_COLUMNS and tokens * columns <= DENSE_WORK and out.is_contiguous():
                 a_cat, b_cat, mask = route.bank_dense()
                 if out.dtype == a_cat.dtype:
-                    masked_bypass_(out, x.to(a_cat.dtype), a_cat, mask, b_cat)
+                    masked_bypass_(out, x if x.dtype is a_cat.dtype else x.to(a_cat.dtype), a_cat, mask, b_cat)
                     return True
         a_t, b_t, layout = route.slot_segments()
         if a_t.shape[0] * layout.length * (tokens // x.shape[0]) <= BANK_ROWS:
@@ -290,11 +291,15 @@ class RowRouter:
         far cheaper than a scatter); rows without an adapter here point at an appended zero row."""
         k, length = a_t.shape[0], layout.length
         xs = x if layout.identity else self.gathered(x, layout.index)  # rows grouped by slot already: no copy
-        xs = xs.reshape(k, -1, x.shape[-1]).to(a_t.dtype)
+        xs = xs.reshape(k, -1, x.shape[-1])
+        if xs.dtype is not a_t.dtype:  # a no-op .to() still costs a dispatch, 210 times a step
+            xs = xs.to(a_t.dtype)
         keep = layout.keep
         if keep is not None:
             keep = keep.expand(k, length, int(xs.shape[1] // length), 1).reshape(k, -1, 1)
-        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *x.shape[1:-1], -1).to(out.dtype)
+        delta = stacked_bypass(xs, a_t, b_t, keep).view(k * length, *x.shape[1:-1], -1)
+        if delta.dtype is not out.dtype:
+            delta = delta.to(out.dtype)
         if layout.identity:
             out.add_(delta)
             return
