@@ -173,8 +173,8 @@ def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("how", ["flag", "config", "off"])
-def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch, how):
+@pytest.mark.parametrize("how,want", [("flag", True), ("config", True), ("no-flag", False), ("default", "auto")])
+def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch, how, want):
     import lorakit.app.loop
 
     seen = []
@@ -191,8 +191,10 @@ def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch,
     elif how == "config":
         (tmp_path / "c.yaml").write_text("compile: true\n")
         args += ["--config", tmp_path / "c.yaml"]
+    elif how == "no-flag":
+        args.append("--no-compile")
     code, _, _ = run(capsys, *args)
-    assert code == 130 and seen == [how != "off"]
+    assert code == 130 and seen == [want]
 
 
 def test_console_script_usage_error():
@@ -203,3 +205,19 @@ def test_console_script_usage_error():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["lorakit: error: argument --steps: invalid int value: 'x' (see 'lorakit train --help')"]
     assert "Traceback" not in p.stderr
+
+
+def test_compile_auto_decision_is_printed(tiny, capsys, tmp_path, monkeypatch):
+    """The default --compile (auto) times the first steps, then says whether compiling pays and why;
+    tiny steps never repay a compilation, so training stays eager."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))  # no compile time recorded: the assumed one
+    root, model, data = tiny
+    code, stdout, _ = run(capsys, "train", "--model", model, "--data", data, "--steps", 6, "--batch-size", 2,
+                          "--output", tmp_path / "o", "--no-progress", "--eval-every", 0)
+    assert code == 0, stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("torch.compile:")]
+    assert len(lines) == 1 and lines[0].startswith("torch.compile: off (auto): 2 steps left x "), stdout
+    assert lines[0].endswith("to compile (assumed); --compile forces it")
+    code, stdout, _ = run(capsys, "train", "--model", model, "--data", data, "--steps", 6, "--batch-size", 2,
+                          "--output", tmp_path / "p", "--no-progress", "--eval-every", 0, "--no-compile")
+    assert code == 0 and "torch.compile" not in stdout

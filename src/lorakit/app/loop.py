@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from lorakit import active_adapters
+from lorakit import active_adapters, quantization
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
 from . import checkpoint, distributed, fsdp_state
-from .blocks import blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (the loop's API)
+from .blocks import CompileSwitch, blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (loop API)
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .interrupt import Signals
@@ -51,7 +51,8 @@ class TrainConfig:
         compile: ``torch.compile`` each transformer block for the training steps (``compile_blocks``):
             fewer, fused elementwise kernels; the first step pays the compilation (15-75 s for
             SmolLM2 on 2 CPU cores; once more when a batch first packs into several rows), so it
-            pays on long runs.
+            pays on long runs. ``"auto"`` (the CLI's default): decided after the first steps from
+            their time and the steps left (``blocks.CompileSwitch``), and printed.
         on_nonfinite: a step whose loss or gradient norm is NaN or infinite: ``"error"`` stops with
             ``NonFiniteError`` (naming the step and the first parameter affected), ``"skip"`` drops
             that step's update and logs it as ``skipped``.
@@ -69,7 +70,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     eval_every: int = 25
-    compile: bool = False
+    compile: bool | str = False
     on_nonfinite: str = "error"
 
     def total_steps(self, n_examples: int, world: int = 1) -> int:
@@ -347,7 +348,9 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
     tokens_all, seconds_all = 0, 0.0
     bar = tqdm(range(state.step + 1, run.total + 1), desc="train", disable=not (progress and run.main),
                dynamic_ncols=True, initial=state.step, total=run.total)
-    with Signals(run.ck is not None) as signals, compile_blocks(model, cfg.compile):
+    say = print if run.main else (lambda *_: None)
+    with Signals(run.ck is not None) as signals, \
+            CompileSwitch(model, cfg.compile, say, run.d is None and quantization(model) is None) as compiled:
         if state.rng is not None:  # last, so nothing above draws from the restored generators
             checkpoint.set_rng_state(state.rng)
         for step in bar:
@@ -358,8 +361,9 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
             state.skipped += "skipped" in rec
             rec = {"step": step, **rec} | ({"skipped_steps": state.skipped} if state.skipped else {})
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
+            compiled.after_step(dt, run.total - step)
             if state.val_loss_start is not None and (step % cfg.eval_every == 0 or step == run.total):
-                rec["val_loss"] = _validate(model, task, cfg)
+                rec["val_loss"] = _validate(model, task, compiled.compiled)
             if rec["loss"] is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
                                 tok_s=f"{tokens_all / seconds_all:.0f}")
@@ -372,7 +376,7 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
     return tokens_all, seconds_all
 
 
-def _validate(model, task: Task, cfg: TrainConfig) -> float:
+def _validate(model, task: Task, compiled: bool) -> float:
     # compiled blocks validate eagerly: a no-grad graph would be a second compilation
-    with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
+    with torch.compiler.set_stance("force_eager") if compiled else nullcontext():
         return task.validate(model)
