@@ -348,7 +348,7 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
     tokens_all, seconds_all = 0, 0.0
     bar = tqdm(range(state.step + 1, run.total + 1), desc="train", disable=not (progress and run.main),
                dynamic_ncols=True, initial=state.step, total=run.total)
-    say = print if run.main else (lambda *_: None)
+    say = tqdm.write if run.main else (lambda *_: None)  # above the progress bar, not into its line
     with Signals(run.ck is not None) as signals, \
             CompileSwitch(model, cfg.compile, say, run.d is None and quantization(model) is None) as compiled:
         if state.rng is not None:  # last, so nothing above draws from the restored generators
