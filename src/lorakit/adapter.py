@@ -272,35 +272,50 @@ class AdapterBank:
         Raises:
             KeyError: a name the layer does not hold.
         """
+        restack = version != self._version or self.a_t is None or self.a_t.dtype != dtype
+        stale = [] if restack else self._stale(names)
+        if not restack and not stale:  # the common case, once per layer and new mix: no grad-mode switch either
+            return
         # a block, not a decorator: mutation testing (mutmut) skips decorated functions. Not an inference
         # tensor even under torch.inference_mode: a later block without it writes the slots in place
         with torch.inference_mode(False), torch.no_grad():
-            self._sync(adapters, version, names, dtype)
+            if restack:
+                self._restack(adapters, version, dtype)
+            for j in stale:
+                self._write(j, dtype)
 
-    def _sync(self, adapters, version, names, dtype) -> None:
-        if version != self._version or self.a_t is None or self.a_t.dtype != dtype:
-            self._adapters = adapters = list(adapters.values())
-            self.a_t, self.b_t = stack(adapters, dtype)
-            s_, n_in, r_max = self.a_t.shape  # a_t is (S, r, in) storage: every slot's A side by side is a view
-            self.a_cat = self.a_t.transpose(1, 2).reshape(s_ * r_max, n_in).t()
-            self.names = tuple(ad.name for ad in adapters)
-            self.slots = {n: j for j, n in enumerate(self.names)}
-            self._seen = [self._stamp(ad) for ad in adapters]
-            self._version = version
-            self.slot_gen = [next(_COPIES)] * len(adapters)
-            return
-        for n in names:  # once per layer and new mix: kept to plain comparisons
-            j = self.slots[n]
-            ad = self._adapters[j]  # the adapters of the last restack: the version says they are the layer's
-            a, va, pa, b, vb, pb, s = self._seen[j]
+    def _stale(self, names: Sequence[str]) -> list[int]:
+        """The slots of ``names`` that no longer match their adapter's factors (an in-place change: a load,
+        an optimizer step), found with plain comparisons. Raises KeyError for a name the bank does not hold."""
+        seen, ads, slots, out = self._seen, self._adapters, self.slots, []
+        for n in names:
+            j = slots[n]
+            a, va, pa, b, vb, pb, s = seen[j]
+            ad = ads[j]  # the adapters of the last restack: the version says they are the layer's
             p = ad._parameters
             if (p["lora_A"] is not a or a._version != va or a.data_ptr() != pa or p["lora_B"] is not b
                     or b._version != vb or b.data_ptr() != pb or ad.scaling != s):
-                a, sb = ad.folded(dtype)
-                self.a_t[j].zero_()[:, : ad.r] = a.t()
-                self.b_t[j].zero_()[: ad.r] = sb.t()  # a_cat and b_cat are views: nothing more to copy
-                self._seen[j] = self._stamp(ad)
-                self.slot_gen[j] = next(_COPIES)
+                out.append(j)
+        return out
+
+    def _restack(self, adapters, version, dtype) -> None:
+        self._adapters = adapters = list(adapters.values())
+        self.a_t, self.b_t = stack(adapters, dtype)
+        s_, n_in, r_max = self.a_t.shape  # a_t is (S, r, in) storage: every slot's A side by side is a view
+        self.a_cat = self.a_t.transpose(1, 2).reshape(s_ * r_max, n_in).t()
+        self.names = tuple(ad.name for ad in adapters)
+        self.slots = {n: j for j, n in enumerate(self.names)}
+        self._seen = [self._stamp(ad) for ad in adapters]
+        self._version = version
+        self.slot_gen = [next(_COPIES)] * len(adapters)
+
+    def _write(self, j: int, dtype: torch.dtype) -> None:
+        ad = self._adapters[j]
+        a, sb = ad.folded(dtype)
+        self.a_t[j].zero_()[:, : ad.r] = a.t()
+        self.b_t[j].zero_()[: ad.r] = sb.t()  # a_cat and b_cat are views: nothing more to copy
+        self._seen[j] = self._stamp(ad)
+        self.slot_gen[j] = next(_COPIES)
 
     @property
     def b_cat(self) -> torch.Tensor:

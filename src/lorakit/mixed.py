@@ -127,7 +127,11 @@ class _Route:
         """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row). Read
         off the bank's shape, no slot synced: the form then taken syncs the slots it reads."""
         if self._columns is None:
-            a_t = self.layer.bank([]).a_t
+            layer = self.layer
+            bank = layer._bank  # current for this set of adapters: read its shape, no sync
+            if bank is None or bank._version != layer._adapters_version or bank.a_t is None:
+                bank = layer.bank([])
+            a_t = bank.a_t
             self._columns = a_t.shape[0] * a_t.shape[2]
         return self._columns
 
