@@ -257,3 +257,20 @@ def test_untracked_trainable_parameter_is_refused(tmp_path):
     model.model.norm.weight.requires_grad_(True)
     with pytest.raises(CheckpointError, match="model.norm.weight"):
         run(model, tmp_path, steps=2, every=1)
+
+
+def test_auto_compile_decision_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+    """--compile auto decides after step 4; checkpoints keep the decision (None before it, 0 for eager), and a
+    resumed run takes it back instead of timing steps again."""
+    from lorakit.app import autocompile
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    run(adapted(), tmp_path / "a", steps=7, every=3, compile="auto")  # tiny steps: eager
+    docs = {s: json.loads((p / "trainer_state.json").read_text()) for s, p in ckpt.steps_in(tmp_path / "a")}
+    assert docs[3]["compile_from"] is None and docs[6]["compile_from"] == autocompile.OFF
+    seen = []
+    real = autocompile.CompileSwitch.__init__
+    monkeypatch.setattr(autocompile.CompileSwitch, "__init__",
+                        lambda self, *a, **k: seen.append(a[4] if len(a) > 4 else k.get("decision")) or real(self, *a, **k))
+    run(adapted(), tmp_path / "a", steps=7, every=3, compile="auto", resume=True)
+    assert seen == [autocompile.OFF]

@@ -173,7 +173,8 @@ def test_ctrl_c_leaves_no_adapter(tiny, capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("how,want", [("flag", True), ("config", True), ("no-flag", False), ("default", "auto")])
+@pytest.mark.parametrize("how,want", [("flag", True), ("config", True), ("no-flag", False), ("default", "auto"),
+                                      ("config-auto", "auto"), ("config-off", False)])
 def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch, how, want):
     import lorakit.app.loop
 
@@ -188,8 +189,9 @@ def test_compile_option_reaches_the_trainer(tiny, capsys, tmp_path, monkeypatch,
     args = ["train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o"]
     if how == "flag":
         args.append("--compile")
-    elif how == "config":
-        (tmp_path / "c.yaml").write_text("compile: true\n")
+    elif how.startswith("config"):
+        value = {"config": "true", "config-auto": "auto", "config-off": "false"}[how]
+        (tmp_path / "c.yaml").write_text(f"compile: {value}\n")
         args += ["--config", tmp_path / "c.yaml"]
     elif how == "no-flag":
         args.append("--no-compile")
@@ -217,7 +219,16 @@ def test_compile_auto_decision_is_printed(tiny, capsys, tmp_path, monkeypatch):
     assert code == 0, stdout
     lines = [line for line in stdout.splitlines() if line.startswith("torch.compile:")]
     assert len(lines) == 1 and lines[0].startswith("torch.compile: off (auto): 2 steps left x "), stdout
-    assert lines[0].endswith("to compile (assumed); --compile forces it")
+    assert lines[0].endswith("to compile (assumed); --compile forces it") or "no C++ compiler" in lines[0]
     code, stdout, _ = run(capsys, "train", "--model", model, "--data", data, "--steps", 6, "--batch-size", 2,
                           "--output", tmp_path / "p", "--no-progress", "--eval-every", 0, "--no-compile")
     assert code == 0 and "torch.compile" not in stdout
+
+
+@pytest.mark.parametrize("value", ['"yes"', "3", '"false"', "[1]"])
+def test_compile_refuses_other_values(tiny, capsys, tmp_path, value):
+    root, model, data = tiny
+    (tmp_path / "c.yaml").write_text(f"compile: {value}\n")
+    code, _, err = run(capsys, "train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o",
+                       "--config", tmp_path / "c.yaml")
+    assert code == 2 and one_error_line(err).startswith("lorakit: error: --compile must be true, false or auto")

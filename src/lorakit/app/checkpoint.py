@@ -82,6 +82,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     rng: tuple[dict, dict] | None = None  # (JSON part, tensor part) to restore before the next step
+    compile_from: int | None = None  # --compile auto's decision: None (not yet), 0 (eager) or the first compiled step
 
 
 def digest(obj) -> str:
@@ -116,14 +117,25 @@ def changed_keys(old: dict, new: dict) -> list[str]:
 
 def run_config(model, cfg, extra: dict, world: int = 1) -> dict:
     """The configuration a checkpoint must match: the caller's ``extra``, the loop's settings (all
-    but ``on_nonfinite``, which a resume may change), the number of processes and each active
+    but ``on_nonfinite`` and ``compile``, which a resume may change), the number of processes and each active
     adapter's config."""
-    train = {k: v for k, v in vars(cfg).items() if k != "on_nonfinite"}
+    train = {k: v for k, v in vars(cfg).items() if k not in ("on_nonfinite", "compile")}
     configs = model_state(model).configs
     adapters = {n: {k: v for k, v in configs[n].to_dict().items() if k not in ("base_model_name_or_path", "revision")}
                 for n in active_adapters(model)}
     return json.loads(json.dumps({"run": extra, "train": train, "world_size": world, "adapters": adapters},
                                  default=str))
+
+
+def _unbind_compile(config):
+    """``config`` without ``compile`` (checkpoints before a resume could change it bound it)."""
+    out = dict(config) if isinstance(config, dict) else config
+    if isinstance(out, dict) and isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k != "compile"}
+    run = out.get("run") if isinstance(out, dict) else None
+    if isinstance(run, dict) and isinstance(run.get("options"), dict):
+        out["run"] = {**run, "options": {k: v for k, v in run["options"].items() if k != "compile"}}
+    return out
 
 
 def steps_in(folder: str | Path) -> list[tuple[int, Path]]:
@@ -248,6 +260,7 @@ def save(ck: Checkpointing, step: int, model, opt, sched, names: list[str], stat
                "adapters": active, "optimizer": opt_plain, "scheduler": sched.state_dict(),
                "rng": [plain for plain, _ in rngs], "data": data, "skipped_steps": state.skipped,
                "val_loss_start": state.val_loss_start, "extra": state.extra, "log_history": state.history,
+               "compile_from": state.compile_from,
                "files": files}
         doc["state_sha256"] = digest(doc)  # a hand-edited state counts as damaged
         (tmp / STATE).write_text(json.dumps(doc, indent=1) + "\n")
@@ -281,8 +294,9 @@ def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: 
         CheckpointError: the configuration, adapters or parameters differ from the checkpoint's
             (changed keys listed), or a file does not load.
     """
-    if doc.get("config_hash") != digest(config):
-        changed = changed_keys(doc.get("config", {}), config)
+    older = _unbind_compile(doc.get("config", {}))
+    if doc.get("config_hash") != digest(config) and digest(older) != digest(config):
+        changed = changed_keys(older, config)
         raise CheckpointError(f"{str(path)!r} was written by a run with another configuration; changed: "
                               f"{', '.join(changed) or 'unknown'}")
     if doc["optimizer"]["parameters"] != names:
@@ -314,6 +328,6 @@ def restore(path: Path, doc: dict, model, opt, sched, names: list[str], config: 
         opt.load_state_dict({"state": state, "param_groups": doc["optimizer"]["param_groups"]})
     sched.load_state_dict(doc["scheduler"])
     return TrainState(step=doc["step"], skipped=doc["skipped_steps"], val_loss_start=doc["val_loss_start"],
-                      history=doc["log_history"], extra=doc["extra"],
+                      history=doc["log_history"], extra=doc["extra"], compile_from=doc.get("compile_from"),
                       rng=(doc["rng"][rank], {k.split(".", 1)[1]: t for k, t in rng_tensors.items()
                                               if k.split(".", 1)[0] == f"rank{rank}"}))

@@ -24,7 +24,8 @@ from lorakit import active_adapters, quantization
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
 from . import checkpoint, distributed, fsdp_state
-from .blocks import CompileSwitch, blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (loop API)
+from .autocompile import CompileSwitch
+from .blocks import blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (the loop's API)
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .interrupt import Signals
@@ -52,7 +53,7 @@ class TrainConfig:
             fewer, fused elementwise kernels; the first step pays the compilation (15-75 s for
             SmolLM2 on 2 CPU cores; once more when a batch first packs into several rows), so it
             pays on long runs. ``"auto"`` (the CLI's default): decided after the first steps from
-            their time and the steps left (``blocks.CompileSwitch``), and printed.
+            their time and the steps left (``autocompile.CompileSwitch``), and printed.
         on_nonfinite: a step whose loss or gradient norm is NaN or infinite: ``"error"`` stops with
             ``NonFiniteError`` (naming the step and the first parameter affected), ``"skip"`` drops
             that step's update and logs it as ``skipped``.
@@ -350,7 +351,8 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
                dynamic_ncols=True, initial=state.step, total=run.total)
     say = tqdm.write if run.main else (lambda *_: None)  # above the progress bar, not into its line
     with Signals(run.ck is not None) as signals, \
-            CompileSwitch(model, cfg.compile, say, run.d is None and quantization(model) is None) as compiled:
+            CompileSwitch(model, cfg.compile, say, run.d is None and quantization(model) is None,
+                          state.compile_from) as compiled:
         if state.rng is not None:  # last, so nothing above draws from the restored generators
             checkpoint.set_rng_state(state.rng)
         for step in bar:
@@ -361,7 +363,8 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
             state.skipped += "skipped" in rec
             rec = {"step": step, **rec} | ({"skipped_steps": state.skipped} if state.skipped else {})
             tokens_all, seconds_all = tokens_all + tokens, seconds_all + dt
-            compiled.after_step(dt, run.total - step)
+            compiled.after_step(step, dt, run.total - step)
+            state.compile_from = compiled.decision  # checkpointed: a resumed run compiles from the same step
             if state.val_loss_start is not None and (step % cfg.eval_every == 0 or step == run.total):
                 rec["val_loss"] = _validate(model, task, compiled.compiled)
             if rec["loss"] is not None:

@@ -40,7 +40,7 @@ NONFINITE = ("error", "skip")
 # options a resumed run may change: they do not change what is trained (the others are hashed
 # into each checkpoint, and a resume that changes them is refused)
 RESUME_MAY_CHANGE = frozenset({"output", "overwrite", "progress", "save_every", "keep", "resume", "on_nonfinite",
-                               "gradient_checkpointing", "nproc"})  # the loop checks the number of processes
+                               "gradient_checkpointing", "nproc", "compile"})  # the loop checks the number of processes
 
 
 def _default(cls, name: str):
@@ -249,6 +249,10 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {o.task!r}")
     if o.on_nonfinite not in NONFINITE:
         raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE)}, got {o.on_nonfinite!r}")
+    if not (o.compile is None or o.compile is True or o.compile is False):  # a config file's value
+        if str(o.compile).strip().lower() != "auto":
+            raise UsageError(f"--compile must be true, false or auto (the default), got {o.compile!r}")
+        o.compile = None
     if o.quantize is not None and o.quantize not in QUANT_TYPES:
         raise UsageError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {o.quantize!r}")
     _check_numbers(o)
