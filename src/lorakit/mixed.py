@@ -127,11 +127,7 @@ class _Route:
         """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row). Read
         off the bank's shape, no slot synced: the form then taken syncs the slots it reads."""
         if self._columns is None:
-            layer = self.layer
-            bank = layer._bank  # current for this set of adapters: read its shape, no sync
-            if bank is None or bank._version != layer._adapters_version or bank.a_t is None:
-                bank = layer.bank([])
-            a_t = bank.a_t
+            a_t = self.layer.bank([]).a_t  # no names: a version check only (AdapterBank.sync)
             self._columns = a_t.shape[0] * a_t.shape[2]
         return self._columns
 

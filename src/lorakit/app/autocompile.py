@@ -19,9 +19,12 @@ import shutil
 import statistics
 from contextlib import ExitStack
 
+import torch
+
 from lorakit.durable import write_json
 
 from .blocks import blocks, compile_blocks
+from .models import cache_root
 
 COMPILE_GAIN = 0.10
 COMPILE_SECONDS = 75.0
@@ -52,16 +55,12 @@ def cxx_compiler() -> str | None:
 
 
 def _times_file():
-    from .models import cache_root
-
     return cache_root() / "compile_times.json"
 
 
 def block_key(model) -> str:
     """What a compilation's cost depends on: the block's class and its frozen parameters' shapes (not the
     adapters': a rank changes little), and torch's version."""
-    import torch
-
     bs = blocks(model)
     shapes = [tuple(p.shape) for p in bs[0].parameters() if not p.requires_grad] if bs else []
     return f"{type(bs[0]).__qualname__ if bs else None}|{shapes}|{torch.__version__}"
@@ -130,7 +129,7 @@ class CompileSwitch:
             return
         timed = [t for s, t in self._times.items() if s > 1] or list(self._times.values())
         if self.setting is True:  # forced on: step 1 compiled, the others ran compiled
-            if 1 in self._times and len(self._times) > 1:
+            if 1 in self._times:  # a run from its start: steps 1-4 all timed here
                 record(block_key(self.model), self._times[1] - statistics.median(timed))
         elif self.decision is None and steps_left > 0:
             self._decide(statistics.median(timed), step, steps_left)
