@@ -33,6 +33,7 @@ from lorakit import LoRAConfig, inject, save_adapter, trainable_parameters
 from lorakit.errors import ConfigError, DataError
 from lorakit.durable import write_json
 
+from .devices import model_device
 from .jsonl import read_objects, write_records
 from .loop import Task, TrainConfig, train
 
@@ -46,7 +47,7 @@ BATCH_SIZE = 32
 MAX_LENGTH = 64
 # ``TrainOptions`` fields this task takes (the CLI refuses the others)
 OPTIONS = frozenset({"data", "eval_data", "epochs", "batch_size", "lr", "r", "lora_alpha", "lora_dropout",
-                     "target_modules", "max_length", "seed"})
+                     "target_modules", "max_length", "seed", "device"})
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -189,7 +190,7 @@ def accuracy(model, tokenizer, recs: list[dict], label2id: dict, batch_size: int
     right = 0
     for i in range(0, len(recs), batch_size):
         chunk = recs[i : i + batch_size]
-        pred = model(**_encode(tokenizer, chunk, max_length)).logits.argmax(-1)
+        pred = model(**_encode(tokenizer, chunk, max_length).to(model_device(model))).logits.argmax(-1).cpu()
         right += int((pred == torch.tensor([label2id[r["label"]] for r in chunk])).sum())
     model.train(was_training)
     return right / len(recs)
@@ -213,8 +214,9 @@ def classify_task(recs: list[dict], tokenizer, label2id: dict, batch_size: int, 
         return _encode(tokenizer, chunk, max_length), torch.tensor([label2id[c["label"]] for c in chunk])
 
     def loss(model, batch):
+        device = model_device(model)  # the batch follows the model
         enc, y = batch
-        return torch.nn.functional.cross_entropy(model(**enc).logits, y, reduction="sum")
+        return torch.nn.functional.cross_entropy(model(**enc.to(device)).logits, y.to(device), reduction="sum")
 
     return Task(n_examples=len(recs), batches=batches, collate=collate, loss=loss, units=lambda b: len(b[1]),
                 tokens=lambda b: int(b[0]["attention_mask"].sum()))
@@ -225,7 +227,8 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
                  epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float | None = None, r: int | None = None,
                  lora_alpha: float | None = None, lora_dropout: float | None = None,
                  target_modules: list[str] | str | None = None, n_train: int = 2000, n_test: int = 400,
-                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False) -> dict:
+                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False,
+                 device: str | torch.device = "cpu") -> dict:
     """Train LoRA + a full classifier head on an encoder and report accuracy before/after.
 
     Args:
@@ -239,6 +242,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
         r, lora_alpha, lora_dropout, target_modules: the adapter (None: ``LoRAConfig``'s defaults;
             targets: query, key, value).
         max_length: tokens per text (truncated). seed: data split, head and adapter init, batch order.
+        device: where the encoder trains and evaluates (``cpu``, ``cuda:0``, ...).
 
     Returns:
         the ``eval.json`` content: accuracy before/after, labels, sizes, times, parameters, settings.
@@ -254,6 +258,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
     model, tokenizer, config = adapted_encoder(model_dir, labels, seed, **lora)
+    model.to(device)
     label2id = {v: i for i, v in enumerate(labels)}
     n_trainable, n_total = trainable_parameters(model)
     log(f"{task}: {len(train_recs)} train / {len(test)} eval records, {len(labels)} labels; "

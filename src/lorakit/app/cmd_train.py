@@ -25,7 +25,7 @@ from lorakit import disable_adapters, inject, merge, save_adapter, trainable_par
 from lorakit.errors import CheckpointError, CLIError, DataError, SaveError
 from lorakit.durable import write_json
 
-from . import allocator, checkpoint, classify, distributed, fsdp_load, fsdp_state, full, g2p, loop
+from . import allocator, checkpoint, classify, devices, distributed, fsdp_load, fsdp_state, full, g2p, loop
 from .checkpoint import Checkpointing
 from .distributed import Dist
 from .console import log, pct, quiet_transformers
@@ -53,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
     if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
         _check_data_files(o)  # here, before any worker starts: a worker failing alone leaves its peers' noise
+        devices.resolve(o.device, 0, distributed.FSDP_CPU_ONLY if o.fsdp else None)
         return distributed.launch(distributed.without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc,
                                   o.fsdp)
     return train_lm(o, t_start, resume)
@@ -128,6 +129,8 @@ def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
     out = output_folder(o, "classify", "adapter")
     log(f"output folder: {out}")
     kw = {k: getattr(o, k) for k in classify.OPTIONS - {"data", "eval_data", "epochs"}}
+    kw["device"] = devices.resolve(o.device)
+    log(f"device: {devices.describe(kw['device'])}")
     res = classify.run_classify(out, o.data, o.eval_data, model_dir=None if o.model == DEFAULT_MODEL else o.model,
                                 epochs=int(o.epochs), **kw, log=log, progress=o.progress)
     log(f"accuracy before {res['accuracy_before']:.4f}, after {res['accuracy_after']:.4f} "
@@ -149,29 +152,23 @@ def _read_data(o: TrainOptions):
     return train_data, val_data, None
 
 
-def _bf16_supported() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
-def _model_with_lora(o: TrainOptions, d: Dist | None = None):
-    """The base model with the adapter injected: ``(LoadedModel, LoRAConfig, trainable, base parameters)``;
-    under ``--fsdp`` loaded sharded (``fsdp_load``: only rank 0 reads the base), its layers split."""
+def _model_with_lora(o: TrainOptions, d: Dist | None = None, device: torch.device | None = None):
+    """The base model with the adapter injected, on ``device``: ``(LoadedModel, LoRAConfig, trainable, base
+    parameters)``; under ``--fsdp`` loaded sharded (``fsdp_load``: only rank 0 reads the base), its layers split."""
     quiet_transformers()
     torch.manual_seed(o.seed)
     fsdp = d is not None and d.fsdp
     lm = fsdp_load.skeleton(load_base, o.model, d) if fsdp else load_base(o.model, o.quantize)
     if o.full:
-        n = full.prepare(lm.model)
+        n = full.prepare(lm.model.to(device or "cpu"))
         return lm, None, n, n
     lcfg = o.lora_config(base_model_name_or_path=DEFAULT_HF_ID if lm.reference == DEFAULT_MODEL else lm.reference)
     inject(lm.model, lcfg)
     trainable, total = trainable_parameters(lm.model)
     if fsdp:
         fsdp_load.shard(lm.model, d)
+    elif device is not None:
+        lm.model.to(device)  # the base and the adapter; batches follow the model (devices.model_device)
     return lm, lcfg, trainable, total - trainable
 
 
@@ -302,7 +299,7 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
             if world else "add --nproc N (N > 1) or run under torchrun"))
     if o.quantize and distributed.launched():
         raise CLIError(QUANTIZE_ONE_PROCESS)
-    d = distributed.setup(fsdp=o.fsdp)
+    d = distributed.setup(fsdp=o.fsdp, device=o.device)
     quiet = open(os.devnull, "w") if d is not None and not d.main else None
     try:
         with redirect_stdout(quiet) if quiet else nullcontext(), redirect_stderr(quiet) if quiet else nullcontext():
@@ -315,18 +312,21 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
 
 def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None, d: Dist | None) -> int:
     main = d is None or d.main
+    device = d.device if d is not None else devices.resolve(o.device)  # a bad --device fails before any file is read
     out = output_folder(o, "g2p" if o.builtin else "lora")
     run = _run_config(o)
     ck = _checkpointing(o, out, run, resume, main, d.world if d is not None else 1)
     train_data, val_data, split = _read_data(o)
     if o.gradient_checkpointing:  # memory over speed: large freed blocks go back to the OS (the load's too)
         allocator.return_large_blocks()
-    if o.bf16 and not _bf16_supported():
-        log("lorakit: note: this CPU has no native bfloat16 (avx512_bf16/amx); training in float32")
+    if o.bf16 and not devices.bf16_supported(device):
+        log(f"lorakit: note: {'this GPU' if device.type == 'cuda' else 'this CPU'} has no native bfloat16 "
+            f"({'compute capability 8.0+' if device.type == 'cuda' else 'avx512_bf16/amx'}); training in float32")
         o = dataclasses.replace(o, bf16=False)
-    lm, lcfg, trainable, base_params = _model_with_lora(o, d)
+    lm, lcfg, trainable, base_params = _model_with_lora(o, d, device)
     model, tok = lm.model, lm.tokenizer
     print(f"output: {out}")
+    print(f"device: {devices.describe(device, d.world if d is not None else 1)}")
     if o.full:
         print(f"full fine-tuning: all {trainable:,} parameters trainable (LoRA options ignored)", flush=True)
     else:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import devices
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -78,22 +80,31 @@ def resume_command(folder: str) -> str:
     return f"lorakit train --resume {quoted}"
 
 
+# FSDP2's sharded loading (``fsdp_load``) builds the other ranks' models on ``meta`` and fills them on the
+# CPU; on CUDA it is not built yet (DDP is)
+FSDP_CPU_ONLY = "--fsdp runs on the CPU (gloo) in this version; on GPUs use DDP (drop --fsdp) or --device cpu"
+
+
 def launched() -> bool:
     """True inside a torchrun job of more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(fsdp: bool = False) -> Dist | None:
-    """Join the torchrun job (gloo on CPU, nccl where CUDA is available); None outside one."""
+def setup(fsdp: bool = False, device: str = "auto") -> Dist | None:
+    """Join the torchrun job; None outside one. ``device`` (``devices.resolve``): on ``cuda:LOCAL_RANK``
+    with nccl, or on the CPU with gloo.
+
+    Raises:
+        UsageError: a device this process cannot take (``devices.resolve``), before joining.
+    """
     if not launched():
         return None
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    where = devices.resolve(device, int(os.environ.get("LOCAL_RANK", "0")), FSDP_CPU_ONLY if fsdp else None)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), device, fsdp)
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), where, fsdp)
 
 
 def teardown(d: Dist | None) -> None:
@@ -214,12 +225,15 @@ def shard_blocks(blocks: list[nn.Module]) -> None:
 
     ``reshard_after_forward=True`` is explicit: each block is its own FSDP root (no sharded parent),
     and torch's default keeps a root gathered after its forward, which would leave every layer whole
-    on every rank from the first forward on (evaluation, generation) and through each step's forward."""
+    on every rank from the first forward on (evaluation, generation) and through each step's forward.
+    The mesh is the CPU's (gloo), named: torch's default is the accelerator's wherever one is visible."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    for b in blocks:
-        if not isinstance(b, FSDPModule):
-            fully_shard(b, reshard_after_forward=True)
+    todo = [b for b in blocks if not isinstance(b, FSDPModule)]
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if todo else None
+    for b in todo:
+        fully_shard(b, mesh=mesh, reshard_after_forward=True)
 
 
 def sharded_modules(model: nn.Module) -> list[nn.Module]:

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .data import render_prompt
+from .devices import to_model
 
 
 def edit_distance(a: list, b: list) -> int:
@@ -73,8 +74,8 @@ def generated_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int =
     ``prompts`` (already rendered texts), in the input order: greedy, or beam search with ``num_beams``
     > 1 (length penalty 1, done when every beam has ended).
 
-    Prompts are sorted by length and batched with left padding; decoding uses the KV cache and
-    stops at the tokenizer's EOS.
+    Prompts are sorted by length and batched with left padding; decoding runs on the model's device
+    (``devices.model_device``), uses the KV cache and stops at the tokenizer's EOS; the ids come back on the CPU.
     """
     was_training = model.training
     model.eval()
@@ -87,9 +88,10 @@ def generated_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int =
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             batch = tokenizer.pad({"input_ids": [enc_all[i] for i in idx]}, return_tensors="pt")
+            input_ids, attention_mask = to_model(model, batch["input_ids"], batch["attention_mask"])
             gen = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=tokenizer.eos_token_id,
@@ -99,7 +101,7 @@ def generated_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int =
                 top_k=None,
                 **({"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {}),
             )
-            for i, row in zip(idx, gen[:, batch["input_ids"].shape[1]:]):
+            for i, row in zip(idx, gen[:, input_ids.shape[1]:].cpu()):
                 out[i] = row
     finally:
         tokenizer.padding_side = side

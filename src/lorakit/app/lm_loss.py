@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import packing
 from .batches import batch_stream, collate
 from .data import IGNORE, Example
+from .devices import to_model
 from .loop import Task, TrainConfig
 
 
@@ -35,7 +36,7 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
 
     Args:
         input_ids, attention_mask, labels: int64 (B, T), right-padded for ``pack``; labels are
-            ``IGNORE`` where untrained.
+            ``IGNORE`` where untrained. Moved to the model's device (``devices.model_device``).
         pack: run the batch as packed rows (see ``packing.pack``): the leading tokens all rows share (a
             fixed system prompt, say) once instead of once per row, and no padding. Same result up
             to float rounding; used where ``packing.packable`` allows it, else the padded batch runs.
@@ -43,6 +44,7 @@ def label_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     Returns:
         ``(loss_sum, n)``: a float32 scalar tensor (nats, summed) and an int.
     """
+    input_ids, attention_mask, labels = to_model(model, input_ids, attention_mask, labels)  # the batch follows the model
     target = labels[:, 1:]  # position t predicts token t+1
     sel = target != IGNORE  # (B, T-1)
     n = int(sel.sum())

@@ -23,7 +23,7 @@ import torch
 from lorakit import active_adapters, quantization
 from lorakit.errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted
 
-from . import checkpoint, distributed, fsdp_state
+from . import checkpoint, devices, distributed, fsdp_state
 from .autocompile import CompileSwitch
 from .blocks import blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (the loop's API)
 from .checkpoint import Checkpointing
@@ -47,7 +47,7 @@ class TrainConfig:
         max_grad_norm: global L2 norm the gradients are clipped to; None = no clipping.
         weight_decay: AdamW weight decay on the trainable parameters.
         seed: seeds batch order.
-        bf16: bfloat16 autocast for the forward pass (weights stay float32).
+        bf16: bfloat16 autocast for the forward pass (weights stay float32), on the model's device.
         eval_every: validation loss every this many steps (and at the last step); 0 = never.
         compile: ``torch.compile`` each transformer block for the training steps (``compile_blocks``):
             fewer, fused elementwise kernels; the first step pays the compilation (15-75 s for
@@ -181,6 +181,7 @@ class _Run:
         self.replica = distributed.Replica(model, task.loss, d) if d is not None and not self.fsdp else None
         self.main = d is None or d.main
         self.validates = self.main or self.fsdp  # a sharded model validates on every rank together
+        self.autocast = devices.model_device(model).type  # bf16 autocast where the model computes
 
     def config(self) -> dict:
         return checkpoint.run_config(self.model, self.cfg, self.ck.config, self.world)
@@ -217,7 +218,7 @@ class _Run:
         n_all = int(d.sum([n_all])[0]) if d is not None else n_all
         loss_sum = 0.0
         for i, (batch, w) in enumerate(micro):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(self.autocast, dtype=torch.bfloat16, enabled=cfg.bf16):
                 if d is None:
                     loss = task.loss(self.model, batch)
                     (loss / max(1, n_all)).backward()  # mean over all loss units of the step

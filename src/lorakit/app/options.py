@@ -23,7 +23,7 @@ from lorakit.errors import CheckpointError, ConfigError, UsageError
 from lorakit.durable import read_utf8
 from lorakit.quantize import QUANT_TYPES
 
-from . import classify, g2p
+from . import classify, devices, g2p
 from .checkpoint import changed_keys
 from .loop import TrainConfig
 from .models import DEFAULT_MODEL
@@ -40,7 +40,7 @@ NONFINITE = ("error", "skip")
 # options a resumed run may change: they do not change what is trained (the others are hashed
 # into each checkpoint, and a resume that changes them is refused)
 RESUME_MAY_CHANGE = frozenset({"output", "overwrite", "progress", "save_every", "keep", "resume", "on_nonfinite",
-                               "gradient_checkpointing", "nproc", "compile"})  # the loop checks the number of processes
+                               "gradient_checkpointing", "nproc", "compile", "device"})  # the loop checks the number of processes
 
 
 def _default(cls, name: str):
@@ -92,7 +92,7 @@ class TrainOptions:
                                 "nf4 (4-bit NormalFloat, QLoRA) or int8; adapters stay float32; recorded so eval, "
                                 "generate and merge rebuild the same base (merge writes a dequantised, full-precision "
                                 "checkpoint); needs bitsandbytes", type=str)
-    bf16: bool = _opt(False, "bfloat16 autocast if the CPU supports it")
+    bf16: bool = _opt(False, "bfloat16 autocast where the device supports it (AVX512-BF16 or AMX CPUs, CUDA compute capability 8.0+)")
     gradient_checkpointing: bool = _opt(False, "recompute each block's activations in the backward instead of keeping "
                                         "them (default: on with --quantize, as QLoRA and PEFT's "
                                         "prepare_model_for_kbit_training do; off with --no-gradient-checkpointing)",
@@ -116,6 +116,8 @@ class TrainOptions:
                       "CPU, nccl on GPU); each takes --batch-size examples per micro-batch", type=int)
     fsdp: bool = _opt(False, "with --nproc or torchrun: shard each decoder layer, frozen base included (FSDP2), "
                       "for bases that do not fit one process; --save-every / --resume as with DDP")
+    device: str = _opt("auto", "where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or "
+                       "cuda:N; under torchrun each process takes cuda:LOCAL_RANK (nccl) or the CPU (gloo)", type=str)
     overwrite: bool = _opt(False, "reuse an output folder holding an adapter or checkpoints")
     progress: bool = _opt(True, "no progress bar", flag="--no-progress")
 
@@ -253,6 +255,7 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         if str(o.compile).strip().lower() != "auto":
             raise UsageError(f"--compile must be true, false or auto (the default), got {o.compile!r}")
         o.compile = None
+    o.device = devices.check_spec(o.device)
     if o.quantize is not None and o.quantize not in QUANT_TYPES:
         raise UsageError(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {o.quantize!r}")
     _check_numbers(o)
