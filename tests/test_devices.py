@@ -123,3 +123,38 @@ def test_cli_cpu_is_the_default_and_cuda_is_refused_in_one_line(folder):
         assert not (folder / "gpu").exists()  # refused before any file was written
     p = _train(folder, "tpu", "--device", "tpu")
     assert p.returncode == 2 and "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in p.stderr
+
+
+@pytest.mark.parametrize("spec", ["cuda:²", "cuda:١"])
+def test_only_ascii_digits_name_a_gpu(spec):
+    with pytest.raises(UsageError, match="--device must be"):
+        devices.check_spec(spec)
+
+
+def test_auto_takes_the_cpu_where_the_node_has_fewer_gpus_than_processes(two_gpus):
+    assert devices.resolve("auto", 1, local_world=2) == torch.device("cuda", 1)
+    assert devices.resolve("auto", 2, local_world=3) == torch.device("cpu")
+    with pytest.raises(UsageError, match="cuda:2 does not exist"):
+        devices.resolve("cuda", 2, local_world=3)
+
+
+def test_int8_stays_on_the_cpu(two_gpus):
+    from lorakit.app.options import INT8_CPU_ONLY
+
+    assert devices.resolve("auto", cpu_only=INT8_CPU_ONLY) == torch.device("cpu")
+    with pytest.raises(UsageError, match="--device cuda:1: --quantize int8 quantises on the CPU"):
+        devices.resolve("cuda:1", cpu_only=INT8_CPU_ONLY)
+
+
+def test_metrics_log_is_not_touched_before_its_first_record(tmp_path):
+    from lorakit.app.jsonl import RecordLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n')
+    with RecordLog(path):  # a run refused before its first record (a --resume that cannot restore)
+        pass
+    assert path.read_text() == '{"step": 1}\n'
+    with RecordLog(path) as log:
+        log.write({"step": 1, "loss": 0.5})
+        log.write({"step": 2, "loss": 0.25})
+    assert path.read_text().splitlines() == ['{"step": 1, "loss": 0.5}', '{"step": 2, "loss": 0.25}']

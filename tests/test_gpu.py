@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _tiny import tiny_model_folder, write_jsonl
-from test_resume_cli import records
+from test_distributed import world  # noqa: F401  (a tiny model folder, train.jsonl and val.jsonl)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STEPS = 10
@@ -32,15 +31,6 @@ def _train(out, batch, *extra):
 
 def _cli(*args):
     return [sys.executable, "-m", "lorakit.app.cli", *map(str, args)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu")
-    tiny_model_folder(root / "model")
-    write_jsonl(root / "train.jsonl", records())
-    write_jsonl(root / "val.jsonl", records(seed=3)[:8])
-    return root
 
 
 def _close(a_dir, b_dir, tol):

@@ -60,10 +60,11 @@ def _times_file():
 
 def block_key(model) -> str:
     """What a compilation's cost depends on: the block's class and its frozen parameters' shapes (not the
-    adapters': a rank changes little), and torch's version."""
+    adapters': a rank changes little), torch's version, and the device unless it is the CPU."""
     bs = blocks(model)
-    shapes = [tuple(p.shape) for p in bs[0].parameters() if not p.requires_grad] if bs else []
-    return f"{type(bs[0]).__qualname__ if bs else None}|{shapes}|{torch.__version__}"
+    frozen = [p for p in bs[0].parameters() if not p.requires_grad] if bs else []
+    where = "" if not frozen or frozen[0].device.type == "cpu" else f"|{frozen[0].device.type}"
+    return f"{type(bs[0]).__qualname__ if bs else None}|{[tuple(p.shape) for p in frozen]}|{torch.__version__}{where}"
 
 
 def _read_times() -> dict:

@@ -204,8 +204,8 @@ def set_rng_state(rng: tuple[dict, dict[str, torch.Tensor]]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    for i, state in enumerate(cuda[:torch.cuda.device_count()] if torch.cuda.is_available() else []):
+        torch.cuda.set_rng_state(state, i)  # the devices visible now (a resume may see fewer)
 
 
 def _adapter_folder(root: Path, name: str) -> Path:

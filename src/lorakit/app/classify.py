@@ -227,8 +227,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
                  epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float | None = None, r: int | None = None,
                  lora_alpha: float | None = None, lora_dropout: float | None = None,
                  target_modules: list[str] | str | None = None, n_train: int = 2000, n_test: int = 400,
-                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False,
-                 device: str | torch.device = "cpu") -> dict:
+                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False, device="cpu") -> dict:
     """Train LoRA + a full classifier head on an encoder and report accuracy before/after.
 
     Args:
@@ -242,7 +241,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
         r, lora_alpha, lora_dropout, target_modules: the adapter (None: ``LoRAConfig``'s defaults;
             targets: query, key, value).
         max_length: tokens per text (truncated). seed: data split, head and adapter init, batch order.
-        device: where the encoder trains and evaluates (``cpu``, ``cuda:0``, ...).
+        device: where the encoder trains and evaluates (``cpu``, ``cuda:0``, a ``torch.device``).
 
     Returns:
         the ``eval.json`` content: accuracy before/after, labels, sizes, times, parameters, settings.
@@ -257,8 +256,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     out = _output_folder(out_dir, None if train_file else (train_recs, test))
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
-    model, tokenizer, config = adapted_encoder(model_dir, labels, seed, **lora)
-    model.to(device)
+    model, tokenizer, config = adapted_encoder(model_dir, labels, seed, device=device, **lora)
     label2id = {v: i for i, v in enumerate(labels)}
     n_trainable, n_total = trainable_parameters(model)
     log(f"{task}: {len(train_recs)} train / {len(test)} eval records, {len(labels)} labels; "
@@ -312,17 +310,17 @@ def _output_folder(out_dir, builtin_data: tuple[list[dict], list[dict]] | None) 
     return out
 
 
-def adapted_encoder(model_dir: Path, labels: list, seed: int, target_modules=None, **lora):
+def adapted_encoder(model_dir: Path, labels: list, seed: int, target_modules=None, device="cpu", **lora):
     """``(model, tokenizer, config)``: the encoder (``load_encoder``) with LoRA on ``target_modules``
-    (default: query, key, value) and a trained ``classifier`` copy; ``lora``: r, lora_alpha, lora_dropout
-    (None: ``LoRAConfig``'s default). ``seed`` seeds the head and adapter init."""
+    (default: query, key, value) and a trained ``classifier`` copy, on ``device``; ``lora``: r, lora_alpha,
+    lora_dropout (None: ``LoRAConfig``'s default). ``seed`` seeds the head and adapter init."""
     torch.manual_seed(seed)
     model, tokenizer = load_encoder(model_dir, labels)
     targets = target_modules if isinstance(target_modules, str) else list(target_modules or TARGETS)
     config = LoRAConfig(**{k: v for k, v in lora.items() if v is not None}, target_modules=targets,
                         modules_to_save=["classifier"], task_type="SEQ_CLS", base_model_name_or_path=str(model_dir))
     inject(model, config)
-    return model, tokenizer, config
+    return model.to(device), tokenizer, config
 
 
 def _settings(config: LoRAConfig, **train) -> dict:

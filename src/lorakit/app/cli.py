@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from lorakit.errors import LoRAError, TrainingInterrupted, UsageError
 
 from .cmd_train import cmd_train
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LoRAError, OSError, UnicodeDecodeError) as e:  # user errors: a missing/unreadable file, bad bytes
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
         _say(f"lorakit: error: {msg}".splitlines()[0])
+        return 1
+    except torch.OutOfMemoryError as e:  # a GPU's: one line, and what to try
+        _say(f"lorakit: error: out of GPU memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
+             "--gradient-checkpointing or --quantize nf4")
         return 1
     except KeyboardInterrupt:
         _say("\nlorakit: interrupted; no adapter was written (the last complete checkpoint, if any, is intact)")

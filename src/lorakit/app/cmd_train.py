@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -31,9 +30,11 @@ from .distributed import Dist
 from .console import log, pct, quiet_transformers
 from .data import Dataset, read_jsonl, tokenize_dataset
 from .evaluate import evaluate_g2p, perplexity
+from .jsonl import RecordLog
 from .lm_loss import lm_task, mean_loss
 from .models import DEFAULT_HF_ID, DEFAULT_MODEL, load_base, write_metadata
-from .options import QUANTIZE_ONE_PROCESS, TrainOptions, resumed_options, run_options, split_seed, train_options
+from .options import (INT8_CPU_ONLY, QUANTIZE_ONE_PROCESS, TrainOptions, resumed_options, run_options, split_seed,
+                      train_options)
 from .plots import plot_losses
 
 
@@ -52,8 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = _resume_point(o)
         o = resumed_options(o, given, resume[1]["config"]["run"]["options"], resume[1]["extra"]["options"])
     if o.nproc > 1 and not distributed.launched():  # --nproc, or a resumed run of several processes
+        devices.resolve(o.device, o.nproc - 1, distributed.FSDP_CPU_ONLY if o.fsdp else None, o.nproc)  # each rank's
         _check_data_files(o)  # here, before any worker starts: a worker failing alone leaves its peers' noise
-        devices.resolve(o.device, 0, distributed.FSDP_CPU_ONLY if o.fsdp else None)
         return distributed.launch(distributed.without_nproc(getattr(args, "argv", None) or sys.argv[1:]), o.nproc,
                                   o.fsdp)
     return train_lm(o, t_start, resume)
@@ -126,11 +127,11 @@ def _run_config(o: TrainOptions) -> dict:
 
 def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
     """``lorakit train --task classify`` (``classify.run_classify``)."""
+    device = devices.resolve(o.device)
     out = output_folder(o, "classify", "adapter")
     log(f"output folder: {out}")
-    kw = {k: getattr(o, k) for k in classify.OPTIONS - {"data", "eval_data", "epochs"}}
-    kw["device"] = devices.resolve(o.device)
-    log(f"device: {devices.describe(kw['device'])}")
+    log(f"device: {devices.describe(device)}")
+    kw = {k: getattr(o, k) for k in classify.OPTIONS - {"data", "eval_data", "epochs"}} | {"device": device}
     res = classify.run_classify(out, o.data, o.eval_data, model_dir=None if o.model == DEFAULT_MODEL else o.model,
                                 epochs=int(o.epochs), **kw, log=log, progress=o.progress)
     log(f"accuracy before {res['accuracy_before']:.4f}, after {res['accuracy_after']:.4f} "
@@ -205,13 +206,13 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
                 " (--quantize's default; --no-gradient-checkpointing keeps them)" if o.quantize else "")
                 + ("; freed blocks of 1 MiB or more returned to the OS" if allocator.large_blocks_returned() else ""))
     history: list[dict] = []
-    with open(out / "metrics.jsonl", "w") if main else open(os.devnull, "w") as metrics_file, \
+    with RecordLog(out / "metrics.jsonl") if main else nullcontext() as metrics, \
             loop.checkpointed(model, o.gradient_checkpointing):
 
         def on_log(rec: dict) -> None:
             history.append(rec)
-            metrics_file.write(json.dumps(rec) + "\n")
-            metrics_file.flush()
+            if metrics is not None:
+                metrics.write(rec)
 
         summary = loop.train(model, task, tcfg, on_log=on_log, progress=o.progress, checkpoints=ck, dist=d)
     first, last = summary["resumed_from"] + 1, summary["steps"]
@@ -234,7 +235,7 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         "base_parameters": base_params,
         "trainable_parameters": trainable,
         "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed",
-                                             "nproc")}
+                                             "nproc", "device")}
         | {"steps": n_steps},
     }
     if o.builtin:
@@ -312,7 +313,8 @@ def train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None =
 
 def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None, d: Dist | None) -> int:
     main = d is None or d.main
-    device = d.device if d is not None else devices.resolve(o.device)  # a bad --device fails before any file is read
+    # a bad --device fails before the data is read
+    device = d.device if d is not None else devices.select(o.device, INT8_CPU_ONLY if o.quantize == "int8" else None)
     out = output_folder(o, "g2p" if o.builtin else "lora")
     run = _run_config(o)
     ck = _checkpointing(o, out, run, resume, main, d.world if d is not None else 1)
@@ -320,13 +322,11 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     if o.gradient_checkpointing:  # memory over speed: large freed blocks go back to the OS (the load's too)
         allocator.return_large_blocks()
     if o.bf16 and not devices.bf16_supported(device):
-        log(f"lorakit: note: {'this GPU' if device.type == 'cuda' else 'this CPU'} has no native bfloat16 "
-            f"({'compute capability 8.0+' if device.type == 'cuda' else 'avx512_bf16/amx'}); training in float32")
+        log(f"lorakit: note: {devices.NO_BF16[device.type]}; training in float32")
         o = dataclasses.replace(o, bf16=False)
     lm, lcfg, trainable, base_params = _model_with_lora(o, d, device)
     model, tok = lm.model, lm.tokenizer
-    print(f"output: {out}")
-    print(f"device: {devices.describe(device, d.world if d is not None else 1)}")
+    print(f"output: {out}\ndevice: {devices.describe(device, d.world if d is not None else 1)}")
     if o.full:
         print(f"full fine-tuning: all {trainable:,} parameters trainable (LoRA options ignored)", flush=True)
     else:

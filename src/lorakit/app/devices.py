@@ -26,15 +26,16 @@ def check_spec(spec: str) -> str:
     """
     s = str(spec).strip().lower()
     kind, _, index = s.partition(":")
-    if s in (AUTO, "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+    if s in (AUTO, "cpu", "cuda") or (kind == "cuda" and index.isascii() and index.isdigit()):
         return s
     raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
-def resolve(spec: str, local_rank: int | None = None, cpu_only: str | None = None) -> torch.device:
-    """The device of a run: ``auto`` is ``cuda`` where torch sees a CUDA device, else the CPU; ``cuda``
-    under torchrun (``local_rank`` given) is ``cuda:LOCAL_RANK``. ``cpu_only``: why this run stays on the
-    CPU (auto then picks it; an explicit CUDA device is refused with that reason).
+def resolve(spec: str, local_rank: int | None = None, cpu_only: str | None = None, local_world: int = 1) -> torch.device:
+    """The device of a run: ``auto`` is ``cuda`` where torch sees a CUDA device for each of the node's
+    ``local_world`` processes, else the CPU; ``cuda`` under torchrun (``local_rank`` given) is
+    ``cuda:LOCAL_RANK``. ``cpu_only``: why this run stays on the CPU (auto then picks it; an explicit CUDA
+    device is refused with that reason).
 
     Raises:
         UsageError: a bad spec; CUDA asked for where torch sees none, or an index past the last device;
@@ -42,7 +43,8 @@ def resolve(spec: str, local_rank: int | None = None, cpu_only: str | None = Non
     """
     s = check_spec(spec)
     if s == AUTO:
-        s = "cuda" if torch.cuda.is_available() and cpu_only is None else "cpu"
+        cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+        s = "cuda" if cuda and cpu_only is None else "cpu"
     if s == "cpu":
         return torch.device("cpu")
     if cpu_only is not None:
@@ -59,6 +61,15 @@ def resolve(spec: str, local_rank: int | None = None, cpu_only: str | None = Non
     return torch.device("cuda", index)
 
 
+def select(spec: str, cpu_only: str | None = None) -> torch.device:
+    """``resolve`` for one process, made torch's current CUDA device where it is one (bitsandbytes' kernels
+    and ``torch.cuda``'s defaults use the current device, not the model's)."""
+    device = resolve(spec, cpu_only=cpu_only)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def describe(device: torch.device, world: int = 1) -> str:
     """For the log: ``cpu`` or ``cuda:0 (NVIDIA H200)``; under torchrun (``world`` > 1) what every process takes."""
     if world > 1:
@@ -66,11 +77,16 @@ def describe(device: torch.device, world: int = 1) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
+NO_BF16 = {"cuda": "this GPU has no native bfloat16 (compute capability 8.0+)",
+           "cpu": "this CPU has no native bfloat16 (avx512_bf16/amx)"}
+
+
 def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively: compute capability 8.0+ on CUDA, AVX512-BF16 or AMX on
-    an x86 CPU (read from /proc/cpuinfo; False where it cannot be read)."""
+    """Whether ``device`` computes bfloat16 natively: compute capability 8.0+ on CUDA (not torch's
+    emulation on older GPUs), AVX512-BF16 or AMX on an x86 CPU (read from /proc/cpuinfo; False where it
+    cannot be read)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

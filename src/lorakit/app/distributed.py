@@ -14,6 +14,7 @@ the reduction. Rank 0 alone evaluates and writes outputs, logs and the progress 
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import shlex
@@ -85,6 +86,9 @@ def resume_command(folder: str) -> str:
 FSDP_CPU_ONLY = "--fsdp runs on the CPU (gloo) in this version; on GPUs use DDP (drop --fsdp) or --device cpu"
 
 
+WAIT = datetime.timedelta(hours=2)  # how long a rank waits in a collective (rank 0 evaluating, writing)
+
+
 def launched() -> bool:
     """True inside a torchrun job of more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -99,11 +103,12 @@ def setup(fsdp: bool = False, device: str = "auto") -> Dist | None:
     """
     if not launched():
         return None
-    where = devices.resolve(device, int(os.environ.get("LOCAL_RANK", "0")), FSDP_CPU_ONLY if fsdp else None)
+    where = devices.resolve(device, int(os.environ.get("LOCAL_RANK", "0")), FSDP_CPU_ONLY if fsdp else None,
+                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if where.type == "cuda":
         torch.cuda.set_device(where)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # the others wait while rank 0 evaluates: longer than nccl's 10 minutes
+        dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=WAIT)
     return Dist(dist.get_rank(), dist.get_world_size(), where, fsdp)
 
 

@@ -77,3 +77,25 @@ def write_records(path: str | os.PathLike, records: list[dict]) -> None:
                 f.write(json.dumps(r) + "\n")
 
     write_atomic(Path(path), write)
+
+
+class RecordLog:
+    """Records appended to a JSONL file as they come, one line each, flushed (a live log such as
+    ``metrics.jsonl``). The file is created, or emptied, at the first record, so a run that stops before
+    logging anything (a refused ``--resume``) leaves an earlier file as it was."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path, self._file = Path(path), None
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def __enter__(self) -> "RecordLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()

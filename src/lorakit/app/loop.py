@@ -298,7 +298,8 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     With ``checkpoints`` (``checkpoint.Checkpointing``): a checkpoint every ``every`` steps and when
     SIGINT or SIGTERM arrives (then ``TrainingInterrupted``); ``resume`` restores the newest one and
     first replays its logged records through ``on_log``, so the caller sees every step once, and
-    the run ends bit for bit where an uninterrupted one would. With ``dist`` (``distributed.setup()``
+    the run ends bit for bit where an uninterrupted one would (on the CPU; some CUDA kernels are not
+    deterministic, so on a GPU it ends within rounding of it). With ``dist`` (``distributed.setup()``
     under torchrun): DDP over the trainable parameters, each rank on its slice of every global batch
     of ``batch_size × world`` examples (``distributed``); rank 0 alone validates and checkpoints. With
     ``dist.fsdp``: FSDP2 shards instead of DDP; a checkpoint holds the whole adapters and optimizer

@@ -36,6 +36,8 @@ USER_EPOCHS = 1.0  # passes over user data when neither --steps nor --epochs is 
 TASKS = ("g2p", "classify")
 QUANTIZE_ONE_PROCESS = ("--quantize trains in one process: DDP / FSDP do not broadcast or shard bitsandbytes' "
                         "quantised weights; drop --nproc / --fsdp")
+# bitsandbytes' int8 layers keep their quantised weight where it was quantised (the CPU): auto stays there
+INT8_CPU_ONLY = "--quantize int8 quantises on the CPU and its weights stay there; on a GPU use --quantize nf4"
 NONFINITE = ("error", "skip")
 # options a resumed run may change: they do not change what is trained (the others are hashed
 # into each checkpoint, and a resume that changes them is refused)
@@ -115,7 +117,8 @@ class TrainOptions:
     nproc: int = _opt(1, "train on N processes: starts torchrun --standalone --nproc_per_node N (DDP; gloo on "
                       "CPU, nccl on GPU); each takes --batch-size examples per micro-batch", type=int)
     fsdp: bool = _opt(False, "with --nproc or torchrun: shard each decoder layer, frozen base included (FSDP2), "
-                      "for bases that do not fit one process; --save-every / --resume as with DDP")
+                      "for bases that do not fit one process; --save-every / --resume as with DDP; on the CPU only "
+                      "(--device auto then picks it)")
     device: str = _opt("auto", "where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or "
                        "cuda:N; under torchrun each process takes cuda:LOCAL_RANK (nccl) or the CPU (gloo)", type=str)
     overwrite: bool = _opt(False, "reuse an output folder holding an adapter or checkpoints")
