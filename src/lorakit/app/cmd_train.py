@@ -235,8 +235,8 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         "base_parameters": base_params,
         "trainable_parameters": trainable,
         "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed",
-                                             "nproc", "device")}
-        | {"steps": n_steps},
+                                             "nproc")}
+        | {"steps": n_steps, "device": devices.model_device(lm.model).type},
     }
     if o.builtin:
         meta["g2p"] = {"seed": split_seed(o), "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION,
