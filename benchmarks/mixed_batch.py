@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
 from common import SEVEN, base_model, interleaved, machine, spread_note, timed  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
-from lorakit.mixed import _Route  # noqa: E402
+from lorakit.routes import Route  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -92,12 +92,12 @@ def forward_section(args, base, ours, theirs, names, ids, counts) -> None:
         run = ours_mixed(per_row)
 
         def loop():
-            fits = _Route.slots_fit
-            _Route.slots_fit = lambda self: False
+            fits = Route.slots_fit
+            Route.slots_fit = lambda self: False
             try:
                 run()
             finally:
-                _Route.slots_fit = fits
+                Route.slots_fit = fits
         return loop
 
     fns["lorakit mixed 16, per-adapter loop"] = ours_loop([names[i % 16] for i in range(args.rows)])
@@ -156,12 +156,24 @@ def _decode_step(model, prompt, prefill_ctx, step_ctx) -> float:
         return time.perf_counter() - t
 
 
+def _rerouted_step(model, prompt, before, after) -> float:
+    """Seconds of one decoding step after ``set_rows(after)`` in the block whose prefill ran ``before``
+    (what ``lorakit serve`` does when a request joins or leaves)."""
+    with lorakit.mixed_batch(model, before):
+        out = model(prompt, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        lorakit.set_rows(model, after)
+        t = time.perf_counter()
+        model(nxt, cache=out.cache, use_cache=True)
+        return time.perf_counter() - t
+
+
 def _decode_timings(base, ours, prompt, rows, new_mix, one_new, repeats) -> dict[str, tuple[float, float]]:
-    """Base step, warmed mixed step, first step after a new mix (16 adapters drawn afresh) and first
-    step after one adapter of the mix changed (a request leaving, another joining), interleaved;
-    (median, half-spread)."""
+    """Base step, warmed mixed step, first step after a new mix (16 adapters drawn afresh), first step
+    after one adapter of the mix changed (a request leaving, another joining) in a new block and with
+    ``set_rows`` in the same block, interleaved; (median, half-spread)."""
     null = contextlib.nullcontext
-    times = {"base": [], "warm": [], "first": [], "one": []}
+    times = {"base": [], "warm": [], "first": [], "one": [], "set_rows": []}
     for i in range(repeats + 1):
         t_base = _decode_step(base, prompt, null(), null())
         with lorakit.mixed_batch(ours, rows):  # prefill and step in one block
@@ -169,8 +181,9 @@ def _decode_timings(base, ours, prompt, rows, new_mix, one_new, repeats) -> dict
         t_first = _decode_step(ours, prompt, lorakit.mixed_batch(ours, new_mix()), lorakit.mixed_batch(ours, new_mix()))
         before, after = one_new()
         t_one = _decode_step(ours, prompt, lorakit.mixed_batch(ours, before), lorakit.mixed_batch(ours, after))
+        t_set = _rerouted_step(ours, prompt, *one_new())
         if i:  # the first round warms up
-            for k, t in zip(times, (t_base, t_warm, t_first, t_one)):
+            for k, t in zip(times, (t_base, t_warm, t_first, t_one, t_set)):
                 times[k].append(t)
     return {k: (statistics.median(v), (max(v) - min(v)) / 2) for k, v in times.items()}
 
@@ -182,9 +195,9 @@ def decode_section(args, base, ours, theirs, names) -> None:
     gen_kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     print(f"\n## decode: {args.rows} rows, 16 adapters in the batch (row i: adapter i mod 16), 4-token prompt")
     print("\n| resident | base step s | warmed mixed step / base | first step after a new mix / base "
-          "| first step after one adapter changed / base | generate lorakit / base | generate PEFT / lorakit "
-          "| prefill mixed 16 / one adapter |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| first step after one adapter changed / base | the same with set_rows in the block / base "
+          "| generate lorakit / base | generate PEFT / lorakit | prefill mixed 16 / one adapter |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for resident in [int(r) for r in args.decode_resident.split(",")]:
         while len(lorakit.list_adapters(ours)) < resident:
             lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False),
@@ -223,7 +236,8 @@ def decode_section(args, base, ours, theirs, names) -> None:
         peft_ratio = f"{gen['PEFT'][0] / gen['lorakit'][0]:.2f}x" if "PEFT" in gen else "-"
         print(f"| {resident} | {b:.4f} ± {steps['base'][1]:.4f} | {steps['warm'][0] / b:.3f} (± {steps['warm'][1]:.4f} s) "
               f"| {steps['first'][0] / b:.3f} (± {steps['first'][1]:.4f} s) | {steps['one'][0] / b:.3f} "
-              f"(± {steps['one'][1]:.4f} s) | {gen['lorakit'][0] / gen['base'][0]:.3f} "
+              f"(± {steps['one'][1]:.4f} s) | {steps['set_rows'][0] / b:.3f} (± {steps['set_rows'][1]:.4f} s) "
+              f"| {gen['lorakit'][0] / gen['base'][0]:.3f} "
               f"({gen['lorakit'][0]:.2f} vs {gen['base'][0]:.2f} s) | {peft_ratio} | {pre['mixed'][0] / pre['one'][0]:.3f} |",
               flush=True)
 

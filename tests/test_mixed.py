@@ -295,3 +295,49 @@ def test_bank_follows_factors_replaced_through_data(model):
         out = model(ids).logits
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_set_rows_routes_the_next_forwards_and_checks_no_factor_twice(model, form, monkeypatch):
+    """Inside one block, ``set_rows`` changes the rows (other mixes, None rows, another batch size, an
+    adapter new to the block): every row equals its adapter alone; the factors the block checked are not
+    checked again, an adapter new to the block is, once per layer holding it."""
+    import lorakit.mixed
+
+    for name, value in zip(("DENSE_COLUMNS", "DENSE_WORK", "BANK_ROWS"), FORMS[form]):
+        monkeypatch.setattr(lorakit.mixed, name, value)
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (6, 5))
+    mixes = [["a", "b", None, "a", "b", "b"], ["b", None, "a", "b", "a", "a"], ["a", "a", "b"], ["c.d", "b", "b", "a",
+             None, "c.d"]]
+    refs = {n: _single(model, n, ids) for n in ("a", "b", "c.d", None)}
+    stale, checked = lorakit.adapter.AdapterBank._stale, []
+    monkeypatch.setattr(lorakit.adapter.AdapterBank, "_stale",
+                        lambda self, names: checked.extend((id(self), n) for n in names) or stale(self, names))
+    with torch.no_grad(), mixed_batch(model, mixes[0]):
+        for k, names in enumerate(mixes):
+            if k:
+                before = len(checked)
+                lorakit.set_rows(model, names)
+            x = ids[: len(names)]
+            out = model(x).logits
+            for i, n in enumerate(names):
+                torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+            new = checked[before:] if k else []
+            if k in (1, 2):  # the adapters of the first mix again: no slot checked
+                assert new == []
+            elif k == 3:  # c.d is new to the block: checked in the o_proj layers that hold it
+                assert [n for _, n in new].count("c.d") == model.config.num_hidden_layers
+    assert len(checked) == len(set(checked))  # no slot of any layer checked twice in the block
+
+
+def test_set_rows_outside_a_block_or_with_bad_names_changes_nothing(model):
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(MixedBatchError, match="inside a mixed_batch block"):
+        lorakit.set_rows(model, ["a", "b"])
+    with torch.no_grad(), mixed_batch(model, ["a", "b"]):
+        before = model(ids).logits
+        for bad, err in ((["a", "zz"], AdapterNotFoundError), ("a", MixedBatchError), ([], MixedBatchError)):
+            with pytest.raises(err):
+                lorakit.set_rows(model, bad)
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # the rows stay routed as they were

@@ -56,7 +56,7 @@ from .inject import find_targets, inject
 from .io import load_adapter, load_adapter_tensors, read_adapter, save_adapter
 from .layer_types import LoRAConv1D, LoRAConv2d, LoRAEmbedding, TiedLoRALinear
 from .layers import LoRALayer, LoRALinear
-from .mixed import mixed_batch
+from .mixed import mixed_batch, set_rows
 from .qlinear import LoRAQuantLinear
 from .quantize import dequantize, quantization, quantize_base
 from .modules_to_save import ModulesToSaveWrapper
@@ -99,6 +99,7 @@ __all__ = [
     "QuantizedBaseError",
     "add_weighted_adapter",
     "mixed_batch",
+    "set_rows",
     "LoRAConv1D",
     "LoRAConv2d",
     "LoRAEmbedding",

@@ -31,10 +31,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import dora, lora_bias
-from .adapter import masked_bypass_, stacked_bypass
+from . import lora_bias
+from .adapter import AdapterBank, masked_bypass_, stacked_bypass
 from .errors import MergeStateError, MixedBatchError
-from .hot import HotBank
+from .routes import Route, rescale_dora_rows_
 from .rows import BankLayout, RowPlan, bank_layout, plan_rows
 from .tree import attach_state, check_known, is_merged
 
@@ -60,138 +60,45 @@ BANK_ROWS = 1024
 BANK_SPARE = 2
 
 
-def _held_segments(layer, segments: tuple) -> tuple[tuple, tuple, tuple]:
-    """The ``(name, start, end)`` segments of adapters ``layer`` holds, and among them ``(adapter, start,
-    end)`` of its DoRA adapters and of those with a ``lora_bias`` (the rows the plain bypass leaves
-    unfinished). The last answer is kept on the layer, so the next mix with the same segments (same
-    adapters, same row counts) costs one comparison, and any new mix set lookups only."""
-    version = layer._adapters_version
-    seen = layer._held
-    if seen is None or seen[0] != version or seen[1] != segments:
-        names = layer._names
-        if names is None or names[0] != version:  # per set of adapters: what it holds, which need more
-            ads = list(layer.adapters.values())
-            layer._names = names = (version, frozenset(ad.name for ad in ads),
-                                    {ad.name: ad for ad in ads if ad.use_dora or ad.lora_B_bias is not None})
-        mine = tuple(seg for seg in segments if seg[0] in names[1])
-        special = [(names[2][n], s, e) for n, s, e in mine if n in names[2]] if names[2] else []
-        dora_segs = tuple(seg for seg in special if seg[0].use_dora)
-        biased = tuple(seg for seg in special if seg[0].lora_B_bias is not None)
-        layer._held = seen = (version, segments, (mine, dora_segs, biased))
-    return seen[2]
-
-
-def _hot(layer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """``(A^T (C, in, r_max), (s·B)^T (C, r_max, out), slot names)`` of the layer's ``HotBank`` with
-    ``names`` admitted, their bank slots brought up to date first. Adapters hot since an earlier mix
-    (and unchanged) are not copied again."""
-    bank = layer.bank(list(names))
-    if layer._hot is None:
-        layer._hot = HotBank()
-    slots = layer._hot.admit(bank, names)
-    return layer._hot.a_t, layer._hot.b_t, slots
-
-
-class _Route:
-    """How one layer adds the bypasses of one row plan: the segments of adapters it holds and, for
-    a batched (linear) layer, what its forms need, built on first use: ``bank_dense()`` (the
-    bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r),
-    ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots) and
-    ``hot_segments()`` (the same over the layer's ``HotBank``: the mix's adapters only), the latter
-    when ``sparse``: the layer holds more than ``BANK_SPARE`` times the mix's adapters."""
-
-    __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "sparse", "dora", "biased", "_bank", "_banked",
-                 "_hotted", "_columns")
-
-    def __init__(self, layer, plan: RowPlan, router) -> None:
-        self.layer, self.plan, self.router = layer, plan, router
-        self.segments, dora_segs, biased = _held_segments(layer, plan.segments)
-        self.names = tuple(name for name, _, _ in self.segments)
-        self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
-        self.sparse = len(layer.adapters._modules) > BANK_SPARE * len(self.segments)  # see BANK_SPARE
-        self.dora = tuple((ad, plan.perm[s:e]) for ad, s, e in dora_segs)
-        self.biased = tuple((ad, plan.perm[s:e]) for ad, s, e in biased)
-        self._bank = self._banked = self._hotted = self._columns = None
-
-    def bank_segments(self):
-        """``(a_t (S, in, r), b_t (S, r, out), BankLayout)``: the bank's slots as they lie. Only the
-        mix's slots are brought up to date: the other slots' results are never gathered back."""
-        if self._banked is None:
-            with torch.no_grad():
-                bank = self.layer.bank(list(self.names))
-                layout = self.router.layout(self.plan, bank.names, bank.a_t.device)
-                self._banked = (bank.a_t, bank.b_t, layout)
-        return self._banked
-
-    def columns(self) -> int:
-        """S·r_max: the rank columns of the layer's whole bank (what the dense form computes per row). Read
-        off the bank's shape, no slot synced: the form then taken syncs the slots it reads."""
-        if self._columns is None:
-            a_t = self.layer.bank([]).a_t  # no names: a version check only (AdapterBank.sync)
-            self._columns = a_t.shape[0] * a_t.shape[2]
-        return self._columns
-
-    def bank_dense(self):
-        """``(a_cat, b_cat, mask)`` over every adapter in the layer's bank, all brought up to date
-        (a stale non-finite slot would reach every row through the masked product)."""
-        if self._bank is None:
-            with torch.no_grad():
-                bank = self.layer.bank(self.layer.adapter_names)
-                mask = self.router.mask(self.plan, bank.names, bank.a_t.shape[2], bank.a_t.dtype, bank.a_t.device)
-                self._bank = (bank.a_cat, bank.b_cat, mask)
-        return self._bank
-
-    def hot_segments(self):
-        """``(a_t (C, in, r), b_t (C, r, out), BankLayout)``: the rows laid out over the layer's hot slots."""
-        if self._hotted is None:
-            with torch.no_grad():
-                a_t, b_t, slots = _hot(self.layer, self.names)
-                self._hotted = (a_t, b_t, self.router.layout(self.plan, slots, a_t.device))
-        return self._hotted
-
-    def slot_segments(self):
-        """The rows over the slots of the mix: the hot slots when ``sparse``, else the bank's."""
-        return self.hot_segments() if self.sparse else self.bank_segments()
-
-    def slots_fit(self) -> bool:
-        """Whether the slots' padded rows are at most twice the rows (else one pair per adapter is cheaper)."""
-        a_t, _, layout = self.slot_segments()
-        return a_t.shape[0] * layout.length <= 2 * sum(e - s for _, s, e in self.segments)
-
-
-def _rescale_dora_rows_(layer, ad, out: torch.Tensor, rows: torch.Tensor) -> None:
-    """DoRA adapter ``ad``'s rows of ``out``, which hold ``W x + b + s·B A x`` (its plain bypass), become
-    ``g ⊙ (W x + s·B A x) + b`` with ``g = m / ‖W + s·B·A‖_c`` (Liu et al. 2024, eq. 5): the output
-    PEFT's DoRA forward gives. Only these rows are rewritten; other rows keep their bits."""
-    g = dora.scale(layer, ad)
-    sub = out.index_select(0, rows).to(g.dtype)
-    bias = getattr(layer.base_layer, "bias", None)
-    if bias is not None:
-        bias = dora.along(bias.to(g.dtype), sub.dim(), layer.output_axis)
-        sub = (sub - bias) * dora.along(g, sub.dim(), layer.output_axis) + bias
-    else:
-        sub = sub * dora.along(g, sub.dim(), layer.output_axis)
-    dora.writable(out).index_copy_(0, rows, sub.to(out.dtype))
-
-
 class RowRouter:
     """Adds each batch row's own adapter in every LoRA layer while ``mixed_batch`` runs.
 
-    Caches for the block's lifetime: the row plan per (batch size, device); per layer and plan a
-    ``_Route`` (the adapters it holds, their factors gathered from the layer's resident
-    ``AdapterBank``, which the layer keeps for the next block with the same set of adapters); the last gathered input (q/k/v read one tensor, gate/up another, so the next
-    layers reuse its gather). Decoding steps of one ``generate`` share one plan and one route per
-    layer: nothing is sorted or stacked per step.
+    Caches for the block's lifetime: which adapters of each layer's resident ``AdapterBank`` were
+    checked against their factors (``bank``: once per block, however the rows change); until the rows
+    change (``reroute``), the row plan per (batch size, device), per layer and plan a ``routes.Route`` (the
+    adapters it holds and what its forms need), and the last gathered input (q/k/v read one tensor,
+    gate/up another, so the next layers reuse its gather). Decoding steps of one ``generate`` share one
+    plan and one route per layer: nothing is sorted or stacked per step.
     """
 
     def __init__(self, names: list[str | None], rank: dict[str, int] | None = None) -> None:
+        self._checked: dict[int, tuple[int, frozenset]] = {}  # id(layer) -> (adapters version, names checked)
+        self.reroute(names, rank)
+
+    def reroute(self, names: list[str | None], rank: dict[str, int] | None = None) -> None:
+        """Route rows to ``names`` from the next forward on (``set_rows``): plans, routes, masks and layouts
+        are built again; the factors checked in this block are not checked again."""
         self.names = names
         self.rank = rank  # adapter -> position: segments of one set of adapters always in one order
         self._plans: dict[tuple[int, str], RowPlan] = {}
-        self._routes: dict[tuple[int, int], _Route] = {}
+        self._routes: dict[tuple[int, int], Route] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
         self._layouts: dict[tuple, BankLayout] = {}
         self._gather: tuple | None = None
+
+    def bank(self, layer, names: tuple) -> AdapterBank:
+        """``layer.bank(names)``: the layer's resident adapters stacked, the slots of ``names`` checked against
+        their factors (``AdapterBank.sync``) once per block: a block sees the factors as they were when it
+        first used them, and a change of rows (``reroute``) checks only adapters new to the block. Adapters
+        added to or deleted from the layer meanwhile are seen (its adapters version)."""
+        version, bank = layer._adapters_version, layer._bank
+        seen = self._checked.get(id(layer))
+        done = seen[1] if bank is not None and seen is not None and seen[0] == version else frozenset()
+        if bank is not None and done.issuperset(names):
+            return bank
+        bank = layer.bank([n for n in names if n not in done])
+        self._checked[id(layer)] = (version, done | frozenset(names))
+        return bank
 
     def plan(self, batch: int, device) -> RowPlan:
         """The row plan for a forward of ``batch`` rows; each name repeats ``batch / len(names)`` times
@@ -220,7 +127,7 @@ class RowRouter:
         key = (id(layer), id(plan))
         route = self._routes.get(key)
         if route is None:
-            route = self._routes[key] = _Route(layer, plan, self)
+            route = self._routes[key] = Route(layer, plan, self, BANK_SPARE)
         if not route.segments:
             return out
         if len(route.segments) == 1 and plan.single_full:  # every row uses the same adapter, in order
@@ -240,7 +147,7 @@ class RowRouter:
         for ad, rows in route.biased:  # the bypasses above leave out lora_bias: added to their rows here
             lora_bias.add_(out, ad, layer.output_axis, rows)
         for ad, rows in route.dora:
-            _rescale_dora_rows_(layer, ad, out, rows)
+            rescale_dora_rows_(layer, ad, out, rows)
         return out
 
     def mask(self, plan: RowPlan, names: tuple, r: int, dtype, device) -> torch.Tensor:
@@ -266,7 +173,7 @@ class RowRouter:
             self._layouts[key] = bank_layout(self._row_names(plan.rows), slots, device)
         return self._layouts[key]
 
-    def _add_decode(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> bool:
+    def _add_decode(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> bool:
         """The decoding-sized forms (see ``DENSE_COLUMNS``, ``BANK_SPARE``): the bank's adapters masked,
         or the slots (the bank's, or the hot ones when ``route.sparse``) in one batched matmul pair.
         Returns False, adding nothing, when neither applies."""
@@ -307,7 +214,7 @@ class RowRouter:
             delta = torch.cat([delta, delta.new_zeros((1, *delta.shape[1:]))])  # row k·L: no adapter here
         out.add_(delta.index_select(0, layout.inverse))
 
-    def _add_slots(self, x: torch.Tensor, out: torch.Tensor, route: _Route) -> None:
+    def _add_slots(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> None:
         """Several adapters in one batched matmul pair (SGMV-style, prefill): each slot's rows, padded
         to the busiest slot, against the slot's rank-padded, pre-scaled A and B."""
         self._add_bank(x, out, *route.slot_segments())
@@ -347,6 +254,39 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
             (raised by the first LoRA layer, before any adapter compute).
         MergeStateError: adapters are merged.
     """
+    names, state = _checked_names(model, adapter_names)
+    if state.rows is not None:
+        raise MixedBatchError("mixed_batch blocks cannot be nested")
+    state.rows = RowRouter(names, {n: i for i, n in enumerate(state.configs)})
+    try:
+        yield model
+    finally:
+        state.rows = None
+
+
+def set_rows(model: nn.Module, adapter_names: Sequence[str | None]) -> None:
+    """Inside a ``mixed_batch`` block, route row i of the next forwards to ``adapter_names[i]`` instead.
+
+    What a serving engine does when a request joins or leaves the batch: cheaper than a new block,
+    because the block has checked its adapters' factors already (an adapter new to the block is checked
+    on first use); everything ``mixed_batch`` says of the rows holds. A block reads each adapter's
+    factors as they are when it first uses them: to see weights changed in place (an optimizer step,
+    a reload under the same name), leave the block and enter a new one.
+
+    Raises:
+        MixedBatchError: no ``mixed_batch`` block is open on ``model``, or the names are refused as
+            ``mixed_batch`` refuses them (the block's rows are then left as they were).
+        AdapterNotFoundError: an unknown name.
+        MergeStateError: adapters are merged.
+    """
+    names, state = _checked_names(model, adapter_names)
+    if state.rows is None:
+        raise MixedBatchError("set_rows works inside a mixed_batch block; none is open on this model")
+    state.rows.reroute(names, {n: i for i, n in enumerate(state.configs)})
+
+
+def _checked_names(model: nn.Module, adapter_names) -> tuple[list, object]:
+    """``(names, model state)`` for ``mixed_batch`` / ``set_rows``, or the error ``mixed_batch`` documents."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise MixedBatchError(f"adapter_names must be a list with one entry per row, got {adapter_names!r}")
     names = list(adapter_names)
@@ -358,8 +298,6 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
     if model.training:
         raise MixedBatchError("mixed_batch is for inference; call model.eval() first (dropout would differ per row)")
     state = attach_state(model)
-    if state.rows is not None:
-        raise MixedBatchError("mixed_batch blocks cannot be nested")
     mixed = {n for n in names if n is not None}
     trains_bias = sorted(n for n in mixed if state.configs[n].bias != "none")
     if trains_bias and len(mixed | {None} if None in names else mixed) > 1:  # one set of biases for every row
@@ -371,8 +309,4 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         raise MixedBatchError(f"adapter {on_params[0]!r} uses target_parameters "
                               f"({state.configs[on_params[0]].target_parameters!r}), which mixed_batch does not "
                               "support (PEFT neither); run its rows in a batch of their own")
-    state.rows = RowRouter(names, {n: i for i, n in enumerate(state.configs)})
-    try:
-        yield model
-    finally:
-        state.rows = None
+    return names, state

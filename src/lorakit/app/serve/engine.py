@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit import delete_adapter, load_adapter_tensors, mixed_batch
+from lorakit import delete_adapter, load_adapter_tensors, mixed_batch, set_rows
 from lorakit.errors import LoRAError, ServeError
 
 from .batch import RunningBatch, Sequence, prefill_inputs
@@ -300,10 +300,15 @@ class Engine:
     # --- compute ---------------------------------------------------------------------------------
 
     def _enter(self, names: list) -> None:
-        """Route rows to adapters, keeping one ``mixed_batch`` block open while the rows stay the same."""
+        """Route rows to adapters: one ``mixed_batch`` block stays open between adapter loads and unloads
+        (which close it), and a change of rows is ``set_rows`` in it (the block's factors are not checked
+        again: nothing writes them while it is open)."""
         if self._block_names == names:
             return
-        self._close_block()
+        if self._block is not None:
+            set_rows(self.model, names)
+            self._block_names = names
+            return
         block = contextlib.ExitStack()
         block.enter_context(mixed_batch(self.model, names))
         self._block, self._block_names = block, names
