@@ -513,10 +513,13 @@ def decode_ratio(args, log) -> tuple[str | None, list[str]]:
     log("decode section: " + shlex.join(["python", "benchmarks/mixed_batch.py"] + cmd[2:]))
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(("#", "|"))]
+    column = None  # found by its header: mixed_batch.py's columns change
     for ln in lines:
         cells = [c.strip() for c in ln.strip("|").split("|")]
-        if cells and cells[0] == "16" and len(cells) >= 6:
-            return cells[5], lines
+        if "generate PEFT / lorakit" in cells:
+            column = cells.index("generate PEFT / lorakit")
+        elif cells and cells[0] == "16" and column is not None and len(cells) > column:
+            return cells[column], lines
     return None, lines + [f"(mixed_batch.py exited {p.returncode}) " + p.stderr[-1500:]]
 
 

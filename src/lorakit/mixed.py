@@ -20,7 +20,9 @@ adapter on its slice of the batch when its rows are consecutive (the serving eng
 so), else over the hot slots in one batched matmul pair (SGMV-like). The op count does not grow
 with the number of adapters, except for a last resort (and forwards that need gradients, and other
 layer types): one small A/B pair per adapter. Activations are gathered, never a per-row copy of
-adapter weights.
+adapter weights. ``set_rows`` gives an open block new rows (a request joining or leaving a served
+batch) without checking the factors the block has checked already; the per-layer routes are
+``lorakit.routes``.
 """
 
 from __future__ import annotations
