@@ -341,3 +341,41 @@ def test_set_rows_outside_a_block_or_with_bad_names_changes_nothing(model):
             with pytest.raises(err):
                 lorakit.set_rows(model, bad)
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # the rows stay routed as they were
+
+
+def test_merge_and_unload_inside_a_block_are_refused(model):
+    ids = torch.randint(0, 64, (2, 5))
+    set_adapter(model, "a")
+    with torch.no_grad(), mixed_batch(model, ["a", "b"]):
+        before = model(ids).logits
+        for verb in (merge, lorakit.unload):
+            with pytest.raises(MixedBatchError, match="inside mixed_batch"):
+                verb(model)
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)  # nothing merged, nothing unloaded
+    assert lorakit.list_adapters(model) == ["a", "b", "c.d"]
+
+
+def test_an_input_changed_in_place_between_forwards_is_gathered_again(monkeypatch):
+    """Under inference_mode (no version counter) the gathered input of one forward is never reused for the
+    next: a caller reusing its input buffer gets rows equal to each adapter alone."""
+    import lorakit.mixed
+
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)  # the slots' form, which gathers rows
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    for n in ("x1", "x2"):
+        inject(net, LoRAConfig(r=2, lora_alpha=4, target_modules=["0", "1"], init_lora_weights=False), n)
+    x = torch.randn(4, 8)
+    names = ["x1", None, "x2", "x1"]
+    with torch.inference_mode():
+        with mixed_batch(net, names):
+            net(x)
+            x.mul_(2)
+            out = net(x)
+        for i, n in enumerate(names):
+            if n is None:
+                with disable_adapters(net):
+                    ref = net(x[i:i + 1])
+            else:
+                set_adapter(net, n)
+                ref = net(x[i:i + 1])
+            torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-5)

@@ -109,7 +109,10 @@ def merge(model: nn.Module) -> nn.Module:
 
     Raises:
         QuantizedBaseError: a base weight is quantised (``lorakit.dequantize`` first); nothing is merged.
+        MixedBatchError: inside ``mixed_batch`` (every row would get the merged adapters); nothing is merged.
     """
+    if model_state(model).rows is not None:
+        raise MixedBatchError("cannot merge inside mixed_batch: every row would get the merged adapters")
     check_merge(model)
     for _, module in adapter_modules(model):
         module.merge()
@@ -139,7 +142,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
     Raises:
         QuantizedBaseError: ``merge=True`` and a base weight is quantised; nothing is changed.
+        MixedBatchError: inside ``mixed_batch``; nothing is changed.
     """
+    if model_state(model).rows is not None:
+        raise MixedBatchError("cannot unload inside mixed_batch: its rows route through the LoRA layers")
     if merge:
         check_merge(model)
     for name, module in list(adapter_modules(model)):

@@ -90,9 +90,9 @@ class RowRouter:
 
     def bank(self, layer, names: tuple) -> AdapterBank:
         """``layer.bank(names)``: the layer's resident adapters stacked, the slots of ``names`` checked against
-        their factors (``AdapterBank.sync``) once per block: a block sees the factors as they were when it
-        first used them, and a change of rows (``reroute``) checks only adapters new to the block. Adapters
-        added to or deleted from the layer meanwhile are seen (its adapters version)."""
+        their factors (``AdapterBank.sync``) once per block: the stacked forms of a block see the factors as
+        they were when it checked them, and a change of rows (``reroute``) checks only adapters not checked
+        yet. Adapters added to or deleted from the layer meanwhile are seen (its adapters version)."""
         version, bank = layer._adapters_version, layer._bank
         seen = self._checked.get(id(layer))
         done = seen[1] if bank is not None and seen is not None and seen[0] == version else frozenset()
@@ -224,12 +224,13 @@ class RowRouter:
     def gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``x.index_select(0, index)``, reused by the next layers that read the same unchanged input
         (the gather is a copy of the whole activation)."""
-        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        if x.is_inference():  # no version counter: an in-place change to x would go unseen, so no reuse
+            return x.index_select(0, index)
         hit = self._gather
-        if hit is not None and hit[0] is x and hit[1] == version and hit[2] is index:
+        if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] is index:
             return hit[3]
         xs = x.index_select(0, index)
-        self._gather = (x, version, index, xs)
+        self._gather = (x, x._version, index, xs)
         return xs
 
 
@@ -271,9 +272,10 @@ def set_rows(model: nn.Module, adapter_names: Sequence[str | None]) -> None:
 
     What a serving engine does when a request joins or leaves the batch: cheaper than a new block,
     because the block has checked its adapters' factors already (an adapter new to the block is checked
-    on first use); everything ``mixed_batch`` says of the rows holds. A block reads each adapter's
-    factors as they are when it first uses them: to see weights changed in place (an optimizer step,
-    a reload under the same name), leave the block and enter a new one.
+    on first use); everything ``mixed_batch`` says of the rows holds. Change adapter weights in place
+    (an optimizer step, a reload under the same name) only between blocks, which see the change:
+    inside one, a forward may read the factors as the block first read them or as they are now,
+    depending on the form each layer takes.
 
     Raises:
         MixedBatchError: no ``mixed_batch`` block is open on ``model``, or the names are refused as
