@@ -223,8 +223,8 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
     return summary, history
 
 
-def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, base_params: int) -> dict:
-    """The adapter's ``lorakit.json``: base model, prompt format, task, sizes and settings."""
+def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, base_params: int, device="cpu") -> dict:
+    """The adapter's ``lorakit.json``: base model, prompt format, task, sizes, settings, device (cpu, cuda)."""
     meta = {
         "base_model": lm.reference,
         "prompt_format": data.prompt_format,
@@ -236,7 +236,7 @@ def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, 
         "trainable_parameters": trainable,
         "train": {k: getattr(o, k) for k in ("data", "epochs", "batch_size", "grad_accum", "lr", "warmup", "seed",
                                              "nproc")}
-        | {"steps": n_steps, "device": devices.model_device(lm.model).type},
+        | {"steps": n_steps, "device": device},
     }
     if o.builtin:
         meta["g2p"] = {"seed": split_seed(o), "test_size": o.test_size, "validation_size": g2p.G2P_VALIDATION,
@@ -354,7 +354,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     ck.extra |= {"before": results["before"], "before_preds": before_preds}
     summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
                             None if o.full else ck, d)
-    meta = _metadata(o, lm, train_data, n_steps, trainable, base_params)
+    meta = _metadata(o, lm, train_data, n_steps, trainable, base_params, device.type)
     # FSDP: all ranks gather the adapter's tensors, one at a time (not the layers); rank 0 writes
     whole = fsdp_state.gather_adapters(model, ["default"]) if o.fsdp else None
     if main and o.full:
