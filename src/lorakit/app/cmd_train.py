@@ -127,7 +127,7 @@ def _run_config(o: TrainOptions) -> dict:
 
 def train_classify(o: TrainOptions, given: frozenset[str]) -> int:
     """``lorakit train --task classify`` (``classify.run_classify``)."""
-    device = devices.resolve(o.device)
+    device = devices.select(o.device)
     out = output_folder(o, "classify", "adapter")
     log(f"output folder: {out}")
     log(f"device: {devices.describe(device)}")

@@ -61,10 +61,11 @@ def resolve(spec: str, local_rank: int | None = None, cpu_only: str | None = Non
     return torch.device("cuda", index)
 
 
-def select(spec: str, cpu_only: str | None = None) -> torch.device:
-    """``resolve`` for one process, made torch's current CUDA device where it is one (bitsandbytes' kernels
-    and ``torch.cuda``'s defaults use the current device, not the model's)."""
-    device = resolve(spec, cpu_only=cpu_only)
+def select(spec: str, cpu_only: str | None = None, local_rank: int | None = None,
+           local_world: int = 1) -> torch.device:
+    """``resolve``, made torch's current CUDA device where it is one (bitsandbytes' kernels, nccl and
+    ``torch.cuda``'s defaults use the current device, not the model's)."""
+    device = resolve(spec, local_rank, cpu_only, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device

@@ -103,10 +103,8 @@ def setup(fsdp: bool = False, device: str = "auto") -> Dist | None:
     """
     if not launched():
         return None
-    where = devices.resolve(device, int(os.environ.get("LOCAL_RANK", "0")), FSDP_CPU_ONLY if fsdp else None,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if where.type == "cuda":
-        torch.cuda.set_device(where)
+    where = devices.select(device, FSDP_CPU_ONLY if fsdp else None, int(os.environ.get("LOCAL_RANK", "0")),
+                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not dist.is_initialized():  # the others wait while rank 0 evaluates: longer than nccl's 10 minutes
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo", timeout=WAIT)
     return Dist(dist.get_rank(), dist.get_world_size(), where, fsdp)
