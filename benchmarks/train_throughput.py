@@ -34,7 +34,9 @@ Levers (``--levers``, each an extra lorakit run in the same interleave, identica
 only at label positions, on the padded batch; ``no-pack`` runs the padded batch instead of packed
 rows (``label_loss(pack=True)``: the common prefix once, no padding); ``unfused`` adds the bypass
 as ``out.add_(B(s·A x))`` (a separate B product, then an add) instead of one ``addmm_`` into the
-base output; ``eager`` uses eager attention instead of SDPA; ``compile`` is the other
+base output (and without ``no-node``'s single node); ``no-node`` runs the bypass through the layer's
+general forward (``base(x)``, ``F.linear(x, A)``, ``addmm_`` into the output: autograd's nodes) instead
+of ``lorakit.fused``'s one autograd node per layer; ``eager`` uses eager attention instead of SDPA; ``compile`` is the other
 way round, lorakit with ``TrainConfig(compile=True)`` (``torch.compile`` of each transformer block;
 its first step, excluded as the warm-up, is the compilation and is printed). Length batching is used
 by both tools (same batches), so its effect is reported as the padding it saves against random
@@ -70,7 +72,7 @@ from lorakit.app import data as D  # noqa: E402
 from lorakit.app import g2p as G  # noqa: E402
 from lorakit.app import loop as LT  # noqa: E402
 from lorakit.app.options import TrainOptions  # noqa: E402
-from lorakit.layers import LoRALayer  # noqa: E402
+from lorakit.layers import LoRALayer, LoRALinear  # noqa: E402
 from throughput_report import REF, report  # noqa: E402
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0)
@@ -108,7 +110,7 @@ def _set_attn(model, impl: str) -> None:
 class Variant:
     """One lorakit run in its own thread, advanced one optimizer step at a time."""
 
-    ORIGINAL = {"label_loss": LL.label_loss, "linear_up": LoRALayer.linear_up}
+    ORIGINAL = {"label_loss": LL.label_loss, "linear_up": LoRALayer.linear_up, "fused": LoRALinear.fused}
 
     def __init__(self, name: str, model, train_ex, cfg, pad_id):
         self.name, self.model, self.recs = name, model, []
@@ -120,6 +122,9 @@ class Variant:
             self.patch["label_loss"] = lambda m, i, a, lab, **kw: _LABEL_LOSS(m, i, a, lab)
         if name == "unfused":
             self.patch["linear_up"] = False  # LoRALayer._up_add's generic branch: F.linear, then add_
+            self.patch["fused"] = False
+        if name == "no-node":
+            self.patch["fused"] = False  # the general forward: base(x), F.linear(x, A), addmm_ (autograd's nodes)
         if name == "eager":
             _set_attn(model, "eager")
         if name == "compile":
@@ -150,12 +155,14 @@ class Variant:
         """Run this variant's next optimizer step (with its patches installed) and wait for it."""
         LL.label_loss = self.patch.get("label_loss", self.ORIGINAL["label_loss"])
         LoRALayer.linear_up = self.patch.get("linear_up", self.ORIGINAL["linear_up"])
+        LoRALinear.fused = self.patch.get("fused", self.ORIGINAL["fused"])
         try:
             self.go.set()
             self.done.wait()
             self.done.clear()
         finally:
             LL.label_loss, LoRALayer.linear_up = self.ORIGINAL["label_loss"], self.ORIGINAL["linear_up"]
+            LoRALinear.fused = self.ORIGINAL["fused"]
         if self.error is not None:
             raise self.error
 
@@ -165,7 +172,7 @@ def parse_args(argv):
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=TrainOptions().batch_size)
-    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, eager, no-pack, compile")
+    ap.add_argument("--levers", default="", help="comma list of extra lorakit runs: full-head, unfused, no-node, eager, no-pack, compile")
     ap.add_argument("--no-label-head", action="store_true", help="same as adding full-head to --levers")
     ap.add_argument("--anchors", default="peft,trl",
                     help="comma list: peft (PEFT + Trainer, always run), trl (PEFT + TRL SFTTrainer: packing, and "
@@ -175,7 +182,7 @@ def parse_args(argv):
     args.levers = [x for x in args.levers.split(",") if x]
     if args.no_label_head and "full-head" not in args.levers:
         args.levers.append("full-head")
-    bad = set(args.levers) - {"full-head", "unfused", "eager", "no-pack", "compile"}
+    bad = set(args.levers) - {"full-head", "unfused", "no-node", "eager", "no-pack", "compile"}
     if bad:
         ap.error(f"unknown levers {sorted(bad)}")
     anchors = {x for x in args.anchors.split(",") if x}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora, fold
+from . import dora, fold, fused
 from . import lora_bias as lora_bias_
 from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
@@ -50,6 +50,7 @@ class LoRALayer(AdapterModule):
     supports_lora_bias = True  # PEFT's lora_bias (a bias of B)
     supports_dora = True  # DoRA needs the dense base weight (its column norm)
     linear_up = True  # _up is F.linear, so _up_add may fuse it into one addmm_
+    fused = False  # forward may take lorakit.fused.plain_linear (LoRALinear)
     tied_with: tuple[str, ...] = ()
     weight_out_axis = 0  # the output-feature axis of the base weight (DoRA's norm is taken across the others)
     output_axis = -1  # the output-feature axis of the layer's output
@@ -281,8 +282,12 @@ class LoRALayer(AdapterModule):
         return self._bank
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         state = self.lora_state
+        if self.fused and state.rows is None and not args and not kwargs:
+            out = fused.plain_linear(self, x, state.active)  # one plain adapter: one op (lorakit.fused)
+            if out is not None:
+                return out
+        out = self.base_layer(x, *args, **kwargs)
         if state.rows is not None:  # mixed batch: the router adds each row's adapter
             return state.rows.add_bypass(self, x, out)
         adapters = self.adapters._modules
@@ -387,4 +392,5 @@ class LoRALinear(LoRALayer):
     """
 
     base_type = nn.Linear
+    fused = True
     batched = True  # mixed batches may run several adapters in one batched matmul pair (adapter.stack)

@@ -1,0 +1,93 @@
+"""One ``nn.Linear`` and one plain LoRA adapter as a single op: the base product, the bypass
+``s·B A x`` and their sum, with a hand-written backward (one autograd node per layer).
+
+Autograd through the layer's usual forward (``base(x)``, ``F.linear(x, A)``, ``addmm_`` into a view of
+the output) records about a dozen nodes per layer, among them a ``CopySlices`` that copies the output
+gradient back through the in-place view; ``LinearBypass`` records one and writes out the five
+products its backward needs. Hu et al. 2021, eq. 3: ``h = W x + b + s·B A x``, so with ``g = dL/dh``
+
+    dL/dx = g W + s·(g B) A,  dL/dA = s·(g B)^T x,  dL/dB = s·g^T (A x),  dL/dW = g^T x,  dL/db = sum g.
+
+The same numbers as the unfused path up to float rounding order (a test checks against float64).
+Taken by ``LoRALayer.forward`` only where nothing else could see the difference: one active adapter
+without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks, one dtype,
+no autocast, outside a ``mixed_batch`` block (``plain_linear``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module
+
+from .adapter import LoRAAdapter, adapter_key
+
+
+class LinearBypass(torch.autograd.Function):
+    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node.
+
+    Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
+    returns (..., out), all in x's dtype. Gradients only for the inputs that need them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, s: float):
+        out = F.linear(x, weight, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
+        out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(x2, weight, a, b, h)
+        ctx.s, ctx.x_shape = s, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, a, b, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = torch.mm(g2, b).mul_(ctx.s)  # (N, r) = s·g B, shared by dx and dA
+        dx = dw = dbias = da = db = None
+        if need[0]:
+            dx = torch.mm(g2, weight).addmm_(gh, a).view(ctx.x_shape)
+        if need[1]:
+            dw = torch.mm(g2.t(), x2)
+        if need[2]:
+            dbias = g2.sum(0)
+        if need[3]:
+            da = torch.mm(gh.t(), x2)
+        if need[4]:
+            db = torch.mm(g2.t(), h).mul_(ctx.s)
+        return dx, dw, dbias, da, db, None
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run a hook (its own or a global one) that ``F.linear`` would skip."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | None:
+    """``layer``'s output for ``x`` through ``LinearBypass`` (or, when no gradient is wanted, the same
+    three products without an autograd node), or None where the general forward must run: see the
+    module docstring for when. ``layer`` is a ``LoRALinear`` outside a ``mixed_batch`` block."""
+    if len(active) != 1 or layer.merged_adapters:
+        return None
+    ad: LoRAAdapter | None = layer.adapters._modules.get(adapter_key(active[0]))
+    base = layer.base_layer
+    if (ad is None or ad.use_dora or ad.lora_B_bias is not None or (ad._dropout and ad.lora_dropout.training)
+            or type(base) is not nn.Linear or _hooked(base)):
+        return None
+    p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
+    a, b, w = p["lora_A"], p["lora_B"], base.weight
+    if not (x.dtype is a.dtype is w.dtype is b.dtype) or torch.is_autocast_enabled(x.device.type):
+        return None
+    bias = base.bias
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
+    out = F.linear(x, w, bias)
+    h = F.linear(x, a)
+    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=ad.scaling)
+    return out

@@ -1,0 +1,116 @@
+"""lorakit.fused: one plain adapter on an nn.Linear as one autograd node. Values and gradients are
+checked against h = W x + b + s·B A x differentiated by autograd in float64 (Hu et al. 2021, eq. 3);
+which path ran is read off the output's grad_fn."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorakit import LoRALinear
+
+
+def _layer(in_f=7, out_f=5, r=3, alpha=4.0, bias=True, dropout=0.0, rslora=False):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=bias))
+    layer.add_adapter("default", r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=False)
+    layer.set_adapter("default")
+    return layer
+
+
+def _float64_grads(layer, x, g, s):
+    """Output and gradients of W x + b + s·B A x in float64, through autograd on plain tensors."""
+    base = layer.base_layer
+    ad = layer.adapter("default")
+    leaves = {"x": x, "W": base.weight, "A": ad.lora_A, "B": ad.lora_B}
+    if base.bias is not None:
+        leaves["b"] = base.bias
+    d = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    out = d["x"] @ d["W"].T + s * (d["x"] @ d["A"].T @ d["B"].T)
+    if "b" in d:
+        out = out + d["b"]
+    out.backward(g.double())
+    return out.detach(), {k: v.grad for k, v in d.items()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_one_node_whose_values_and_gradients_equal_float64(bias, rslora):
+    layer = _layer(bias=bias, rslora=rslora)
+    s = 4.0 / math.sqrt(3) if rslora else 4.0 / 3
+    layer.base_layer.weight.requires_grad_(True)  # every gradient the node can give
+    if bias:
+        layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    g = torch.randn(2, 4, 5)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LinearBypassBackward"
+    out.backward(g)
+    ref, grads = _float64_grads(layer, x, g, s)
+    torch.testing.assert_close(out.detach().double(), ref, rtol=1e-6, atol=1e-6)
+    ad = layer.adapter("default")
+    got = {"x": x.grad, "W": layer.base_layer.weight.grad, "A": ad.lora_A.grad, "B": ad.lora_B.grad}
+    if bias:
+        got["b"] = layer.base_layer.bias.grad
+    assert set(got) == set(grads)
+    for k, v in got.items():
+        torch.testing.assert_close(v.double(), grads[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_frozen_parts_get_no_gradient():
+    layer = _layer()
+    layer.base_layer.weight.requires_grad_(False)
+    layer.base_layer.bias.requires_grad_(False)
+    layer.adapter("default").lora_B.requires_grad_(False)  # LoRA-FA style: only A trains
+    x = torch.randn(3, 7)  # an input that needs no gradient either
+    layer(x).sum().backward()
+    ad = layer.adapter("default")
+    assert ad.lora_A.grad is not None and ad.lora_B.grad is None
+    assert layer.base_layer.weight.grad is None and layer.base_layer.bias.grad is None
+    _, grads = _float64_grads(layer, x, torch.ones(3, 5), 4.0 / 3)
+    torch.testing.assert_close(ad.lora_A.grad.double(), grads["A"], rtol=1e-5, atol=1e-5)
+
+
+def test_without_gradients_no_node_and_the_same_values():
+    layer = _layer()
+    x = torch.randn(5, 7)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.grad_fn is None
+    ref, _ = _float64_grads(layer, x, torch.ones(5, 5), 4.0 / 3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def _general(layer, x) -> str:
+    return type(layer(x).grad_fn).__name__
+
+
+def test_the_general_forward_runs_where_the_node_would_differ():
+    x = torch.randn(4, 7, requires_grad=True)
+    assert _general(_layer(dropout=0.5).train(), x) != "LinearBypassBackward"  # a dropout mask per call
+    assert _general(_layer(dropout=0.5).eval(), x) == "LinearBypassBackward"  # dropout is the identity
+    two = _layer()
+    two.add_adapter("other", r=2, lora_alpha=2, init_lora_weights=False)
+    two.set_adapter(["default", "other"])
+    assert _general(two, x) != "LinearBypassBackward"
+    hooked = _layer()
+    seen = []
+    hooked.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert _general(hooked, x) != "LinearBypassBackward" and seen == [(4, 5)]  # the user's hook still runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _general(_layer(), x) != "LinearBypassBackward"
+    merged = _layer()
+    merged.merge()
+    assert _general(merged, x) != "LinearBypassBackward"
+
+
+def test_a_global_module_hook_still_sees_the_base_layer():
+    layer = _layer()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        layer(torch.randn(2, 7))
+    finally:
+        handle.remove()
+    assert "Linear" in seen
