@@ -114,3 +114,21 @@ def test_a_global_module_hook_still_sees_the_base_layer():
     finally:
         handle.remove()
     assert "Linear" in seen
+
+
+@pytest.mark.parametrize("name", ["my.adapter", "keys", "_x6b657973"])
+def test_names_stored_escaped_take_the_node_with_their_own_factors(name):
+    torch.manual_seed(1)
+    layer = LoRALinear(nn.Linear(7, 5))
+    layer.add_adapter("keys", r=2, lora_alpha=2, init_lora_weights=False)  # stored as "_x6b657973"
+    if name != "keys":
+        layer.add_adapter(name, r=3, lora_alpha=6, init_lora_weights=False)
+    layer.set_adapter(name)
+    x = torch.randn(4, 7, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LinearBypassBackward"
+    a, b = (t.detach().double() for t in layer.lora_weights(name))
+    s = layer.adapter(name).scaling
+    w, bias = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
+    ref = x.detach().double() @ w.T + bias + s * (x.detach().double() @ a.T @ b.T)
+    torch.testing.assert_close(out.detach().double(), ref, rtol=1e-6, atol=1e-6)

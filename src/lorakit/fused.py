@@ -74,16 +74,18 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
     module docstring for when. ``layer`` is a ``LoRALinear`` outside a ``mixed_batch`` block."""
     if len(active) != 1 or layer.merged_adapters:
         return None
-    ad: LoRAAdapter | None = layer.adapters._modules.get(adapter_key(active[0]))
-    base = layer.base_layer
+    name, mods = active[0], layer._modules  # _modules / _parameters: nn.Module.__getattr__ costs a µs per read
+    ad: LoRAAdapter | None = mods["adapters"]._modules.get(name)
+    if ad is None or ad.name != name:  # a name stored hex-escaped (adapter_key)
+        ad = mods["adapters"]._modules.get(adapter_key(name))
+    base = mods["base_layer"]
     if (ad is None or ad.use_dora or ad.lora_B_bias is not None or (ad._dropout and ad.lora_dropout.training)
             or type(base) is not nn.Linear or _hooked(base)):
         return None
-    p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
-    a, b, w = p["lora_A"], p["lora_B"], base.weight
+    p, bp = ad._parameters, base._parameters
+    a, b, w, bias = p["lora_A"], p["lora_B"], bp["weight"], bp.get("bias")
     if not (x.dtype is a.dtype is w.dtype is b.dtype) or torch.is_autocast_enabled(x.device.type):
         return None
-    bias = base.bias
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
