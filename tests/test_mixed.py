@@ -379,3 +379,33 @@ def test_an_input_changed_in_place_between_forwards_is_gathered_again(monkeypatc
                 set_adapter(net, n)
                 ref = net(x[i:i + 1])
             torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("names", [["a", "b", "a", "b"], ["b", "a", None, "b", "a", None], ["a", None, "b", "a"]])
+def test_prefill_results_go_back_by_index_add_where_no_row_is_padding(model, names, monkeypatch):
+    import lorakit.mixed
+
+    for name, value in zip(("DENSE_COLUMNS", "DENSE_WORK", "BANK_ROWS"), FORMS["segments"]):
+        monkeypatch.setattr(lorakit.mixed, name, value)
+    torch.manual_seed(4)
+    ids = torch.randint(0, 64, (len(names), 6))
+    refs = {n: _single(model, n, ids) for n in set(names)}
+    with mixed_batch(model, names), torch.inference_mode():
+        gathered = model(ids).logits  # SCATTER_ELEMENTS is far above these outputs: gather and add
+    scattered = []
+    index_add_ = torch.Tensor.index_add_
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda t, *a: scattered.append(a[1].tolist()) or index_add_(t, *a))
+    monkeypatch.setattr(lorakit.mixed, "SCATTER_ELEMENTS", 0)
+    with mixed_batch(model, names), torch.inference_mode():
+        out = model(ids).logits
+    padded = names == ["a", None, "b", "a"]
+    assert scattered
+    for index in scattered:  # each adapted row once, rows without an adapter never, and no padded slot
+        assert len(set(index)) == len(index) and all(names[i] is not None for i in index)
+        counts = {names.count(names[i]) for i in index}
+        assert len(counts) == 1
+    # b has one row where a has two: the layers holding both pad b's slot and gather instead
+    assert any({names[i] for i in index} == {"a", "b"} for index in scattered) != padded
+    assert torch.equal(out, gathered)  # one add per element either way
+    for i, n in enumerate(names):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
