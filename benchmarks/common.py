@@ -38,8 +38,9 @@ def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
-    """Time several functions in alternation, so machine load drifts hit all alike."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of several functions run in alternation (``repeats`` rounds, after ``warmup``
+    untimed calls of each), so machine load drifts hit all alike; round i of every function is adjacent."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -49,6 +50,12 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, tuple[flo
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, tuple[float, float]]:
+    """(median, half the min-max spread) of each of several functions timed in alternation."""
+    times = interleaved_times(fns, repeats, warmup)
     return {k: (statistics.median(v), (max(v) - min(v)) / 2) for k, v in times.items()}
 
 

@@ -17,7 +17,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
-from common import SEVEN, base_model, interleaved, machine, spread_note  # noqa: E402
+import statistics  # noqa: E402
+
+from common import SEVEN, base_model, interleaved, interleaved_times, machine, spread_note  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
 
 
@@ -47,14 +49,19 @@ def main(argv=None) -> int:
           f"of {args.new_tokens} tokens after a 16-token prompt, batch 1; r=8 on 7 projections; {machine()}")
     with torch.inference_mode():
         fwd = interleaved({k: (lambda m: lambda: m(ids))(m) for k, m in models.items()}, args.repeats)
-        gens = interleaved({k: (lambda m: lambda: m.generate(prompt, **gen))(m) for k, m in models.items()}, args.repeats)
+        raw = interleaved_times({k: (lambda m: lambda: m.generate(prompt, **gen))(m) for k, m in models.items()},
+                                args.repeats)
+    gens = {k: statistics.median(v) for k, v in raw.items()}
     b = fwd["base"][0]
-    print("\n| model | forward median s | ± s | forward / base | generation tokens/s | tokens/s / base |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | forward median s | ± s | forward / base | generation tokens/s | ± tokens/s | tokens/s / base "
+          "| paired tokens/s / base (min-max) |")
+    print("|---|---|---|---|---|---|---|---|")
     for k in models:
-        tps = args.new_tokens / gens[k][0]
-        print(f"| {k} | {fwd[k][0]:.4f} | {fwd[k][1]:.4f} | {fwd[k][0] / b:.3f} | {tps:.1f} | "
-              f"{tps * gens['base'][0] / args.new_tokens:.3f} |")
+        tps = [args.new_tokens / t for t in raw[k]]
+        paired = sorted(base_t / t for base_t, t in zip(raw["base"], raw[k]))  # same round: adjacent in time
+        print(f"| {k} | {fwd[k][0]:.4f} | {fwd[k][1]:.4f} | {fwd[k][0] / b:.3f} | {args.new_tokens / gens[k]:.1f} | "
+              f"{(max(tps) - min(tps)) / 2:.1f} | {gens['base'] / gens[k]:.3f} | "
+              f"{statistics.median(paired):.3f} ({paired[0]:.3f}-{paired[-1]:.3f}) |")
     over_ours, over_peft = fwd["lorakit unmerged"][0] - b, fwd["PEFT unmerged"][0] - b
     print(f"\nunmerged overhead over base: lorakit {over_ours * 1e3:.1f} ms, PEFT {over_peft * 1e3:.1f} ms")
     for note in (spread_note("merged vs base", fwd["lorakit merged"], fwd["base"]),
