@@ -132,3 +132,10 @@ def test_names_stored_escaped_take_the_node_with_their_own_factors(name):
     w, bias = layer.base_layer.weight.detach().double(), layer.base_layer.bias.detach().double()
     ref = x.detach().double() @ w.T + bias + s * (x.detach().double() @ a.T @ b.T)
     torch.testing.assert_close(out.detach().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_a_shape_only_forward_on_meta_runs():
+    layer = _layer().to("meta")
+    out = layer(torch.empty(3, 7, device="meta", requires_grad=True))
+    assert out.shape == (3, 5) and out.device.type == "meta"
+    assert type(out.grad_fn).__name__ == "LinearBypassBackward"

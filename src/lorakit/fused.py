@@ -61,6 +61,14 @@ class LinearBypass(torch.autograd.Function):
         return dx, dw, dbias, da, db, None
 
 
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for types without one ("meta": shape-only forwards)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _hooked(m: nn.Module) -> bool:
     """Whether calling ``m`` would run a hook (its own or a global one) that ``F.linear`` would skip."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
@@ -84,7 +92,7 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     p, bp = ad._parameters, base._parameters
     a, b, w, bias = p["lora_A"], p["lora_B"], bp["weight"], bp.get("bias")
-    if not (x.dtype is a.dtype is w.dtype is b.dtype) or torch.is_autocast_enabled(x.device.type):
+    if not (x.dtype is a.dtype is w.dtype is b.dtype) or _autocast(x.device.type):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
