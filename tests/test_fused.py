@@ -139,3 +139,29 @@ def test_a_shape_only_forward_on_meta_runs():
     out = layer(torch.empty(3, 7, device="meta", requires_grad=True))
     assert out.shape == (3, 5) and out.device.type == "meta"
     assert type(out.grad_fn).__name__ == "LinearBypassBackward"
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_func_per_sample_gradients_and_vmap(grad):
+    from torch.func import functional_call, grad as func_grad, vmap
+
+    layer = _layer()
+    s = 4.0 / 3
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x, y = torch.randn(4, 7), torch.randn(4, 5)
+
+    def loss(p, xb, yb):
+        return ((functional_call(layer, p, (xb,)) - yb) ** 2).sum()
+
+    if grad:  # per-sample gradients of A and B (as DP-SGD takes them)
+        per = vmap(func_grad(loss), in_dims=(None, 0, 0))(params, x[:, None], y[:, None])
+        for i in range(4):
+            out, _ = _float64_grads(layer, x[i:i + 1], torch.zeros(1, 5), s)
+            _, ref = _float64_grads(layer, x[i:i + 1], 2 * (out - y[i:i + 1].double()).float(), s)
+            torch.testing.assert_close(per["adapters.default.lora_A"][i].double(), ref["A"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(per["adapters.default.lora_B"][i].double(), ref["B"], rtol=1e-5, atol=1e-5)
+    else:
+        with torch.no_grad():
+            out = vmap(lambda xb: layer(xb))(x[:, None])
+        ref, _ = _float64_grads(layer, x, torch.zeros(4, 5), s)
+        torch.testing.assert_close(out[:, 0].double(), ref, rtol=1e-6, atol=1e-6)

@@ -25,31 +25,41 @@ from .adapter import LoRAAdapter, adapter_key
 
 
 class LinearBypass(torch.autograd.Function):
-    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node.
+    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node; also returns ``x A^T``
+    (not differentiable), which the backward reuses. Written with ``setup_context`` and
+    ``generate_vmap_rule``, so ``torch.func`` transforms (``grad``, ``vmap``: per-sample gradients) run it.
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
-    returns (..., out), all in x's dtype. Gradients only for the inputs that need them.
+    returns ((..., out), (N, r)) with N the rows of x, all in x's dtype. Gradients only for the inputs
+    that need them.
     """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, a, b, s: float):
-        out = F.linear(x, weight, bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
-        out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=s)
-        ctx.save_for_backward(x2, weight, a, b, h)
-        ctx.s, ctx.x_shape = s, x.shape
-        return out
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, g):
-        x2, weight, a, b, h = ctx.saved_tensors
+    def forward(x, weight, bias, a, b, s: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, weight, bias)  # a fresh 2-D tensor: the in-place add below never goes through a view
+        h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
+        out.addmm_(h, b.t(), alpha=s)
+        return out.view(*x.shape[:-1], out.shape[-1]), h
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, a, b, s = inputs
+        ctx.save_for_backward(x, weight, a, b, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.s = s
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, weight, a, b, h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1])
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         gh = torch.mm(g2, b).mul_(ctx.s)  # (N, r) = s·g B, shared by dx and dA
         dx = dw = dbias = da = db = None
         if need[0]:
-            dx = torch.mm(g2, weight).addmm_(gh, a).view(ctx.x_shape)
+            dx = torch.mm(g2, weight).addmm_(gh, a).view(x.shape)
         if need[1]:
             dw = torch.mm(g2.t(), x2)
         if need[2]:
@@ -96,8 +106,5 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
-    out = F.linear(x, w, bias)
-    h = F.linear(x, a)
-    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=ad.scaling)
-    return out
+        return LinearBypass.apply(x, w, bias, a, b, ad.scaling)[0]
+    return LinearBypass.forward(x, w, bias, a, b, ad.scaling)[0]  # the same products, no autograd node
