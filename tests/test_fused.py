@@ -165,3 +165,75 @@ def test_torch_func_per_sample_gradients_and_vmap(grad):
             out = vmap(lambda xb: layer(xb))(x[:, None])
         ref, _ = _float64_grads(layer, x, torch.zeros(4, 5), s)
         torch.testing.assert_close(out[:, 0].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_an_in_place_op_on_the_output_trains():
+    layer = _layer()
+    x = torch.randn(2, 3, 7)
+    out = layer(x)
+    out.relu_()  # as nn.ReLU(inplace=True) after the layer does
+    out.sum().backward()
+    ref, _ = _float64_grads(layer, x, torch.zeros(2, 3, 5), 4.0 / 3)
+    mask = (ref > 0).double()
+    _, grads = _float64_grads(layer, x, mask.float(), 4.0 / 3)
+    torch.testing.assert_close(out.detach().double(), ref.clamp(min=0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.adapter("default").lora_A.grad.double(), grads["A"], rtol=1e-5, atol=1e-5)
+
+
+def test_second_order_gradients_equal_float64():
+    layer = _layer().double()
+    ad = layer.adapter("default")
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    g_a, g_b = torch.autograd.grad(layer(x).pow(2).sum(), [ad.lora_A, ad.lora_B], create_graph=True)
+    assert type(layer(x).grad_fn).__name__ == "LinearBypassBackward"
+    second = torch.autograd.grad(g_b.sum() + g_a.pow(2).sum(), [ad.lora_A, x])
+    A, B = ad.lora_A.detach().requires_grad_(), ad.lora_B.detach().requires_grad_()
+    xr = x.detach().requires_grad_()
+    W, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    out = xr @ W.T + bias + 4.0 / 3 * (xr @ A.T @ B.T)
+    r_a, r_b = torch.autograd.grad(out.pow(2).sum(), [A, B], create_graph=True)
+    expected = torch.autograd.grad(r_b.sum() + r_a.pow(2).sum(), [A, xr])
+    for got, want in zip(second, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_forward_mode_jvp_equals_float64():
+    layer = _layer().double()
+    x, t = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    x.requires_grad_(True)  # the node runs (grad mode on, inputs needing gradients)
+    _, tangent = torch.func.jvp(layer, (x,), (t,))
+    ad = layer.adapter("default")
+    W, A, B = layer.base_layer.weight.detach(), ad.lora_A.detach(), ad.lora_B.detach()
+    torch.testing.assert_close(tangent, t @ W.T + 4.0 / 3 * (t @ A.T @ B.T), rtol=1e-9, atol=1e-9)
+
+
+def test_a_forward_replaced_on_the_base_layer_still_runs():
+    layer = _layer()
+    x = torch.randn(3, 7, requires_grad=True)
+    plain = layer.base_layer.forward
+    layer.base_layer.forward = lambda i: plain(i * 2)  # what accelerate's offload / device-map hooks do
+    assert type(layer(x).grad_fn).__name__ != "LinearBypassBackward"
+    want, _ = _float64_grads(layer, x, torch.zeros(3, 5), 4.0 / 3)
+    base = layer.base_layer
+    torch.testing.assert_close(layer(x).detach().double(),
+                               want + (x.detach() @ base.weight.detach().T).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_written_between_forward_and_backward_that_no_gradient_needs():
+    layer = _layer()
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(3, 7)  # no gradient for x: the base weight is not needed by the backward
+    out = layer(x)
+    layer.merge()
+    layer.unmerge()
+    out.sum().backward()
+    assert layer.adapter("default").lora_B.grad is not None
+
+
+def test_a_base_weight_that_is_not_a_parameter_takes_the_general_forward():
+    layer = _layer()
+    w = layer.base_layer.weight.detach().clone()
+    del layer.base_layer.weight
+    layer.base_layer.weight = w
+    out = layer(torch.randn(2, 7))
+    assert out.shape == (2, 5)

@@ -26,12 +26,13 @@ from .adapter import LoRAAdapter, adapter_key
 
 class LinearBypass(torch.autograd.Function):
     """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node; also returns ``x A^T``
-    (not differentiable), which the backward reuses. Written with ``setup_context`` and
-    ``generate_vmap_rule``, so ``torch.func`` transforms (``grad``, ``vmap``: per-sample gradients) run it.
+    (N, r), not differentiable, which the backward reuses. ``setup_context``, ``generate_vmap_rule``
+    and ``jvp``: ``torch.func`` (``grad``, ``vmap``, ``jvp``) and forward-mode AD run it; a double backward
+    (``create_graph=True``) recomputes ``x A^T`` differentiably.
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
     returns ((..., out), (N, r)) with N the rows of x, all in x's dtype. Gradients only for the inputs
-    that need them.
+    that need them; only what those need is saved.
     """
 
     generate_vmap_rule = True
@@ -39,27 +40,33 @@ class LinearBypass(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, a, b, s: float):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, weight, bias)  # a fresh 2-D tensor: the in-place add below never goes through a view
+        out = F.linear(x2, weight, bias)  # (N, out), fresh: the in-place add below never goes through a view
         h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
         out.addmm_(h, b.t(), alpha=s)
-        return out.view(*x.shape[:-1], out.shape[-1]), h
+        # reshaped as matmul does it: not a view to autograd, so the caller may change the output in place
+        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1])), h
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _, a, b, s = inputs
-        ctx.save_for_backward(x, weight, a, b, output[1])
+        dx, dw, _, da, db, _ = ctx.needs_input_grad
+        keep = (lambda t, *needs: t if any(needs) else None)  # what no gradient needs is not kept alive
+        ctx.save_for_backward(keep(x, dw, da, db), keep(weight, dx), keep(a, dx, db), keep(b, dx, da),
+                              keep(output[1], db))
+        ctx.save_for_forward(x, weight, a, b)
         ctx.mark_non_differentiable(output[1])
         ctx.s = s
 
     @staticmethod
     def backward(ctx, g, _):
         x, weight, a, b, h = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        gh = torch.mm(g2, b).mul_(ctx.s)  # (N, r) = s·g B, shared by dx and dA
+        need, s = ctx.needs_input_grad, ctx.s
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        gh = torch.mm(g2, b).mul_(s) if need[0] or need[3] else None  # (N, r) = s·g B
         dx = dw = dbias = da = db = None
         if need[0]:
-            dx = torch.mm(g2, weight).addmm_(gh, a).view(x.shape)
+            dx = torch.mm(g2, weight).addmm_(gh, a).view(g.shape[:-1] + (weight.shape[1],))
         if need[1]:
             dw = torch.mm(g2.t(), x2)
         if need[2]:
@@ -67,8 +74,34 @@ class LinearBypass(torch.autograd.Function):
         if need[3]:
             da = torch.mm(gh.t(), x2)
         if need[4]:
-            db = torch.mm(g2.t(), h).mul_(ctx.s)
+            if torch.is_grad_enabled():  # create_graph: h's own dependence on x and A must be seen
+                h = torch.mm(x2, a.t())
+            db = torch.mm(g2.t(), h).mul_(s)
         return dx, dw, dbias, da, db, None
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tbias, ta, tb, _):
+        x, weight, a, b = ctx.saved_tensors
+        s = ctx.s
+        out = None
+
+        def plus(acc, t):
+            return t if acc is None else acc + t
+
+        for term in (F.linear(tx, weight) if tx is not None else None, F.linear(x, tw) if tw is not None else None,
+                     tbias):
+            if term is not None:
+                out = plus(out, term)
+        th = None  # tangent of x A^T
+        if tx is not None:
+            th = F.linear(tx, a)
+        if ta is not None:
+            th = plus(th, F.linear(x, ta))
+        if th is not None:
+            out = plus(out, s * F.linear(th, b))
+        if tb is not None:
+            out = plus(out, s * F.linear(F.linear(x, a), tb))
+        return out, None
 
 
 def _autocast(device_type: str) -> bool:
@@ -79,11 +112,16 @@ def _autocast(device_type: str) -> bool:
         return False
 
 
+_LINEAR_FORWARD = nn.Linear.forward
+
+
 def _hooked(m: nn.Module) -> bool:
-    """Whether calling ``m`` would run a hook (its own or a global one) that ``F.linear`` would skip."""
+    """Whether calling ``m`` would run anything ``F.linear`` would skip: a hook (its own or a global one),
+    or a ``forward`` replaced on the module (accelerate's offload and device-map hooks) or on ``nn.Linear``."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks
+                or "forward" in m.__dict__ or nn.Linear.forward is not _LINEAR_FORWARD)  # accelerate's hooks, patches
 
 
 def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | None:
@@ -101,8 +139,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
             or type(base) is not nn.Linear or _hooked(base)):
         return None
     p, bp = ad._parameters, base._parameters
-    a, b, w, bias = p["lora_A"], p["lora_B"], bp["weight"], bp.get("bias")
-    if not (x.dtype is a.dtype is w.dtype is b.dtype) or _autocast(x.device.type):
+    a, b, w, bias = p["lora_A"], p["lora_B"], bp.get("weight"), bp.get("bias")
+    if w is None or not (x.dtype is a.dtype is w.dtype is b.dtype) or _autocast(x.device.type):
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
