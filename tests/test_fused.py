@@ -201,7 +201,14 @@ def test_forward_mode_jvp_equals_float64():
     layer = _layer().double()
     x, t = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
     x.requires_grad_(True)  # the node runs (grad mode on, inputs needing gradients)
-    _, tangent = torch.func.jvp(layer, (x,), (t,))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, t))
+        assert type(out.grad_fn).__name__ == "LinearBypassBackward"
+        tangent = fwAD.unpack_dual(out).tangent
+    _, tangent_func = torch.func.jvp(layer, (x,), (t,))  # under torch.func: the general forward
+    torch.testing.assert_close(tangent_func, tangent, rtol=1e-9, atol=1e-9)
     ad = layer.adapter("default")
     W, A, B = layer.base_layer.weight.detach(), ad.lora_A.detach(), ad.lora_B.detach()
     torch.testing.assert_close(tangent, t @ W.T + 4.0 / 3 * (t @ A.T @ B.T), rtol=1e-9, atol=1e-9)

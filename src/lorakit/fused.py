@@ -10,8 +10,10 @@ products its backward needs. Hu et al. 2021, eq. 3: ``h = W x + b + s·B A x``, 
 
 The same numbers as the unfused path up to float rounding order (a test checks against float64).
 Taken by ``LoRALayer.forward`` only where nothing else could see the difference: one active adapter
-without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks, one dtype,
-no autocast, outside a ``mixed_batch`` block (``plain_linear``).
+without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks or a replaced
+``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and, when gradients are wanted, outside
+``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward and forward-mode
+AD (``torch.autograd.forward_ad``) work as through the general forward.
 """
 
 from __future__ import annotations
@@ -25,48 +27,43 @@ from .adapter import LoRAAdapter, adapter_key
 
 
 class LinearBypass(torch.autograd.Function):
-    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node; also returns ``x A^T``
-    (N, r), not differentiable, which the backward reuses. ``setup_context``, ``generate_vmap_rule``
-    and ``jvp``: ``torch.func`` (``grad``, ``vmap``, ``jvp``) and forward-mode AD run it; a double backward
-    (``create_graph=True``) recomputes ``x A^T`` differentiably.
+    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node. Forward-mode AD (``jvp``)
+    and a double backward (``create_graph=True``: ``x A^T`` recomputed differentiably) are supported;
+    under ``torch.func`` transforms ``plain_linear`` takes the general forward instead.
 
     Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
-    returns ((..., out), (N, r)) with N the rows of x, all in x's dtype. Gradients only for the inputs
-    that need them; only what those need is saved.
+    returns (..., out) in x's dtype. Gradients only for the inputs that need them; only what those
+    need is saved.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(x, weight, bias, a, b, s: float):
+    def forward(ctx, x, weight, bias, a, b, s: float):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, weight, bias)  # (N, out), fresh: the in-place add below never goes through a view
         h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
-        out.addmm_(h, b.t(), alpha=s)
-        # reshaped as matmul does it: not a view to autograd, so the caller may change the output in place
-        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1])), h
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, _, a, b, s = inputs
+        if bias is None:  # F.linear folds x to 2-D and back as matmul does: not a view to autograd
+            out = F.linear(x, weight)
+            out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=s)
+        else:  # with a bias F.linear's N-d output would be a view: 2-D, then reshaped as matmul does it,
+            out = F.linear(x2, weight, bias)  # so the caller may change the output in place
+            out.addmm_(h, b.t(), alpha=s)
+            out = torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
         dx, dw, _, da, db, _ = ctx.needs_input_grad
         keep = (lambda t, *needs: t if any(needs) else None)  # what no gradient needs is not kept alive
-        ctx.save_for_backward(keep(x, dw, da, db), keep(weight, dx), keep(a, dx, db), keep(b, dx, da),
-                              keep(output[1], db))
+        ctx.save_for_backward(keep(x, dw, da, db), keep(weight, dx), keep(a, dx, db), keep(b, dx, da), keep(h, db))
         ctx.save_for_forward(x, weight, a, b)
-        ctx.mark_non_differentiable(output[1])
-        ctx.s = s
+        ctx.s, ctx.x_shape = s, x.shape
+        return out
 
     @staticmethod
-    def backward(ctx, g, _):
-        x, weight, a, b, h = ctx.saved_tensors
+    def backward(ctx, g):
+        x, weight, a, b, h = ctx.saved_tensors  # inputs as saved, so a double backward sees where they came from
         need, s = ctx.needs_input_grad, ctx.s
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         gh = torch.mm(g2, b).mul_(s) if need[0] or need[3] else None  # (N, r) = s·g B
         dx = dw = dbias = da = db = None
         if need[0]:
-            dx = torch.mm(g2, weight).addmm_(gh, a).view(g.shape[:-1] + (weight.shape[1],))
+            dx = torch.mm(g2, weight).addmm_(gh, a).view(ctx.x_shape)
         if need[1]:
             dw = torch.mm(g2.t(), x2)
         if need[2]:
@@ -82,26 +79,29 @@ class LinearBypass(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tx, tw, tbias, ta, tb, _):
         x, weight, a, b = ctx.saved_tensors
-        s = ctx.s
-        out = None
+        s, out, th = ctx.s, None, None  # th: the tangent of x A^T
 
         def plus(acc, t):
             return t if acc is None else acc + t
 
-        for term in (F.linear(tx, weight) if tx is not None else None, F.linear(x, tw) if tw is not None else None,
-                     tbias):
-            if term is not None:
-                out = plus(out, term)
-        th = None  # tangent of x A^T
         if tx is not None:
-            th = F.linear(tx, a)
+            out, th = F.linear(tx, weight), F.linear(tx, a)
+        if tw is not None:
+            out = plus(out, F.linear(x, tw))
+        if tbias is not None:
+            out = plus(out, tbias)
         if ta is not None:
             th = plus(th, F.linear(x, ta))
         if th is not None:
             out = plus(out, s * F.linear(th, b))
         if tb is not None:
             out = plus(out, s * F.linear(F.linear(x, a), tb))
-        return out, None
+        return out
+
+
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``) is running."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _autocast(device_type: str) -> bool:
@@ -144,5 +144,9 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        return LinearBypass.apply(x, w, bias, a, b, ad.scaling)[0]
-    return LinearBypass.forward(x, w, bias, a, b, ad.scaling)[0]  # the same products, no autograd node
+        if _functorch_active():  # torch.func transforms need setup_context; the general forward has it
+            return None
+        return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
+    out = F.linear(x, w, bias)  # the same products, no autograd node
+    out.view(-1, out.shape[-1]).addmm_(F.linear(x, a).view(-1, a.shape[0]), b.t(), alpha=ad.scaling)
+    return out
