@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
 
@@ -17,8 +18,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lorakit  # noqa: E402
-import statistics  # noqa: E402
-
 from common import SEVEN, base_model, interleaved, interleaved_times, machine, spread_note  # noqa: E402
 from lorakit import LoRAConfig  # noqa: E402
 
