@@ -107,7 +107,7 @@ def test_split_seed_fixes_the_words_while_seed_varies(tmp_path):
     train, val, split = cmd_train._read_data(o)
     assert (split.test, split.validation) == (fixed.test, fixed.validation)
     assert [r["prompt"] for r in train.records] == [w for w, _ in fixed.train[:24]]  # 3 steps of 8 words
-    meta = cmd_train._metadata(o, SimpleNamespace(reference="default"), train, 3, 1, 1)
+    meta = cmd_train._metadata(o, SimpleNamespace(reference="default"), train, 3, 1, 1, "cpu")
     assert (meta["g2p"]["seed"], meta["train"]["seed"]) == (0, 2)  # lorakit eval rebuilds split 0's test words
     assert o.train_config().seed == 2  # init and batch order keep --seed
     _, _, own = cmd_train._read_data(parse("--seed", 2, "--steps", 3, "--test-size", 5)[0])

@@ -26,6 +26,20 @@ from torch.nn.modules import module as _module
 from .adapter import LoRAAdapter, adapter_key
 
 
+def _products(x, weight, bias, a, b, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.linear(x, weight, bias) + s · h B^T, h)`` with ``h = x A^T`` (N, r): three products, the last
+    one accumulated into the output."""
+    x2 = x.reshape(-1, x.shape[-1])
+    h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
+    if bias is None:  # F.linear folds x to 2-D and back as matmul does: not a view to autograd
+        out = F.linear(x, weight)
+        out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=s)
+        return out, h
+    out = F.linear(x2, weight, bias)  # with a bias F.linear's N-d output would be a view: 2-D, then
+    out.addmm_(h, b.t(), alpha=s)  # reshaped as matmul does it, so the caller may change it in place
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1])), h
+
+
 class LinearBypass(torch.autograd.Function):
     """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node. Forward-mode AD (``jvp``)
     and a double backward (``create_graph=True``: ``x A^T`` recomputed differentiably) are supported;
@@ -38,15 +52,7 @@ class LinearBypass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, s: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2, a.t())  # (N, r): the only activation the bypass adds
-        if bias is None:  # F.linear folds x to 2-D and back as matmul does: not a view to autograd
-            out = F.linear(x, weight)
-            out.view(-1, out.shape[-1]).addmm_(h, b.t(), alpha=s)
-        else:  # with a bias F.linear's N-d output would be a view: 2-D, then reshaped as matmul does it,
-            out = F.linear(x2, weight, bias)  # so the caller may change the output in place
-            out.addmm_(h, b.t(), alpha=s)
-            out = torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1]))
+        out, h = _products(x, weight, bias, a, b, s)
         dx, dw, _, da, db, _ = ctx.needs_input_grad
         keep = (lambda t, *needs: t if any(needs) else None)  # what no gradient needs is not kept alive
         ctx.save_for_backward(keep(x, dw, da, db), keep(weight, dx), keep(a, dx, db), keep(b, dx, da), keep(h, db))
@@ -147,6 +153,4 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         if _functorch_active():  # torch.func transforms need setup_context; the general forward has it
             return None
         return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
-    out = F.linear(x, w, bias)  # the same products, no autograd node
-    out.view(-1, out.shape[-1]).addmm_(F.linear(x, a).view(-1, a.shape[0]), b.t(), alpha=ad.scaling)
-    return out
+    return _products(x, w, bias, a, b, ad.scaling)[0]  # the same products, no autograd node

@@ -223,7 +223,7 @@ def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: P
     return summary, history
 
 
-def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, base_params: int, device="cpu") -> dict:
+def _metadata(o: TrainOptions, lm, data: Dataset, n_steps: int, trainable: int, base_params: int, device: str) -> dict:
     """The adapter's ``lorakit.json``: base model, prompt format, task, sizes, settings, device (cpu, cuda)."""
     meta = {
         "base_model": lm.reference,
