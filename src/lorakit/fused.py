@@ -11,8 +11,8 @@ products its backward needs. Hu et al. 2021, eq. 3: ``h = W x + b + s·B A x``, 
 The same numbers as the unfused path up to float rounding order (a test checks against float64).
 Taken by ``LoRALayer.forward`` only where nothing else could see the difference: one active adapter
 without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks or a replaced
-``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and, when gradients are wanted, outside
-``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward and forward-mode
+``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and ``torch.compile`` and, when gradients
+are wanted, outside ``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward and forward-mode
 AD (``torch.autograd.forward_ad``) work as through the general forward.
 """
 
@@ -134,8 +134,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
     """``layer``'s output for ``x`` through ``LinearBypass`` (or, when no gradient is wanted, the same
     three products without an autograd node), or None where the general forward must run: see the
     module docstring for when. ``layer`` is a ``LoRALinear`` outside a ``mixed_batch`` block."""
-    if len(active) != 1 or layer.merged_adapters:
-        return None
+    if len(active) != 1 or layer.merged_adapters or torch.compiler.is_compiling():
+        return None  # compiled: Dynamo breaks the graph at a Function with a jvp; inductor fuses the general forward
     name, mods = active[0], layer._modules  # _modules / _parameters: nn.Module.__getattr__ costs a µs per read
     ad: LoRAAdapter | None = mods["adapters"]._modules.get(name)
     if ad is None or ad.name != name:  # a name stored hex-escaped (adapter_key)
