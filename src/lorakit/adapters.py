@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import MergeStateError, MixedBatchError
+from .errors import MergeStateError
 from .tree import (
-    activate, adapter_modules, check_known, drop_state, is_merged, lora_layers, model_state, name_list, set_submodule,
+    activate, adapter_modules, check_known, drop_state, is_merged, lora_layers, model_state, name_list,
+    outside_mixed_batch, set_submodule,
 )
 
 
@@ -60,8 +61,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     Raises:
         MixedBatchError: inside ``mixed_batch`` (pass None rows there instead).
     """
-    if model_state(model).rows is not None:
-        raise MixedBatchError("disable_adapters inside mixed_batch is not supported; pass None rows instead")
+    outside_mixed_batch(model, "disable_adapters inside mixed_batch is not supported; pass None rows instead")
     previous = active_adapters(model)
     was_merged = is_merged(model)
     if was_merged:
@@ -86,8 +86,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         MixedBatchError: called inside ``mixed_batch``.
     """
     check_known(model, [name])
-    if model_state(model).rows is not None:
-        raise MixedBatchError(f"cannot delete adapter {name!r} inside mixed_batch")
+    outside_mixed_batch(model, f"cannot delete adapter {name!r} inside mixed_batch")
     if any(name in module.merged_adapters for _, module in adapter_modules(model)):
         raise MergeStateError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for mname, module in list(adapter_modules(model)):
@@ -111,8 +110,7 @@ def merge(model: nn.Module) -> nn.Module:
         QuantizedBaseError: a base weight is quantised (``lorakit.dequantize`` first); nothing is merged.
         MixedBatchError: inside ``mixed_batch`` (every row would get the merged adapters); nothing is merged.
     """
-    if model_state(model).rows is not None:
-        raise MixedBatchError("cannot merge inside mixed_batch: every row would get the merged adapters")
+    outside_mixed_batch(model, "cannot merge inside mixed_batch: every row would get the merged adapters")
     check_merge(model)
     for _, module in adapter_modules(model):
         module.merge()
@@ -144,8 +142,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         QuantizedBaseError: ``merge=True`` and a base weight is quantised; nothing is changed.
         MixedBatchError: inside ``mixed_batch``; nothing is changed.
     """
-    if model_state(model).rows is not None:
-        raise MixedBatchError("cannot unload inside mixed_batch: its rows route through the LoRA layers")
+    outside_mixed_batch(model, "cannot unload inside mixed_batch: its rows route through the LoRA layers")
     if merge:
         check_merge(model)
     for name, module in list(adapter_modules(model)):

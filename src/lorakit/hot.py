@@ -85,10 +85,15 @@ class HotBank:
         return tuple(self.names)
 
     def _copy(self, bank, missing: list[str], slots: list[int]) -> None:
-        device = str(self.a_t.device)
-        dst, src = _index(tuple(slots), device), _index(tuple(bank.slots[n] for n in missing), device)
-        self.a_t.index_copy_(0, dst, bank.a_t.index_select(0, src))
-        self.b_t.index_copy_(0, dst, bank.b_t.index_select(0, src))
+        if len(missing) == 1:  # one request joined (the serving case): two slot copies, no index tensors
+            j, src = slots[0], bank.slots[missing[0]]
+            self.a_t[j].copy_(bank.a_t[src])
+            self.b_t[j].copy_(bank.b_t[src])
+        else:
+            device = str(self.a_t.device)
+            dst, src_t = _index(tuple(slots), device), _index(tuple(bank.slots[n] for n in missing), device)
+            self.a_t.index_copy_(0, dst, bank.a_t.index_select(0, src_t))
+            self.b_t.index_copy_(0, dst, bank.b_t.index_select(0, src_t))
         for j, n in zip(slots, missing):
             self.names[j], self._gen[j], self._used[j] = n, bank.slot_gen[bank.slots[n]], self._tick
         self.copies += len(missing)

@@ -15,12 +15,12 @@ from . import param_wrapper as pw
 from . import trainable_tokens as tt
 from .adapter import check_adapter_name
 from .config import ALL_LINEAR, LoRAConfig, excluded
-from .errors import AdapterExistsError, ConfigError, MergeStateError, MixedBatchError, TargetModuleError
+from .errors import AdapterExistsError, ConfigError, MergeStateError, TargetModuleError
 from .layer_types import LoRAConv1D, LoRALinear, conv1d_type, lora_class_for, lora_classes
 from .layers import LoRALayer
 from .state import AdapterModule
 from .tree import (activate, adapter_modules, attach_state, check_new, is_merged, lora_layers, model_state,
-                   set_submodule, walk)
+                   outside_mixed_batch, set_submodule, walk)
 
 
 @dataclass(frozen=True)
@@ -298,8 +298,7 @@ def _check_can_inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -
     config = dataclasses.replace(config)  # validated again: fields may have been set after construction
     if is_merged(model):
         raise MergeStateError("cannot inject an adapter while adapters are merged; call unmerge(model) first")
-    if model_state(model).rows is not None:
-        raise MixedBatchError("cannot inject or load an adapter inside mixed_batch")
+    outside_mixed_batch(model, "cannot inject or load an adapter inside mixed_batch")
     check_new(model, adapter_name)
 
 

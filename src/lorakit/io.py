@@ -28,11 +28,12 @@ from .adapters import active_adapters, delete_adapter, list_adapters, set_adapte
 from .config import LoRAConfig
 from .durable import read_utf8, write_atomic, write_json
 from .errors import (
-    AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, MixedBatchError, SaveError,
+    AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, SaveError,
 )
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
-from .tree import STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state, set_submodule
+from .tree import (STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state,
+                   outside_mixed_batch, set_submodule)
 from .weightfile import load_pickle, load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -296,9 +297,7 @@ def load_adapter_tensors(model: nn.Module, config: LoRAConfig, tensors: dict[str
     check_adapter_name(adapter_name)
     if is_merged(model):
         raise MergeStateError("cannot load an adapter while adapters are merged; call unmerge(model) first")
-    state = vars(model).get(STATE_ATTR)
-    if state is not None and state.rows is not None:  # the block's routes hold the factors it started with
-        raise MixedBatchError(f"cannot load adapter {adapter_name!r} inside mixed_batch; load it before the block")
+    outside_mixed_batch(model, f"cannot load adapter {adapter_name!r} inside mixed_batch; load it before the block")
     weights = str(source)
     existed = adapter_name in list_adapters(model)
     if existed and _comparable(model_state(model).configs[adapter_name]) != _comparable(config):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MixedBatchError
 from .adapter import check_adapter_name
 from .layers import LoRALayer
 from .state import AdapterModule, AdapterState
@@ -60,6 +60,13 @@ def model_state(model: nn.Module) -> AdapterState:
     """The model's ``AdapterState`` (an empty one, not attached, if nothing was injected)."""
     state = getattr(model, STATE_ATTR, None)
     return state if isinstance(state, AdapterState) else AdapterState()
+
+
+def outside_mixed_batch(model: nn.Module, refusal: str) -> None:
+    """Raise ``MixedBatchError(refusal)`` while a ``mixed_batch`` block is open on ``model``: its rows route
+    through the LoRA layers and the factors the block checked, which this change would pull from under it."""
+    if model_state(model).rows is not None:
+        raise MixedBatchError(refusal)
 
 
 def attach_state(model: nn.Module) -> AdapterState:
