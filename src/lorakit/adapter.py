@@ -72,6 +72,16 @@ def adapter_key(name: str) -> str:
     return _key(check_adapter_name(name))
 
 
+def stored_adapter(modules: Mapping[str, nn.Module], name: str) -> LoRAAdapter | None:
+    """The adapter ``name`` in a layer's ``adapters._modules``, or None: looked up under the name itself
+    first (an ordinary name is its own key; no call into ``adapter_key``'s cache, which Dynamo warns
+    about under ``torch.compile``), then under its escaped key."""
+    ad = modules.get(name)
+    if ad is None or ad.name != name:  # not there, or another adapter whose escaped key is this name
+        ad = modules.get(adapter_key(name))
+    return ad
+
+
 def init_factors(a: torch.Tensor, b: torch.Tensor, r: int, init_lora_weights: bool | str | None) -> None:
     """Initialise A and B in place as PEFT's ``reset_lora_parameters`` does for Linear and Conv.
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .adapter import LoRAAdapter, adapter_key
+from .adapter import stored_adapter
 
 
 def _products(x, weight, bias, a, b, s: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,10 +136,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
     module docstring for when. ``layer`` is a ``LoRALinear`` outside a ``mixed_batch`` block."""
     if len(active) != 1 or layer.merged_adapters or torch.compiler.is_compiling():
         return None  # compiled: Dynamo breaks the graph at a Function with a jvp; inductor fuses the general forward
-    name, mods = active[0], layer._modules  # _modules / _parameters: nn.Module.__getattr__ costs a µs per read
-    ad: LoRAAdapter | None = mods["adapters"]._modules.get(name)
-    if ad is None or ad.name != name:  # a name stored hex-escaped (adapter_key)
-        ad = mods["adapters"]._modules.get(adapter_key(name))
+    mods = layer._modules  # _modules / _parameters: nn.Module.__getattr__ costs a µs per read
+    ad = stored_adapter(mods["adapters"]._modules, active[0])
     base = mods["base_layer"]
     if (ad is None or ad.use_dora or ad.lora_B_bias is not None or (ad._dropout and ad.lora_dropout.training)
             or type(base) is not nn.Linear or _hooked(base)):

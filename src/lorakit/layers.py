@@ -14,7 +14,7 @@ from torch import nn
 
 from . import dora, fold, fused
 from . import lora_bias as lora_bias_
-from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors
+from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors, stored_adapter
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
 
@@ -292,7 +292,7 @@ class LoRALayer(AdapterModule):
             return state.rows.add_bypass(self, x, out)
         adapters = self.adapters._modules
         for name in state.active:
-            ad = adapters.get(adapter_key(name))
+            ad = stored_adapter(adapters, name)
             if ad is not None and name not in self.merged_adapters:
                 if ad.use_dora:
                     dora.add_dora_(self, ad, out, x)
