@@ -2,6 +2,7 @@
 
     python benchmarks/step_profile.py                 # SmolLM2-135M-Instruct, default G2P batches
     python benchmarks/step_profile.py --model small   # random 4-layer Llama
+    python benchmarks/step_profile.py --compile       # the blocks compiled (``lorakit train --compile``)
 
 Trains r=8, lora_alpha=16 on the seven projections with ``lorakit.app.loop.train`` (the default
 trainer: packed rows, label-position head, fused AdamW) and profiles optimizer steps 3 to 2 +
@@ -9,7 +10,8 @@ trainer: packed rows, label-position head, fused AdamW) and profiles optimizer s
 (``mm`` / ``addmm`` / ``bmm`` / ``linear`` products with no dimension equal to r, except the LM
 head), LoRA's matmuls (a dimension equal to r), the LM head (a dimension equal to the vocabulary),
 attention (``scaled_dot_product*``), the optimizer (``_fused_adamw`` and ``_foreach*``), and the rest
-(elementwise, copies, autograd bookkeeping). Issue 18's target: base matmuls >= 70% of the step.
+(elementwise, copies, autograd bookkeeping; with ``--compile`` also inductor's fused kernels, which run
+inside the compiled graph's own record). Issue 18's target: base matmuls >= 70% of the step.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "small"], default="smollm2")
     ap.add_argument("--steps", type=int, default=2, help="profiled optimizer steps (after 2 warm-up steps)")
+    ap.add_argument("--compile", action="store_true", help="compile the blocks from step 1 (the warm-up compiles)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     loaded = load_model(None)  # the default model's tokenizer (and model) builds the G2P batches
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
     train_ex, _ = g2p_examples(tokenizer, total, opts.batch_size)
     lorakit.inject(model, LoRAConfig(r=R, lora_alpha=16, lora_dropout=0.0, target_modules=SEVEN))
     model.train()
-    cfg = LT.TrainConfig(steps=total, batch_size=opts.batch_size, lr=opts.lr, warmup=opts.warmup, max_grad_norm=1.0)
+    cfg = LT.TrainConfig(steps=total, batch_size=opts.batch_size, lr=opts.lr, warmup=opts.warmup, max_grad_norm=1.0,
+                         compile=args.compile)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sched = schedule(wait=1, warmup=1, active=args.steps, repeat=1)
     with profile(activities=[ProfilerActivity.CPU], schedule=sched, record_shapes=True) as prof:
@@ -84,8 +88,9 @@ def main(argv=None) -> int:
             rest[ev.key][0] += ev.self_cpu_time_total
             rest[ev.key][1] += ev.count
     total_us = sum(times.values())
-    print(f"# step_profile.py --model {args.model} --steps {args.steps}: lorakit train, r={R} on 7 projections, "
-          f"batch {opts.batch_size}, packed rows; {machine()}")
+    flag = " --compile" if args.compile else ""
+    print(f"# step_profile.py --model {args.model} --steps {args.steps}{flag}: lorakit train, r={R} on 7 projections, "
+          f"batch {opts.batch_size}, packed rows{', blocks compiled' if args.compile else ''}; {machine()}")
     print(f"profiled: {args.steps} optimizer steps, {total_us / 1e6 / args.steps:.2f} s of op time per step")
     print("| group | share of the step | s per step |")
     print("|---|---|---|")

@@ -12,8 +12,8 @@ The same numbers as the unfused path up to float rounding order (a test checks a
 Taken by ``LoRALayer.forward`` only where nothing else could see the difference: one active adapter
 without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks or a replaced
 ``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and ``torch.compile`` and, when gradients
-are wanted, outside ``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward and forward-mode
-AD (``torch.autograd.forward_ad``) work as through the general forward.
+are wanted, outside ``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward
+and forward-mode AD (``torch.autograd.forward_ad``) work as through the general forward.
 """
 
 from __future__ import annotations

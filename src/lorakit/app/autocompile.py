@@ -2,12 +2,12 @@
 enough to repay the compilation, judged from the first steps run eagerly.
 
 Compiled steps take 10-16% less time (1.11x in RESULTS.md train_throughput.py runs 6-7, 1.18-1.19x in
-run 12, SmolLM2 on 2 CPU cores); COMPILE_GAIN takes the low end. The compilation's cost is the one this machine measured for the same kind of block
-(``compile_times.json`` in lorakit's cache folder: the first compiled step's extra time), else
-COMPILE_SECONDS (75 s, SmolLM2's cold compile there). The default job (300 steps of about 1.7 s) stays
-eager. The decision is taken after step PROBE_STEPS of the run (counted from its start, so a resumed
-run decides at the same step) and kept in the checkpoint's state: a run resumed after it compiles from
-the same step as the uninterrupted run.
+run 12, SmolLM2 on 2 CPU cores); COMPILE_GAIN takes the low end. The compilation's cost is the one this
+machine measured for the same kind of block (``compile_times.json`` in lorakit's cache folder: the first
+compiled step's extra time), else COMPILE_SECONDS (75 s, SmolLM2's cold compile there). The default job
+(300 steps of about 1.7 s) stays eager. The decision is taken after step PROBE_STEPS of the run (counted
+from its start, so a resumed run decides at the same step) and kept in the checkpoint's state: a run
+resumed after it compiles from the same step as the uninterrupted run.
 """
 
 from __future__ import annotations
