@@ -67,7 +67,7 @@ class LinearBypass(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         # The skinny products run as their transposes, (B^T g^T)^T and (h^T g)^T: on CPU BLAS that order is
-        # 2-4x faster for them at a few hundred rows (20-25% of a block's LoRA products; RESULTS.md run 13)
+        # 2-4x faster for them at a few hundred rows (18-25% off a block's LoRA products; RESULTS.md run 13)
         gh = torch.mm(b.t(), g2.t()).mul_(s).t() if need[0] or need[3] else None  # (N, r) = s·g B
         dx = dw = dbias = da = db = None
         if need[0]:
