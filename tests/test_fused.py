@@ -248,21 +248,29 @@ def test_a_base_weight_that_is_not_a_parameter_takes_the_general_forward():
 
 
 def test_compiled_layer_is_one_graph_with_float64_values_and_gradients():
-    """Dynamo breaks the graph at an autograd.Function with a ``jvp``: under ``torch.compile`` the layer takes
-    the general forward, which traces whole (``--compile``'s blocks then fuse; with the node they were 0.88x
-    eager in benchmarks/train_throughput.py)."""
+    """Dynamo breaks the graph at an autograd.Function with a ``jvp`` (``--compile``'s blocks ran 0.88x eager
+    when ``LinearBypass`` met it): under ``torch.compile`` the layer takes the same node without one, which
+    traces whole, so the compiled blocks get its backward's product order too."""
+    from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
+    traced = []
+
+    def keep_graph(gm, _inputs):  # aot_eager, with Dynamo's graph of the forward kept to look at
+        traced.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return lookup_backend("aot_eager")(gm, _inputs)
+
     layer = _layer()
     x = torch.randn(2, 4, 7, requires_grad=True)
     g = torch.randn(2, 4, 5)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        out = torch.compile(layer, backend="aot_eager")(x)
+        out = torch.compile(layer, backend=keep_graph)(x)
         out.backward(g)
     assert dict(counters["graph_break"]) == {}
+    assert len(traced) == 1 and "autograd_function_apply" in traced[0]  # the node, in the one graph
     assert not [w for w in said if "lru_cache" in str(w.message)]  # the adapter's lookup traces without a cache
     ref, grads = _float64_grads(layer, x, g, 4.0 / 3)
     torch.testing.assert_close(out.detach().double(), ref, rtol=1e-6, atol=1e-6)

@@ -11,9 +11,10 @@ products its backward needs. Hu et al. 2021, eq. 3: ``h = W x + b + s·B A x``, 
 The same numbers as the unfused path up to float rounding order (a test checks against float64).
 Taken by ``LoRALayer.forward`` only where nothing else could see the difference: one active adapter
 without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base without hooks or a replaced
-``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and ``torch.compile`` and, when gradients
-are wanted, outside ``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward
-and forward-mode AD (``torch.autograd.forward_ad``) work as through the general forward.
+``forward``, one dtype, no autocast, outside a ``mixed_batch`` block and, when gradients are wanted, outside
+``torch.func`` transforms (``plain_linear``). In-place ops on the output, double backward and forward-mode AD
+(``torch.autograd.forward_ad``) work as through the general forward. Under ``torch.compile`` the node is
+``_Bypass``, the same without the ``jvp`` at which Dynamo would break the graph.
 """
 
 from __future__ import annotations
@@ -40,15 +41,9 @@ def _products(x, weight, bias, a, b, s: float) -> tuple[torch.Tensor, torch.Tens
     return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], out.shape[-1])), h
 
 
-class LinearBypass(torch.autograd.Function):
-    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node. Forward-mode AD (``jvp``)
-    and a double backward (``create_graph=True``: ``x A^T`` recomputed differentiably) are supported;
-    under ``torch.func`` transforms ``plain_linear`` takes the general forward instead.
-
-    Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
-    returns (..., out) in x's dtype. Gradients only for the inputs that need them; only what those
-    need is saved.
-    """
+class _Bypass(torch.autograd.Function):
+    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node, and no ``jvp``: what
+    ``torch.compile`` traces (Dynamo breaks the graph at a Function with one). Shapes as ``LinearBypass``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, s: float):
@@ -56,7 +51,6 @@ class LinearBypass(torch.autograd.Function):
         dx, dw, _, da, db, _ = ctx.needs_input_grad
         keep = (lambda t, *needs: t if any(needs) else None)  # what no gradient needs is not kept alive
         ctx.save_for_backward(keep(x, dw, da, db), keep(weight, dx), keep(a, dx, db), keep(b, dx, da), keep(h, db))
-        ctx.save_for_forward(x, weight, a, b)
         ctx.s, ctx.x_shape = s, x.shape
         return out
 
@@ -83,6 +77,23 @@ class LinearBypass(torch.autograd.Function):
                 h = torch.mm(x2, a.t())
             db = torch.mm(h.t(), g2).t().mul_(s)
         return dx, dw, dbias, da, db, None
+
+
+class LinearBypass(_Bypass):
+    """``F.linear(x, weight, bias) + s · (x A^T) B^T`` with one backward node. Forward-mode AD (``jvp``)
+    and a double backward (``create_graph=True``: ``x A^T`` recomputed differentiably) are supported;
+    under ``torch.func`` transforms ``plain_linear`` takes the general forward instead.
+
+    Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r), s a float;
+    returns (..., out) in x's dtype. Gradients only for the inputs that need them; only what those
+    need is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, s: float):
+        out = _Bypass.forward(ctx, x, weight, bias, a, b, s)
+        ctx.save_for_forward(x, weight, a, b)
+        return out
 
     @staticmethod
     def jvp(ctx, tx, tw, tbias, ta, tb, _):
@@ -136,8 +147,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
     """``layer``'s output for ``x`` through ``LinearBypass`` (or, when no gradient is wanted, the same
     three products without an autograd node), or None where the general forward must run: see the
     module docstring for when. ``layer`` is a ``LoRALinear`` outside a ``mixed_batch`` block."""
-    if len(active) != 1 or layer.merged_adapters or torch.compiler.is_compiling():
-        return None  # compiled: Dynamo breaks the graph at a Function with a jvp; inductor fuses the general forward
+    if len(active) != 1 or layer.merged_adapters:
+        return None
     mods = layer._modules  # _modules / _parameters: nn.Module.__getattr__ costs a µs per read
     ad = stored_adapter(mods["adapters"]._modules, active[0])
     base = mods["base_layer"]
@@ -150,6 +161,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
+        if torch.compiler.is_compiling():  # Dynamo breaks the graph at a Function with a jvp: the node without one
+            return _Bypass.apply(x, w, bias, a, b, ad.scaling)
         if _functorch_active():  # torch.func transforms need setup_context; the general forward has it
             return None
         return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
