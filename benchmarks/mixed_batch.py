@@ -199,6 +199,8 @@ def decode_section(args, base, ours, theirs, names) -> None:
           "| generate lorakit / base | generate PEFT / lorakit | prefill mixed 16 / one adapter |")
     print("|---|---|---|---|---|---|---|---|---|")
     for resident in [int(r) for r in args.decode_resident.split(",")]:
+        for extra in lorakit.list_adapters(ours)[resident:]:  # exactly `resident` (main injected 32)
+            lorakit.delete_adapter(ours, extra)
         while len(lorakit.list_adapters(ours)) < resident:
             lorakit.inject(ours, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False),
                            f"extra{len(lorakit.list_adapters(ours))}")

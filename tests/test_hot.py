@@ -107,6 +107,24 @@ def test_generation_over_hot_slots_equals_each_adapter_alone(beams, monkeypatch)
         assert torch.equal(got[i], want[0]), (i, n)
 
 
+@pytest.mark.parametrize("resident, slots", [(5, 5), (6, 4)])
+def test_bank_as_it_lies_up_to_a_quarter_spare_then_hot_slots(resident, slots, monkeypatch):
+    """Four adapters in the batch: with five resident the decoding step runs over the bank's five slots as
+    they lie (one slot has no rows: a quarter more bytes, no copy); with six, over four hot slots (BANK_SPARE
+    = 1.25). Either way every row equals its adapter alone."""
+    model = _many(resident)
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
+    seen = []
+    add_bank = lorakit.mixed.RowRouter._add_bank
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
+                        or add_bank(s, x, o, a_t, *r))
+    torch.manual_seed(11)
+    ids = torch.randint(1, 64, (6, 1))
+    assert_rows_equal_alone(model, ["t3", "t0", None, "t2", "t1", "t3"], ids)
+    assert set(seen) == {slots}
+    assert all(layer._hot is None for _, layer in lorakit.lora_layers(model)) == (slots == resident)
+
+
 def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
     """Decoding-sized forwards with 9 adapters resident and 2-3 in the batch run over the hot slots
     (not over all 9); the next mix, sharing two adapters, copies only the third."""

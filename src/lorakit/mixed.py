@@ -58,8 +58,11 @@ BANK_ROWS = 1024
 # The bank's slots as they lie cost every resident adapter's factors per step; with more than
 # BANK_SPARE times as many resident as in the batch, the mix's factors are copied into the layer's
 # hot slots instead (``lorakit.hot``: only adapters new to the mix are copied, once; the next steps
-# and mixes reuse them), so a step costs the same with 16 or 256 resident.
-BANK_SPARE = 2
+# and mixes reuse them), so a step costs the same with 16 or 256 resident. A copy costs about two
+# steps' reads of the adapters it copies, once; the spare slots cost (resident / mix - 1) of a step's
+# reads every step: at 32 resident and 16 in the batch, 2 read twice the bytes (greedy generation
+# 1.39x the base's time against 1.25x through the hot slots, 6 interleaved pairs on 2 CPU threads).
+BANK_SPARE = 1.25
 # The slots' results go back to their rows with one gather and one add (decoding-sized: index_add_ costs
 # about 0.1 ms a call on CPU), or, from SCATTER_ELEMENTS elements of output on (prefill), with one
 # index_add_: at 32 rows x 64 tokens x 1536 features 0.3 ms against 1.1-2.9 ms (the gathered copy no
