@@ -409,3 +409,22 @@ def test_prefill_results_go_back_by_index_add_where_no_row_is_padding(model, nam
     assert torch.equal(out, gathered)  # one add per element either way
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_holding_every_adapter_of_the_plan_routes_its_segments_as_they_are(model):
+    """q_proj holds a and b: the plan's segments as they are (the same object, one subset test per layer and
+    change of mix); o_proj holds b and c.d, not a: only b's segment; a DoRA adapter held, even outside the
+    plan, takes the full path again."""
+    from lorakit.routes import held_segments
+    from lorakit.rows import plan_rows
+
+    plan = plan_rows(["a", "b", None, "a"], rank={"a": 0, "b": 1, "c.d": 2})
+    assert plan.segments == (("a", 0, 2), ("b", 2, 3)) and plan.names == ("a", "b")
+    q = model.model.layers[0].self_attn.q_proj
+    o = model.model.layers[0].self_attn.o_proj
+    mine, dora_segs, biased = held_segments(q, plan)
+    assert mine is plan.segments and dora_segs == biased == ()
+    assert held_segments(o, plan) == ((("b", 2, 3),), (), ())
+    inject(model, LoRAConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["q_proj"], init_lora_weights=False), "e")
+    mine, dora_segs, _ = held_segments(q, plan)
+    assert mine == plan.segments and mine is not plan.segments and dora_segs == ()

@@ -20,6 +20,8 @@ class RowPlan:
         single_full: True when all N rows use one adapter and ``perm`` is ``arange(N)``.
         contiguous: True when each adapter's rows are consecutive in the batch (``perm[s:e]`` is
             ``arange(perm[s], perm[s] + e - s)``): its bypass then works on slices, with no copies.
+        names: the segments' adapter names, in their order; ``adapters``: the same as a frozenset (a
+            layer holding all of them routes the plan's segments as they are: ``routes.held_segments``).
     """
 
     rows: int
@@ -27,6 +29,8 @@ class RowPlan:
     segments: tuple[tuple[str, int, int], ...]
     single_full: bool
     contiguous: bool = False
+    names: tuple[str, ...] = ()
+    adapters: frozenset = frozenset()
 
 
 def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
@@ -50,7 +54,8 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
     single_full = len(groups) == 1 and len(order) == len(names)
     contiguous = all(idx == list(range(idx[0], idx[0] + len(idx))) for idx in groups.values())
     perm = torch.tensor(order, dtype=torch.long, device=device)
-    return RowPlan(len(names), perm, tuple(segments), single_full, contiguous)
+    order = tuple(groups)
+    return RowPlan(len(names), perm, tuple(segments), single_full, contiguous, order, frozenset(order))
 
 
 @dataclass(frozen=True)
