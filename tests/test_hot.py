@@ -82,14 +82,21 @@ def _many(resident: int = 9):
     return m
 
 
-@pytest.mark.parametrize("beams", [1, 2])
-def test_generation_over_hot_slots_equals_each_adapter_alone(beams, monkeypatch):
-    model = _many()
-    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)  # not every resident adapter on every row
+def _slot_counts(monkeypatch) -> list[int]:
+    """The slot count of each batched matmul pair from here on (the dense every-adapter form off, so that
+    decoding-sized forwards run over slots: the bank's or the hot ones)."""
+    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
     seen = []
     add_bank = lorakit.mixed.RowRouter._add_bank
     monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
                         or add_bank(s, x, o, a_t, *r))
+    return seen
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_generation_over_hot_slots_equals_each_adapter_alone(beams, monkeypatch):
+    model = _many()
+    seen = _slot_counts(monkeypatch)
     torch.manual_seed(8)
     ids = torch.randint(1, 64, (4, 5))
     names = ["t2", None, "t7", "t2"]
@@ -113,11 +120,7 @@ def test_bank_as_it_lies_up_to_a_quarter_spare_then_hot_slots(resident, slots, m
     they lie (one slot has no rows: a quarter more bytes, no copy); with six, over four hot slots (BANK_SPARE
     = 1.25). Either way every row equals its adapter alone."""
     model = _many(resident)
-    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
-    seen = []
-    add_bank = lorakit.mixed.RowRouter._add_bank
-    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
-                        or add_bank(s, x, o, a_t, *r))
+    seen = _slot_counts(monkeypatch)
     torch.manual_seed(11)
     ids = torch.randint(1, 64, (6, 1))
     assert_rows_equal_alone(model, ["t3", "t0", None, "t2", "t1", "t3"], ids)
@@ -129,11 +132,7 @@ def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
     """Decoding-sized forwards with 9 adapters resident and 2-3 in the batch run over the hot slots
     (not over all 9); the next mix, sharing two adapters, copies only the third."""
     model = _many()
-    monkeypatch.setattr(lorakit.mixed, "DENSE_COLUMNS", 0)
-    seen = []
-    add_bank = lorakit.mixed.RowRouter._add_bank
-    monkeypatch.setattr(lorakit.mixed.RowRouter, "_add_bank", lambda s, x, o, a_t, *r: seen.append(a_t.shape[0])
-                        or add_bank(s, x, o, a_t, *r))
+    seen = _slot_counts(monkeypatch)
     torch.manual_seed(9)
     ids = torch.randint(1, 64, (4, 1))  # one token per row: a decoding-sized forward
     layers = [layer for _, layer in lorakit.lora_layers(model)]
