@@ -57,7 +57,7 @@ class Route:
     __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "sparse", "dora", "biased", "_bank", "_banked",
                  "_hotted", "_columns")
 
-    def __init__(self, layer, plan: RowPlan, router, spare: int) -> None:
+    def __init__(self, layer, plan: RowPlan, router, spare: float) -> None:
         self.layer, self.plan, self.router = layer, plan, router
         self.segments, dora_segs, biased = held_segments(layer, plan)
         self.names = plan.names if self.segments is plan.segments else tuple(name for name, _, _ in self.segments)
