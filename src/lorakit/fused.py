@@ -161,9 +161,9 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        if torch.compiler.is_compiling():  # Dynamo breaks the graph at a Function with a jvp: the node without one
-            return _Bypass.apply(x, w, bias, a, b, ad.scaling)
         if _functorch_active():  # torch.func transforms need setup_context; the general forward has it
             return None
+        if torch.compiler.is_compiling():  # Dynamo breaks the graph at a Function with a jvp: the node without one
+            return _Bypass.apply(x, w, bias, a, b, ad.scaling)
         return LinearBypass.apply(x, w, bias, a, b, ad.scaling)
     return _products(x, w, bias, a, b, ad.scaling)[0]  # the same products, no autograd node
