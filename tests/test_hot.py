@@ -56,6 +56,24 @@ def test_a_new_mix_copies_only_adapters_new_to_it():
     assert hot.copies == 3
 
 
+def test_a_mix_copied_into_scattered_slots_lands_run_by_run():
+    """Adapters new to a mix go into the free slots in runs of consecutive slots (one copy per run, one
+    slot alone copied directly): slots 0, 2-3 and 5 free, 1 and 4 kept; every slot then holds its adapter's
+    A^T and (s·B)^T as computed by hand, the kept ones untouched."""
+    layer, hot = _layer(10), HotBank()
+    first = ("ad0", "ad1", "ad2", "ad3", "ad4", "ad5")
+    slots = hot.admit(layer.bank(list(first)), first)
+    kept = {n: slots.index(n) for n in ("ad1", "ad4")}
+    before = {n: (hot.a_t[j].clone(), hot.b_t[j].clone()) for n, j in kept.items()}
+    mix = ("ad1", "ad4", "ad6", "ad7", "ad8", "ad9")  # r = 1, 2, 1, 2, 3, 1: the slots are rank-padded to 3
+    slots = hot.admit(layer.bank(list(mix)), mix)
+    assert hot.copies == 10 and {n: slots.index(n) for n in kept} == kept and set(slots) == set(mix)
+    assert sorted(slots.index(n) for n in mix[2:]) == [0, 2, 3, 5]
+    _check_slots(hot, layer, mix)
+    for n, j in kept.items():
+        assert torch.equal(hot.a_t[j], before[n][0]) and torch.equal(hot.b_t[j], before[n][1])
+
+
 def test_slots_grow_shrink_and_follow_changed_factors():
     layer, hot = _layer(), HotBank()
     hot.admit(layer.bank(["ad0"]), ("ad0",))
@@ -186,3 +204,33 @@ def test_bank_and_hot_slots_store_a_as_a_is_and_a_cat_is_a_view():
     hot.admit(layer.bank(["ad0", "ad1", "ad2"]), ("ad0", "ad1", "ad2"))  # grows from one slot to three
     assert hot.a_t.shape == (3, n_in, r_max) and hot.a_t.stride() == (r_max * n_in, 1, n_in)
     _check_slots(hot, layer, ["ad0", "ad1", "ad2"])
+
+
+def test_a_new_row_plan_makes_every_layers_slots_hot_before_the_first_layer_adds_its_bypass(monkeypatch):
+    """At the first forward of a new row plan (a block, or ``set_rows`` in one), every layer's hot slots
+    are filled in one pass before any layer adds a bypass, each layer once; the next decoding step admits
+    nothing; rows equal their adapters alone before and after the change."""
+    model = _many()
+    torch.manual_seed(12)
+    ids = torch.randint(1, 64, (4, 1))
+    layers = [layer for _, layer in lorakit.lora_layers(model)]
+    events, admit, add = [], HotBank.admit, lorakit.mixed.RowRouter.add_bypass
+    monkeypatch.setattr(HotBank, "admit", lambda self, bank, names: events.append("admit") or admit(self, bank, names))
+    monkeypatch.setattr(lorakit.mixed.RowRouter, "add_bypass",
+                        lambda self, layer, x, out: events.append("add") or add(self, layer, x, out))
+    mixes = (["t1", "t5", None, "t1"], ["t5", "t8", "t1", "t1"])
+    refs = {n: alone_logits(model, n, ids) for n in {n for mix in mixes for n in mix}}
+    with torch.no_grad(), mixed_batch(model, mixes[0]):
+        for k, names in enumerate(mixes):
+            if k:
+                lorakit.set_rows(model, names)
+            events.clear()
+            out = model(ids).logits
+            assert events[: len(layers) + 1] == ["add"] + ["admit"] * len(layers)
+            assert events.count("admit") == len(layers)
+            events.clear()
+            again = model(ids).logits
+            assert "admit" not in events
+            for i, n in enumerate(names):
+                torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(again[i], refs[n][i], rtol=1e-5, atol=1e-5)
