@@ -169,6 +169,33 @@ def test_decoding_steps_over_hot_slots_and_a_change_of_mix(monkeypatch):
     rows_equal_alone(["t8", "t5", "t5", None])
 
 
+def test_adapters_injected_and_loaded_under_inference_mode_mix_change_and_train(tmp_path):
+    """Adapters injected and loaded inside torch.inference_mode (a server loading one at run time) are
+    ordinary tensors: mixed batches over them match each adapter alone, see them change in place, and
+    they train (inference tensors have no version counter: the bank raised RuntimeError on them)."""
+    model = tiny_llama()
+    torch.manual_seed(13)
+    ids = torch.randint(1, 64, (4, 1))
+    with torch.inference_mode():
+        for i in range(3):
+            inject(model, LoRAConfig(r=2 + i, lora_alpha=3.0, target_modules="all-linear", init_lora_weights=False), f"t{i}")
+        lorakit.save_adapter(model, str(tmp_path / "t1"), adapter_name="t1")
+        lorakit.load_adapter(model, str(tmp_path / "t1"), adapter_name="again")
+    layers = [layer for _, layer in lorakit.lora_layers(model)]
+    assert not any(p.is_inference() for layer in layers for n in ("t0", "again") for p in layer.lora_weights(n))
+    model.eval()
+    with torch.inference_mode():
+        assert_rows_equal_alone(model, ["t0", "again", None, "t2"], ids)
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_weights("again")[1].mul_(2.0)  # a change after the block: the next block sees it
+    assert_rows_equal_alone(model, ["again", "t1", "t1", None], ids)
+    set_adapter(model, "t2")
+    model.train()
+    model(ids).logits.sum().backward()
+    assert all(layer.lora_weights("t2")[1].grad is not None for layer in layers)
+
+
 def test_slots_made_under_inference_mode_take_later_changes_without_it(monkeypatch, tmp_path):
     """A block under torch.inference_mode builds the bank and the hot slots; the next blocks, under
     no_grad, copy other adapters in and rewrite a changed one in place (new user's report)."""

@@ -7,6 +7,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from . import dora
@@ -344,15 +345,18 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for t in targets:
-        _wrap(model, t.name, shared).add_adapter(
-            adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
-            use_dora=config.use_dora, lora_bias=config.lora_bias,
-        )
-    mts.add_copies(model, saved, adapter_name)
-    tt.add_tokens(model, tokens, adapter_name)
-    pw.add_params(model, params, config, adapter_name, config.init_lora_weights if init_weights else None)
+    # Never inference tensors, even when injected (or loaded) under torch.inference_mode: those have no
+    # version counter, so a mixed batch could not see them change, and they could never be trained
+    with torch.inference_mode(False):
+        for t in targets:
+            _wrap(model, t.name, shared).add_adapter(
+                adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
+                use_dora=config.use_dora, lora_bias=config.lora_bias,
+            )
+        mts.add_copies(model, saved, adapter_name)
+        tt.add_tokens(model, tokens, adapter_name)
+        pw.add_params(model, params, config, adapter_name, config.init_lora_weights if init_weights else None)
     for bias in trained_biases(model, config, adapter_name).values():
         bias.requires_grad_(True)
     state = attach_state(model)
