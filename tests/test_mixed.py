@@ -3,6 +3,7 @@ import torch
 
 import lorakit
 import lorakit.adapter
+import lorakit.bank
 import lorakit.hot
 from lorakit.adapter import masked_bypass_
 from lorakit import (
@@ -311,8 +312,8 @@ def test_set_rows_routes_the_next_forwards_and_checks_no_factor_twice(model, for
     mixes = [["a", "b", None, "a", "b", "b"], ["b", None, "a", "b", "a", "a"], ["a", "a", "b"], ["c.d", "b", "b", "a",
              None, "c.d"]]
     refs = {n: _single(model, n, ids) for n in ("a", "b", "c.d", None)}
-    stale, checked = lorakit.adapter.AdapterBank._stale, []
-    monkeypatch.setattr(lorakit.adapter.AdapterBank, "_stale",
+    stale, checked = lorakit.bank.AdapterBank._stale, []
+    monkeypatch.setattr(lorakit.bank.AdapterBank, "_stale",
                         lambda self, names: checked.extend((id(self), n) for n in names) or stale(self, names))
     with torch.no_grad(), mixed_batch(model, mixes[0]):
         for k, names in enumerate(mixes):

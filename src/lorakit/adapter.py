@@ -15,7 +15,6 @@ the functions here.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -26,7 +25,6 @@ from .dora import NormCache
 from .errors import ConfigError
 from .hot import a_slots
 
-_COPIES = itertools.count()  # AdapterBank.slot_gen numbers: unique across banks, so a copy is never mistaken for current
 HALF = (torch.float16, torch.bfloat16)  # base dtypes whose adapters are kept in float32
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 UpAdd = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -205,10 +203,16 @@ def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Te
     """Linear adapters stacked for batched bypasses: ``(A^T (k, in, r_max), (s·B)^T (k, r_max, out))``;
     ``A^T`` is a transposed view of (k, r_max, in) storage (``a_slots``).
 
-    Ranks are zero-padded to the largest, which is exact: the extra rank components are 0.
+    Ranks are zero-padded to the largest, which is exact: the extra rank components are 0. Adapters of
+    one rank (the usual case) are stacked in a few ops, not one slot at a time.
     """
     r_max = max(ad.r for ad in adapters)
     a0, b0 = adapters[0].lora_A, adapters[0].lora_B
+    if all(ad.r == r_max for ad in adapters):
+        a = torch.stack([ad._parameters["lora_A"].detach() for ad in adapters]).to(dtype)  # (k, r, in): A's layout
+        b = torch.stack([ad._parameters["lora_B"].detach() for ad in adapters]).to(dtype)  # (k, out, r)
+        s = torch.tensor([ad.scaling for ad in adapters], dtype=dtype, device=b.device)
+        return a.transpose(1, 2), b.mul_(s.view(-1, 1, 1)).transpose(1, 2).contiguous()
     a_t = a_slots(a0, len(adapters), a0.shape[1], r_max, dtype)
     b_t = b0.new_zeros((len(adapters), r_max, b0.shape[0]), dtype=dtype)
     for j, ad in enumerate(adapters):
@@ -240,93 +244,3 @@ def masked_bypass_(out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, mask
     h = torch.matmul(x.reshape(n, -1, x.shape[-1]), a_cat)  # (N, T, k·r)
     h.mul_(mask)
     out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b_cat)
-
-
-class AdapterBank:
-    """Every adapter of one linear layer stacked once, for per-row adapters (S-LoRA's resident pool).
-
-    Attributes:
-        a_t: (S, in, r_max) = ``A^T`` of each adapter, zero-padded to the largest rank (exact).
-        b_t: (S, r_max, out) = ``(s·B)^T``, the scaling folded in.
-        a_cat: (in, S·r_max), ``a_t``'s slots side by side (a view), and ``b_cat`` (S·r_max, out), a view of
-            ``b_t``: every resident adapter in two dense matmuls (``masked_bypass_``).
-        slots: adapter name -> its index along S; ``names``: the names in slot order.
-
-    ``sync`` keeps it current at the cost of an int comparison: it restacks only when the layer's
-    set of adapters changed (``version``, bumped by add / delete), and rewrites one slot when that
-    adapter's factors changed in place since (a load, an optimizer step: the Parameters' version
-    counters). The bank costs one more copy of the adapters' weights.
-    """
-
-    def __init__(self) -> None:
-        self.slots: dict[str, int] = {}
-        self.names: tuple[str, ...] = ()
-        self.a_t: torch.Tensor | None = None
-        self.b_t: torch.Tensor | None = None
-        self.a_cat: torch.Tensor | None = None
-        self._version = -1
-        self._adapters: list[LoRAAdapter] = []
-        self.slot_gen: list[int] = []  # per slot: a number no earlier copy of it had (HotBank's check)
-        self._seen: list[tuple] = []  # per slot: (A, its version, its storage, B, ..., scaling) when stacked
-
-    @staticmethod
-    def _stamp(ad: LoRAAdapter) -> tuple:
-        p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
-        a, b = p["lora_A"], p["lora_B"]
-        return a, a._version, a.data_ptr(), b, b._version, b.data_ptr(), ad.scaling
-
-    def sync(self, adapters: Mapping[str, LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
-        """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order; read
-        only when ``version`` changed, so a sync costs no pass over every resident adapter).
-
-        Raises:
-            KeyError: a name the layer does not hold.
-        """
-        restack = version != self._version or self.a_t is None or self.a_t.dtype != dtype
-        stale = [] if restack else self._stale(names)
-        if not restack and not stale:  # the common case, once per layer and new mix: no grad-mode switch either
-            return
-        # a block, not a decorator: mutation testing (mutmut) skips decorated functions. Not an inference
-        # tensor even under torch.inference_mode: a later block without it writes the slots in place
-        with torch.inference_mode(False), torch.no_grad():
-            if restack:
-                self._restack(adapters, version, dtype)
-            for j in stale:
-                self._write(j, dtype)
-
-    def _stale(self, names: Sequence[str]) -> list[int]:
-        """The slots of ``names`` that no longer match their adapter's factors (an in-place change: a load,
-        an optimizer step), found with plain comparisons. Raises KeyError for a name the bank does not hold."""
-        seen, ads, slots, out = self._seen, self._adapters, self.slots, []
-        for n in names:
-            j = slots[n]
-            a, va, pa, b, vb, pb, s = seen[j]
-            ad = ads[j]  # the adapters of the last restack: the version says they are the layer's
-            p = ad._parameters
-            if (p["lora_A"] is not a or a._version != va or a.data_ptr() != pa or p["lora_B"] is not b
-                    or b._version != vb or b.data_ptr() != pb or ad.scaling != s):
-                out.append(j)
-        return out
-
-    def _restack(self, adapters, version, dtype) -> None:
-        self._adapters = adapters = list(adapters.values())
-        self.a_t, self.b_t = stack(adapters, dtype)
-        s_, n_in, r_max = self.a_t.shape  # a_t is (S, r, in) storage: every slot's A side by side is a view
-        self.a_cat = self.a_t.transpose(1, 2).reshape(s_ * r_max, n_in).t()
-        self.names = tuple(ad.name for ad in adapters)
-        self.slots = {n: j for j, n in enumerate(self.names)}
-        self._seen = [self._stamp(ad) for ad in adapters]
-        self._version = version
-        self.slot_gen = [next(_COPIES)] * len(adapters)
-
-    def _write(self, j: int, dtype: torch.dtype) -> None:
-        ad = self._adapters[j]
-        a, sb = ad.folded(dtype)
-        self.a_t[j].zero_()[:, : ad.r] = a.t()
-        self.b_t[j].zero_()[: ad.r] = sb.t()  # a_cat and b_cat are views: nothing more to copy
-        self._seen[j] = self._stamp(ad)
-        self.slot_gen[j] = next(_COPIES)
-
-    @property
-    def b_cat(self) -> torch.Tensor:
-        return self.b_t.view(-1, self.b_t.shape[2])

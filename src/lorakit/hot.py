@@ -1,6 +1,6 @@
 """The adapters of the current mix in a few fixed slots, for per-row adapters while decoding.
 
-A layer's ``AdapterBank`` (``lorakit.adapter``) holds every resident adapter stacked; a batched
+A layer's ``AdapterBank`` (``lorakit.bank``) holds every resident adapter stacked; a batched
 matmul pair over all of its slots costs every resident adapter's factors each step. With many
 adapters resident and a few in the batch, ``HotBank`` keeps only the mix's factors in C slots
 (vLLM's ``max_loras`` GPU slots, S-LoRA's unified pool, here on the CPU): when the mix changes,
@@ -9,7 +9,8 @@ in, over slots whose adapters left it (least recently used first). A serving eng
 changes by one request per step therefore copies one adapter's factors, not the whole mix.
 
 A slot's copy is current while its source slot in the bank has the generation it was copied at
-(``AdapterBank.slot_gen``): an adapter loaded again, trained or restacked is copied afresh.
+(``AdapterBank.slot_gen``): an adapter loaded again, trained or restacked, or its slot freed, is
+copied afresh.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def a_slots(like: torch.Tensor, slots: int, n_in: int, r: int, dtype: torch.dtyp
     return like.new_zeros((slots, r, n_in), dtype=dtype or like.dtype).transpose(1, 2)
 
 
-class _Empty:
+class EmptySlot:
     """An empty slot's name: unique, never equal to an adapter name or to None (a row without an
     adapter must never be laid out on a slot)."""
 
@@ -40,7 +41,7 @@ class _Empty:
 
 class HotBank:
     """C slots of ``(A^T, (s·B)^T)`` copied from an ``AdapterBank``: ``a_t`` (C, in, r_max),
-    ``b_t`` (C, r_max, out), ``names`` (C,) the adapter in each slot (an ``_Empty`` placeholder where
+    ``b_t`` (C, r_max, out), ``names`` (C,) the adapter in each slot (an ``EmptySlot`` placeholder where
     none). The slot count grows to the largest mix seen and shrinks back when it exceeds twice the
     mix (so the padding rows a batched product computes stay bounded)."""
 
@@ -71,8 +72,8 @@ class HotBank:
             if n in wanted and self._gen[j] == bank.slot_gen[bank.slots[n]]:
                 where[n] = j
                 self._used[j] = self._tick
-            elif not isinstance(n, _Empty) and (n not in bank.slots or self._gen[j] != bank.slot_gen[bank.slots[n]]):
-                self.names[j] = _Empty()
+            elif not isinstance(n, EmptySlot) and (n not in bank.slots or self._gen[j] != bank.slot_gen[bank.slots[n]]):
+                self.names[j] = EmptySlot()
         missing = [n for n in names if n not in where]
         if len(self.names) > 2 * max(len(wanted), 1):  # a large mix has gone: shrink to this one
             self._reset(bank, 0)
@@ -114,7 +115,7 @@ class HotBank:
         a_t[:c] = self.a_t
         self.a_t = a_t
         self.b_t = torch.cat([self.b_t, bank.b_t.new_zeros((extra, *bank.b_t.shape[1:]))])
-        self.names += [_Empty() for _ in range(extra)]
+        self.names += [EmptySlot() for _ in range(extra)]
         self._gen += [-1] * extra
         self._used += [0] * extra
         return list(range(c, c + extra))
@@ -122,7 +123,7 @@ class HotBank:
     def _reset(self, bank, slots: int) -> None:
         self.a_t = a_slots(bank.a_t, slots, *bank.a_t.shape[1:])
         self.b_t = bank.b_t.new_zeros((slots, *bank.b_t.shape[1:]))
-        self.names, self._gen, self._used = [_Empty() for _ in range(slots)], [-1] * slots, [0] * slots
+        self.names, self._gen, self._used = [EmptySlot() for _ in range(slots)], [-1] * slots, [0] * slots
 
 
 @functools.lru_cache(maxsize=1024)

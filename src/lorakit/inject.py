@@ -290,6 +290,17 @@ def trained_biases(model: nn.Module, config: LoRAConfig, adapter_name: str) -> d
     return biases(model, config, {name for name, layer in lora_layers(model) if layer.has_adapter(adapter_name)})
 
 
+def _add(model: nn.Module, config: LoRAConfig, adapter_name: str, targets: list[Target], init_lora_weights) -> None:
+    """Wrap each target (once) and give it the adapter's A and B."""
+    shared = _shared_weights(model)
+    for t in targets:
+        _wrap(model, t.name, shared).add_adapter(
+            adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora, init_lora_weights=init_lora_weights, use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
+        )
+
+
 def _check_can_inject(model: nn.Module, config: LoRAConfig, adapter_name: str) -> None:
     """Raise ``inject``'s ConfigError, MergeStateError, MixedBatchError or AdapterExistsError."""
     check_adapter_name(adapter_name)
@@ -342,18 +353,12 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default", 
     tokens, params = aux_targets(model, config, adapter_name, {t.name for t in targets})
     if config.use_dora and init_weights and config.init_lora_weights is not False:  # B = 0: m = ‖W‖_c
         check_dora_norms(model, targets)
-    shared = _shared_weights(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    # Never inference tensors, even when injected (or loaded) under torch.inference_mode: those have no
+    # never inference tensors, even when injected (or loaded) under torch.inference_mode: those have no
     # version counter, so a mixed batch could not see them change, and they could never be trained
     with torch.inference_mode(False):
-        for t in targets:
-            _wrap(model, t.name, shared).add_adapter(
-                adapter_name, r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
-                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights if init_weights else None,
-                use_dora=config.use_dora, lora_bias=config.lora_bias,
-            )
+        _add(model, config, adapter_name, targets, config.init_lora_weights if init_weights else None)
         mts.add_copies(model, saved, adapter_name)
         tt.add_tokens(model, tokens, adapter_name)
         pw.add_params(model, params, config, adapter_name, config.init_lora_weights if init_weights else None)

@@ -14,7 +14,8 @@ from torch import nn
 
 from . import dora, fold, fused
 from . import lora_bias as lora_bias_
-from .adapter import HALF, AdapterBank, LoRAAdapter, adapter_key, init_factors, stored_adapter
+from .adapter import HALF, LoRAAdapter, adapter_key, init_factors, stored_adapter
+from .bank import AdapterBank
 from .errors import AdapterExistsError, AdapterNotFoundError, MergeStateError
 from .state import AdapterModule
 

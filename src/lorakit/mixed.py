@@ -7,9 +7,9 @@ adding the active adapters. The router reads the batch size from the layer's own
 
 The base matmuls run once for the whole batch. The LoRA part groups rows by adapter once per
 batch size (``rows.plan_rows``: a stable sort into segments, as in SGMV, in injection order). A
-linear LoRA layer keeps every resident adapter in its ``AdapterBank`` (stacked once, rank-padded
-with zeros, scaling folded into B; restacked only when an adapter is added or deleted, a slot
-rewritten when one changes in place). Decoding-sized forwards use the bank as it lies while it
+linear LoRA layer keeps every resident adapter in its ``AdapterBank`` (``lorakit.bank``: stacked once,
+rank-padded with zeros, scaling folded into B; an adapter added or deleted writes or frees its own
+slot, one changed in place has its slot rewritten). Decoding-sized forwards use the bank as it lies while it
 holds at most ``BANK_SPARE`` times the mix's adapters, so a new mix of rows copies no adapter
 weights: all of its adapters on every row in two dense matmuls masked to each row's own while that
 is small (BGMV-like), else every slot's rows padded to the busiest slot in one batched matmul pair
@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from . import lora_bias
-from .adapter import AdapterBank, masked_bypass_, stacked_bypass
+from .adapter import masked_bypass_, stacked_bypass
+from .bank import AdapterBank
 from .errors import MergeStateError, MixedBatchError
 from .routes import Route, rescale_dora_rows_
 from .rows import BankLayout, RowPlan, bank_layout, plan_rows

@@ -52,7 +52,8 @@ class Route:
     bank's ``a_cat``, ``b_cat`` and a mask (N, 1, S·r) over its slots; ``columns()`` = S·r),
     ``bank_segments()`` (the bank's ``a_t``, ``b_t`` and the rows laid out over its slots) and
     ``hot_segments()`` (the same over the layer's ``HotBank``: the mix's adapters only), the latter
-    when ``sparse``: the layer holds more than ``spare`` (``mixed.BANK_SPARE``) times the mix's adapters."""
+    when ``sparse``: the layer holds (or its bank has slots for) more than ``spare``
+    (``mixed.BANK_SPARE``) times the mix's adapters."""
 
     __slots__ = ("layer", "plan", "router", "segments", "names", "batched", "sparse", "dora", "biased", "_bank", "_banked",
                  "_hotted", "_columns")
@@ -62,7 +63,9 @@ class Route:
         self.segments, dora_segs, biased = held_segments(layer, plan)
         self.names = plan.names if self.segments is plan.segments else tuple(name for name, _, _ in self.segments)
         self.batched = getattr(layer, "batched", False) and len(self.segments) > 1
-        self.sparse = len(layer.adapters._modules) > spare * len(self.segments)  # see mixed.BANK_SPARE
+        bank = layer._bank  # its slots, free ones too, are what a pass over the bank as it lies reads
+        slots = max(len(layer.adapters._modules), bank.a_t.shape[0] if bank is not None and bank.a_t is not None else 0)
+        self.sparse = slots > spare * len(self.segments)  # see mixed.BANK_SPARE
         self.dora = tuple((ad, plan.perm[s:e]) for ad, s, e in dora_segs) if dora_segs else ()
         self.biased = tuple((ad, plan.perm[s:e]) for ad, s, e in biased) if biased else ()
         self._bank = self._banked = self._hotted = self._columns = None
