@@ -40,13 +40,15 @@ def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, float]:
 
 def interleaved_times(fns: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each call of several functions run in alternation (``repeats`` rounds, after ``warmup``
-    untimed calls of each), so machine load drifts hit all alike; round i of every function is adjacent."""
+    untimed calls of each), so machine load drifts hit all alike; round i of every function is adjacent.
+    Every other round runs them in reverse order (A B, B A, ...), so none always runs first or after the
+    same neighbour."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    for i in range(repeats):
+        for k, fn in (reversed(fns.items()) if i % 2 else fns.items()):
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)

@@ -168,12 +168,30 @@ def _rerouted_step(model, prompt, before, after) -> float:
         return time.perf_counter() - t
 
 
+def _loaded_step(model, prompt, rows, name) -> float:
+    """Seconds of the first decoding step after adapter ``name`` was loaded (injected) between the
+    prefill and the step, the mix unchanged (a server loading an adapter for a coming request); the
+    adapter is deleted again afterwards."""
+    with lorakit.mixed_batch(model, rows):
+        out = model(prompt, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    lorakit.inject(model, LoRAConfig(r=8, lora_alpha=16, target_modules=SEVEN, init_lora_weights=False), name)
+    try:
+        with lorakit.mixed_batch(model, rows):
+            t = time.perf_counter()
+            model(nxt, cache=out.cache, use_cache=True)
+            return time.perf_counter() - t
+    finally:
+        lorakit.delete_adapter(model, name)
+
+
 def _decode_timings(base, ours, prompt, rows, new_mix, one_new, repeats) -> dict[str, tuple[float, float]]:
     """Base step, warmed mixed step, first step after a new mix (16 adapters drawn afresh), first step
     after one adapter of the mix changed (a request leaving, another joining) in a new block and with
-    ``set_rows`` in the same block, interleaved; (median, half-spread)."""
+    ``set_rows`` in the same block, first step after one more adapter was loaded, interleaved;
+    (median, half-spread)."""
     null = contextlib.nullcontext
-    times = {"base": [], "warm": [], "first": [], "one": [], "set_rows": []}
+    times = {"base": [], "warm": [], "first": [], "one": [], "set_rows": [], "loaded": []}
     for i in range(repeats + 1):
         t_base = _decode_step(base, prompt, null(), null())
         with lorakit.mixed_batch(ours, rows):  # prefill and step in one block
@@ -182,8 +200,9 @@ def _decode_timings(base, ours, prompt, rows, new_mix, one_new, repeats) -> dict
         before, after = one_new()
         t_one = _decode_step(ours, prompt, lorakit.mixed_batch(ours, before), lorakit.mixed_batch(ours, after))
         t_set = _rerouted_step(ours, prompt, *one_new())
+        t_loaded = _loaded_step(ours, prompt, rows, f"loaded{i}")
         if i:  # the first round warms up
-            for k, t in zip(times, (t_base, t_warm, t_first, t_one, t_set)):
+            for k, t in zip(times, (t_base, t_warm, t_first, t_one, t_set, t_loaded)):
                 times[k].append(t)
     return {k: (statistics.median(v), (max(v) - min(v)) / 2) for k, v in times.items()}
 
@@ -196,8 +215,9 @@ def decode_section(args, base, ours, theirs, names) -> None:
     print(f"\n## decode: {args.rows} rows, 16 adapters in the batch (row i: adapter i mod 16), 4-token prompt")
     print("\n| resident | base step s | warmed mixed step / base | first step after a new mix / base "
           "| first step after one adapter changed / base | the same with set_rows in the block / base "
+          "| first step after one more adapter loaded / base "
           "| generate lorakit / base | generate PEFT / lorakit | prefill mixed 16 / one adapter |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for resident in [int(r) for r in args.decode_resident.split(",")]:
         for extra in lorakit.list_adapters(ours)[resident:]:  # exactly `resident` (main injected 32)
             lorakit.delete_adapter(ours, extra)
@@ -239,6 +259,7 @@ def decode_section(args, base, ours, theirs, names) -> None:
         print(f"| {resident} | {b:.4f} ± {steps['base'][1]:.4f} | {steps['warm'][0] / b:.3f} (± {steps['warm'][1]:.4f} s) "
               f"| {steps['first'][0] / b:.3f} (± {steps['first'][1]:.4f} s) | {steps['one'][0] / b:.3f} "
               f"(± {steps['one'][1]:.4f} s) | {steps['set_rows'][0] / b:.3f} (± {steps['set_rows'][1]:.4f} s) "
+              f"| {steps['loaded'][0] / b:.3f} (± {steps['loaded'][1]:.4f} s) "
               f"| {gen['lorakit'][0] / gen['base'][0]:.3f} "
               f"({gen['lorakit'][0]:.2f} vs {gen['base'][0]:.2f} s) | {peft_ratio} | {pre['mixed'][0] / pre['one'][0]:.3f} |",
               flush=True)
