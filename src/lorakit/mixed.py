@@ -79,7 +79,9 @@ class RowRouter:
     change (``reroute``), the row plan per (batch size, device), per layer and plan a ``routes.Route`` (the
     adapters it holds and what its forms need), and the last gathered input (q/k/v read one tensor,
     gate/up another, so the next layers reuse its gather). Decoding steps of one ``generate`` share one
-    plan and one route per layer: nothing is sorted or stacked per step.
+    plan and one route per layer: nothing is sorted or stacked per step. Without gradients, a new plan's
+    routes are built for every batched layer of ``layers`` (the model's LoRA layers) in one pass at its
+    first forward (``_prepare``).
     """
 
     def __init__(self, names: list[str | None], rank: dict[str, int] | None = None, layers: Sequence = ()) -> None:
