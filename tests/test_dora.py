@@ -417,6 +417,10 @@ def test_cached_norm_sees_a_replaced_tensor_and_data_edits_after_eval():
     layer(x)
     ad.lora_B.data = ad.lora_B.data + 0.5  # a new tensor
     torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)
+    for _ in range(3):  # two new tensors in a row: the second must not pass for the one the norm was cached for
+        ad.lora_B.data = ad.lora_B.data * 1.25
+        ad.lora_B.data = ad.lora_B.data - 0.125
+        torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)
     layer.base_layer.weight.data.mul_(1.5)  # in place, no version bump: seen after eval()
     model.eval()
     torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-12)

@@ -298,6 +298,27 @@ def test_bank_follows_factors_replaced_through_data(model):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
 
 
+def test_bank_follows_factors_replaced_through_data_twice_in_a_row(model):
+    """``p.data = t`` twice between blocks (new user's report): the second tensor used to land at the first
+    one's freed address, where the storage check could not tell it from the factors the slot holds."""
+    torch.manual_seed(8)
+    ids = torch.randint(0, 64, (4, 1))  # decoding-sized: the bank's forms
+    names = ["a", "b", None, "b"]
+    for _ in range(4):
+        with mixed_batch(model, names), torch.no_grad():
+            model(ids)
+        for _, layer in lorakit.lora_layers(model):
+            if layer.has_adapter("b"):
+                a = layer.lora_weights("b")[0]
+                a.data = torch.randn_like(a)
+                a.data = torch.randn_like(a)
+        refs = {n: _single(model, n, ids) for n in ("a", "b", None)}
+        with mixed_batch(model, names), torch.no_grad():
+            out = model(ids).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 def test_set_rows_routes_the_next_forwards_and_checks_no_factor_twice(model, form, monkeypatch):
     """Inside one block, ``set_rows`` changes the rows (other mixes, None rows, another batch size, an

@@ -54,13 +54,18 @@ class AdapterBank:
         self._version = -1
         self._adapters: list[LoRAAdapter | None] = []  # per slot, None where free
         self.slot_gen: list[int] = []
-        self._seen: list[tuple | None] = []  # per slot: (A, its version, its storage, B, ..., scaling) when written
+        self._seen: list[tuple | None] = []  # per slot: ``_stamp`` of its adapter when written
 
     @staticmethod
     def _stamp(ad: LoRAAdapter) -> tuple:
+        """What ``_stale`` compares: the Parameters, their version counters and storage addresses, the
+        scaling, and the stored tensors themselves (``detach``: the same storage), so that storage stays
+        allocated while the slot copies it: ``p.data = t`` bumps no version counter, and the allocator
+        would otherwise soon hand a later tensor the very address compared (two such assignments in a
+        row usually do, and the slot went on serving the old factors)."""
         p = ad._parameters  # not ad.lora_A: nn.Module.__getattr__ costs a microsecond per read
         a, b = p["lora_A"], p["lora_B"]
-        return a, a._version, a.data_ptr(), b, b._version, b.data_ptr(), ad.scaling
+        return a, a._version, a.data_ptr(), b, b._version, b.data_ptr(), ad.scaling, (a.detach(), b.detach())
 
     def sync(self, adapters: Mapping[str, LoRAAdapter], version: int, names: Sequence[str], dtype: torch.dtype) -> None:
         """Bring the slots of ``names`` up to date with ``adapters`` (all of the layer's, in order; read
@@ -92,7 +97,7 @@ class AdapterBank:
         seen, ads, slots, out = self._seen, self._adapters, self.slots, []
         for n in names:
             j = slots[n]
-            a, va, pa, b, vb, pb, s = seen[j]
+            a, va, pa, b, vb, pb, s, _ = seen[j]
             ad = ads[j]  # the adapter written there: the version says it is still the layer's
             p = ad._parameters
             if (p["lora_A"] is not a or a._version != va or a.data_ptr() != pa or p["lora_B"] is not b

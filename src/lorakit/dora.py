@@ -52,10 +52,11 @@ class NormCache:
     def __init__(self) -> None:
         self._tensors: tuple = ()
         self._stamp: tuple = ()
+        self._pins: tuple = ()
         self._norm: torch.Tensor | None = None
 
     def clear(self) -> None:
-        self._tensors, self._stamp, self._norm = (), (), None
+        self._tensors, self._stamp, self._pins, self._norm = (), (), (), None
 
     def get(self, tensors: tuple, extra: tuple, compute) -> torch.Tensor:
         """The cached norm, or ``compute()`` (run without grad) when ``tensors`` or ``extra`` changed."""
@@ -65,7 +66,9 @@ class NormCache:
         if stale or not same or stamp != self._stamp:  # an inference tensor cannot be saved for backward
             with torch.no_grad():  # detached (§4.3): no gradient flows through the norm
                 self._norm = compute()
-            self._tensors, self._stamp = tensors, stamp
+            # the stored tensors kept (the same storage), so no later tensor gets an address compared here:
+            # ``p.data = t`` bumps no version counter (``bank.AdapterBank._stamp``)
+            self._tensors, self._stamp, self._pins = tensors, stamp, tuple(t.detach() for t in tensors)
         return self._norm
 
 
