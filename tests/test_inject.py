@@ -127,3 +127,23 @@ def test_exclude_modules_selects_what_peft_selects(exclude, tmp_path):
 def test_excluding_every_target_is_an_error():
     with pytest.raises(TargetModuleError, match="once exclude_modules"):
         inject(tiny_llama(), LoRAConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+
+
+def test_adapters_added_in_eval_mode_drop_nothing_until_train():
+    """A new LoRA layer takes its base module's mode and a new adapter its layer's: adapters with
+    lora_dropout injected into a model in eval mode (a server loading one at run time) give the eval
+    output, W x + b + s·B·A·x with no dropout, computed by hand in float64; model.train() turns it on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5)).double().eval()
+    w, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    inject(model, LoRAConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["0"], init_lora_weights=False), "a")
+    inject(model, LoRAConfig(r=3, lora_alpha=3, lora_dropout=0.5, target_modules=["0"], init_lora_weights=False), "b")
+    layer = model[0]
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for name, s in (("a", 4 / 2), ("b", 3 / 3)):
+        lorakit.set_adapter(model, name)
+        a, b = (t.detach() for t in layer.lora_weights(name))
+        torch.testing.assert_close(model(x), x @ w.T + bias + s * (x @ a.T) @ b.T, rtol=0, atol=1e-12)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # p = 0.5 on the bypass input

@@ -255,6 +255,15 @@ def test_changing_adapters_inside_a_block_or_a_batchless_input_is_refused(model,
     with mixed_batch(model, ["a", "b"]):
         with pytest.raises(MixedBatchError, match=r"batch dimension; a layer got shape \[32\]"):
             layer(torch.randn(32))
+    refs = {n: _single(model, n, ids) for n in ("a", "b")}
+    with mixed_batch(model, ["a", "b"]), torch.no_grad():
+        model.train()  # after the entry check: the next forward is refused, not run with dropout per row
+        with pytest.raises(MixedBatchError, match="training mode inside mixed_batch"):
+            model(ids)
+        model.eval()
+        out = model(ids).logits
+    for i, n in enumerate(("a", "b")):
+        torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
 
 
 def test_bank_restacked_for_a_new_adapter_also_takes_in_place_changes(model):

@@ -236,6 +236,7 @@ def _wrap(model: nn.Module, name: str, shared: dict[int, tuple[str, ...]]) -> Lo
     owners = shared.get(id(getattr(module, "weight", None)), ())
     tied = tuple(n for n in owners if model.get_submodule(n) is not module)
     layer = lora_class_for(module, tied=bool(tied)).from_base(module)
+    layer.train(module.training)  # a new module starts in training mode; the wrapper takes the wrapped one's
     layer.tied_with = tied  # merge unties (LoRALayer.merge)
     set_submodule(model, name, layer)
     return layer

@@ -208,6 +208,7 @@ class LoRALayer(AdapterModule):
         m = torch.empty(self.magnitude_shape(self.base_layer), device=w.device, dtype=a.dtype) if use_dora else None
         bias = lora_bias_.initial(self.out_features, a, r, init_lora_weights) if lora_bias else None
         ad = LoRAAdapter(name, a, b, r, lora_alpha, dropout, use_rslora, m, bias)
+        ad.train(self.training)  # an adapter added to an eval-mode model (a server loading one) drops nothing
         if use_dora and init_lora_weights is not None:
             with torch.no_grad():
                 m.copy_(dora.initial_magnitude(self.dense_weight(a.dtype), ad.delta(self._product, a.dtype),

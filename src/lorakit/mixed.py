@@ -159,6 +159,9 @@ class RowRouter:
         """``out`` plus, for each row, the bypass of that row's adapter on ``layer`` (Hu et al. 2021 eq. 3)."""
         if x.dim() < 2:
             raise MixedBatchError(f"mixed_batch needs inputs with a batch dimension; a layer got shape {list(x.shape)}")
+        if layer.training:  # refused on entry too: dropout would differ per row
+            raise MixedBatchError("the model was put in training mode inside mixed_batch; call model.eval() before "
+                                  "the next forward (dropout would differ per row)")
         plan = self._plans.get((x.shape[0], x.device))
         if plan is None:
             plan = self.plan(x.shape[0], x.device)
@@ -300,8 +303,9 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterat
         AdapterNotFoundError: an unknown name (on entry, before any compute).
         MixedBatchError: not a list, empty names, model in training mode, a nested block, an
             adapter with ``bias`` other than "none" mixed with other rows, or one with
-            ``target_parameters`` (on entry); a forward whose batch size is not a multiple of ``len(adapter_names)``
-            (raised by the first LoRA layer, before any adapter compute).
+            ``target_parameters`` (on entry); a forward whose batch size is not a multiple of ``len(adapter_names)``,
+            or in training mode (``model.train()`` inside the block), raised by the first LoRA layer, before any
+            adapter compute.
         MergeStateError: adapters are merged.
     """
     names, state = _checked_names(model, adapter_names)
