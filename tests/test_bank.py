@@ -64,15 +64,23 @@ def test_an_added_adapter_takes_a_new_slot_and_the_others_keep_theirs(monkeypatc
     before = {n: (bank.a_t[j].clone(), bank.b_t[j].clone(), bank.slot_gen[j]) for n, j in bank.slots.items()}
     layer.add_adapter("new", r=3, lora_alpha=5.0, init_lora_weights=False)  # r <= the bank's 3: no restack
     bank = layer.bank(["new", "ad1"])
-    assert calls == [8] and bank.a_t.shape[0] == 10  # grown by a quarter: one slot taken, one spare
-    assert bank.slots["new"] == 8 and isinstance(bank.names[9], EmptySlot)
+    # storage for a quarter more slots (10), the view over the 9 held: a pass over the bank reads no spare slot
+    assert calls == [8] and bank.a_t.shape[0] == 9 and bank.slots["new"] == 8 and bank._a_full.shape[0] == 10
     for n, (a, b, gen) in before.items():  # untouched: the hot copies made from them stay valid
         j = bank.slots[n]
         assert torch.equal(bank.a_t[j], a) and torch.equal(bank.b_t[j], b) and bank.slot_gen[j] == gen
     _check(layer)
-    layer.add_adapter("next", r=2, lora_alpha=2.0, init_lora_weights=False)  # into the spare slot: nothing grows
+    storage = bank._a_full.data_ptr()
+    layer.add_adapter("next", r=2, lora_alpha=2.0, init_lora_weights=False)  # into the spare capacity: no copy
     bank = layer.bank(["next"])
-    assert calls == [8] and bank.a_t.shape[0] == 10 and bank.slots["next"] == 9
+    assert calls == [8] and bank.a_t.shape[0] == 10 and bank.slots["next"] == 9 and bank._a_full.data_ptr() == storage
+    _check(layer)
+    layer.delete_adapter("next")  # the last slot freed: it leaves the view, the next adapter takes it again
+    assert layer.bank([]).a_t.shape[0] == 9
+    _check(layer)
+    layer.add_adapter("again", r=1, lora_alpha=1.0, init_lora_weights=False)
+    bank = layer.bank(["again"])
+    assert bank.slots["again"] == 9 and bank._a_full.data_ptr() == storage and calls == [8]
     _check(layer)
 
 

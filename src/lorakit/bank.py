@@ -51,6 +51,8 @@ class AdapterBank:
         self.a_t: torch.Tensor | None = None
         self.b_t: torch.Tensor | None = None
         self.a_cat: torch.Tensor | None = None
+        self._a_full: torch.Tensor | None = None  # (capacity, r_max, in): A's layout; ``a_t`` views its first S slots
+        self._b_full: torch.Tensor | None = None  # (capacity, r_max, out); ``b_t`` views its first S slots
         self._version = -1
         self._adapters: list[LoRAAdapter | None] = []  # per slot, None where free
         self.slot_gen: list[int] = []
@@ -130,37 +132,48 @@ class AdapterBank:
                 self.b_t[j].zero_()
                 self.slot_gen[j] = next(_COPIES)
         if free < len(new):
-            names += self._grow(max(len(new) - free, len(self._adapters) // 4))
+            names += self._grow(len(new) - free)
         for ad in new:
             j = self._adapters.index(None)
             self._adapters[j], names[j], self.slots[ad.name] = ad, ad.name, j
             self._write(j, dtype)
+        while self._adapters[-1] is None:  # free slots at the end leave the view (their zeros stay in storage)
+            self._adapters.pop(), self._seen.pop(), self.slot_gen.pop(), names.pop()
         self.names = tuple(names)
+        self._view(len(self._adapters))
         return True
 
     def _grow(self, extra: int) -> list:
-        """``extra`` more free slots (their names returned); the slots held keep contents and generations."""
-        a = self.a_t.transpose(1, 2)  # (S, r, in): A's own layout (``hot.a_slots``), copied as it lies
-        self.a_t = torch.cat([a, a.new_zeros((extra, *a.shape[1:]))]).transpose(1, 2)
-        self.b_t = torch.cat([self.b_t, self.b_t.new_zeros((extra, *self.b_t.shape[1:]))])
+        """``extra`` more free slots at the end (their names returned): from the storage's spare capacity
+        (all zeros), else in new storage a quarter larger than needed, so that a server loading and deleting
+        adapters one at a time copies the bank once in a while, and the forms over the bank as it lies
+        never run over more slots than are held; the slots held keep contents and generations."""
+        s_, need = len(self._adapters), len(self._adapters) + extra
+        if need > self._a_full.shape[0]:
+            cap = max(need, s_ + s_ // 4)
+            a, b = self._a_full, self._b_full
+            self._a_full, self._b_full = a.new_zeros((cap, *a.shape[1:])), b.new_zeros((cap, *b.shape[1:]))
+            self._a_full[:s_], self._b_full[:s_] = a[:s_], b[:s_]
         self._adapters += [None] * extra
         self._seen += [None] * extra
         self.slot_gen += [next(_COPIES) for _ in range(extra)]
-        self._view()
+        self._view(need)
         return [EmptySlot() for _ in range(extra)]
 
     def _restack(self, adapters: list[LoRAAdapter], dtype) -> None:
         self._adapters = list(adapters)
-        self.a_t, self.b_t = adapter.stack(adapters, dtype)
+        a_t, self._b_full = adapter.stack(adapters, dtype)
+        self._a_full = a_t.transpose(1, 2)  # (S, r, in): A's own layout (``hot.a_slots``)
         self._seen = [self._stamp(ad) for ad in adapters]
         self.slot_gen = [next(_COPIES)] * len(adapters)
         self.names = tuple(ad.name for ad in adapters)
         self.slots = {n: j for j, n in enumerate(self.names)}
-        self._view()
+        self._view(len(adapters))
 
-    def _view(self) -> None:
-        s_, n_in, r_max = self.a_t.shape  # a_t is (S, r, in) storage: every slot's A side by side is a view
-        self.a_cat = self.a_t.transpose(1, 2).reshape(s_ * r_max, n_in).t()
+    def _view(self, s_: int) -> None:
+        """``a_t``, ``b_t`` and ``a_cat`` over the first ``s_`` slots of the storage (views, no copy)."""
+        self.a_t, self.b_t = self._a_full[:s_].transpose(1, 2), self._b_full[:s_]
+        self.a_cat = self._a_full[:s_].reshape(s_ * self._a_full.shape[1], -1).t()  # every slot's A side by side
 
     def _write(self, j: int, dtype: torch.dtype) -> None:
         ad = self._adapters[j]
