@@ -2,8 +2,9 @@
 S-LoRA's resident pool (Sheng et al. 2023, "S-LoRA: Serving Thousands of Concurrent LoRA Adapters").
 
 The slots are kept current slot by slot: an adapter added to the layer is written into a free slot
-(the bank grows by a quarter when none is left), a deleted one's slot is zeroed and freed, and one
-whose factors changed in place is rewritten. Loading the 65th adapter of SmolLM2 therefore writes
+(the storage grows by a quarter when none is left; ``a_t`` and ``b_t`` view only the slots up to the
+last one held), a deleted one's slot is zeroed and freed, and one whose factors changed in place is
+rewritten. Loading the 65th adapter of SmolLM2 therefore writes
 that adapter's 210 slots instead of restacking all 65 in every layer, which stalled the next mixed
 step for 2.4 s. Only a rank larger than the bank's, another dtype, or more than a quarter of the
 slots free restacks (``adapter.stack``) with the ranks padded anew.
