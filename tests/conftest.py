@@ -51,3 +51,24 @@ def assert_rows_equal_alone(model, names, ids, grad: bool = False):
         out = model(ids).logits
     for i, n in enumerate(names):
         torch.testing.assert_close(out[i], refs[n][i], rtol=1e-5, atol=1e-5)
+
+
+def slot_by_hand(layer, name: str, r_max: int):
+    """Adapter ``name`` of ``layer`` as a slot holds it, by hand in float64: A^T (in, r_max) and (s·B)^T
+    (r_max, out), zero-padded to ``r_max``, s = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    import math
+
+    ad = layer.adapter(name)
+    a, b = ad.lora_A.detach().double(), ad.lora_B.detach().double()
+    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
+    a_t, b_t = torch.zeros(a.shape[1], r_max, dtype=torch.float64), torch.zeros(r_max, b.shape[0], dtype=torch.float64)
+    a_t[:, : ad.r], b_t[: ad.r] = a.t(), s * b.t()
+    return a_t, b_t
+
+
+def assert_slot_by_hand(slots, j: int, layer, name: str) -> None:
+    """Slot ``j`` of ``slots`` (an ``AdapterBank`` or a ``HotBank``) holds adapter ``name`` of ``layer``
+    (``slot_by_hand``, padded to the slots' rank)."""
+    a_t, b_t = slot_by_hand(layer, name, slots.a_t.shape[2])
+    torch.testing.assert_close(slots.a_t[j].double(), a_t, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(slots.b_t[j].double(), b_t, rtol=1e-6, atol=1e-7)

@@ -2,8 +2,6 @@
 are written or freed slot by slot, never by restacking every resident adapter; a larger rank, or many
 free slots, restacks."""
 
-import math
-
 import torch
 from torch import nn
 
@@ -12,17 +10,7 @@ import lorakit.adapter
 from lorakit import LoRAConfig, inject
 from lorakit.hot import EmptySlot
 from lorakit.layers import LoRALinear
-from conftest import assert_rows_equal_alone, tiny_llama
-
-
-def _by_hand(layer: LoRALinear, name: str, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T (in, r_max) and (s·B)^T (r_max, out) in float64, zero-padded; s = alpha / r (alpha / sqrt(r), rsLoRA)."""
-    ad = layer.adapter(name)
-    a, b = ad.lora_A.detach().double(), ad.lora_B.detach().double()
-    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
-    a_t, b_t = torch.zeros(a.shape[1], r_max, dtype=torch.float64), torch.zeros(r_max, b.shape[0], dtype=torch.float64)
-    a_t[:, : ad.r], b_t[: ad.r] = a.t(), s * b.t()
-    return a_t, b_t
+from conftest import assert_rows_equal_alone, assert_slot_by_hand, tiny_llama
 
 
 def _check(layer: LoRALinear) -> None:
@@ -33,10 +21,8 @@ def _check(layer: LoRALinear) -> None:
         if isinstance(n, EmptySlot):
             assert not bank.a_t[j].any() and not bank.b_t[j].any()
             continue
-        a_t, b_t = _by_hand(layer, n, bank.a_t.shape[2])
         assert bank.slots[n] == j
-        torch.testing.assert_close(bank.a_t[j].double(), a_t, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(bank.b_t[j].double(), b_t, rtol=1e-6, atol=1e-7)
+        assert_slot_by_hand(bank, j, layer, n)
     s_, n_in, r = bank.a_t.shape  # the dense views see the same slots
     assert torch.equal(bank.a_cat.t().reshape(s_, r, n_in), bank.a_t.transpose(1, 2))
     assert torch.equal(bank.b_cat.view(s_, r, -1), bank.b_t)

@@ -1,8 +1,6 @@
 """Hot slots (lorakit.hot): with many adapters resident and a few in the batch, per-row adapters run
 over the mix's own factors, copied in once; a change of mix copies only the adapters new to it."""
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -13,7 +11,7 @@ import lorakit.mixed
 from lorakit import LoRAConfig, disable_adapters, inject, mixed_batch, set_adapter
 from lorakit.hot import HotBank
 from lorakit.layers import LoRALinear
-from conftest import alone_logits, assert_rows_equal_alone, tiny_llama
+from conftest import alone_logits, assert_rows_equal_alone, assert_slot_by_hand, slot_by_hand, tiny_llama
 
 
 def _layer(n: int = 6) -> LoRALinear:
@@ -24,23 +22,10 @@ def _layer(n: int = 6) -> LoRALinear:
     return layer
 
 
-def _by_hand(layer: LoRALinear, name: str, r_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T (in, r_max) and (s·B)^T (r_max, out), zero-padded, s = alpha / r (alpha / sqrt(r) for rsLoRA)."""
-    a, b = (t.detach().double() for t in layer.lora_weights(name))
-    ad = layer.adapter(name)
-    s = ad.lora_alpha / (math.sqrt(ad.r) if ad.use_rslora else ad.r)
-    a_t, b_t = torch.zeros(a.shape[1], r_max, dtype=torch.float64), torch.zeros(r_max, b.shape[0], dtype=torch.float64)
-    a_t[:, : ad.r], b_t[: ad.r] = a.t(), s * b.t()
-    return a_t, b_t
-
-
 def _check_slots(hot: HotBank, layer: LoRALinear, names) -> None:
     slots = list(hot.names)
     for n in names:
-        j = slots.index(n)
-        a_t, b_t = _by_hand(layer, n, hot.a_t.shape[2])
-        torch.testing.assert_close(hot.a_t[j].double(), a_t, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(hot.b_t[j].double(), b_t, rtol=1e-6, atol=1e-7)
+        assert_slot_by_hand(hot, slots.index(n), layer, n)
 
 
 def test_a_new_mix_copies_only_adapters_new_to_it():
@@ -224,7 +209,7 @@ def test_bank_and_hot_slots_store_a_as_a_is_and_a_cat_is_a_view():
     with torch.no_grad():
         layer.lora_weights("ad1")[0].mul_(2.0)  # A of ad1 changes in place
     bank = layer.bank(["ad1"])
-    a_t, _ = _by_hand(layer, "ad1", r_max)
+    a_t, _ = slot_by_hand(layer, "ad1", r_max)
     torch.testing.assert_close(bank.a_cat[:, r_max:2 * r_max].double(), a_t, rtol=1e-6, atol=1e-7)
     hot = HotBank()
     hot.admit(bank, ("ad1",))
