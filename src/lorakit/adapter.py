@@ -207,12 +207,12 @@ def stack(adapters: Sequence[LoRAAdapter], dtype: torch.dtype) -> tuple[torch.Te
     one rank (the usual case) are stacked in a few ops, not one slot at a time.
     """
     r_max = max(ad.r for ad in adapters)
-    a0, b0 = adapters[0].lora_A, adapters[0].lora_B
     if all(ad.r == r_max for ad in adapters):
         a = torch.stack([ad._parameters["lora_A"].detach() for ad in adapters]).to(dtype)  # (k, r, in): A's layout
         b = torch.stack([ad._parameters["lora_B"].detach() for ad in adapters]).to(dtype)  # (k, out, r)
         s = torch.tensor([ad.scaling for ad in adapters], dtype=dtype, device=b.device)
         return a.transpose(1, 2), b.mul_(s.view(-1, 1, 1)).transpose(1, 2).contiguous()
+    a0, b0 = adapters[0].lora_A, adapters[0].lora_B
     a_t = a_slots(a0, len(adapters), a0.shape[1], r_max, dtype)
     b_t = b0.new_zeros((len(adapters), r_max, b0.shape[0]), dtype=dtype)
     for j, ad in enumerate(adapters):

@@ -120,12 +120,12 @@ class AdapterBank:
         held = set(map(id, self._adapters))
         held.discard(id(None))  # the free slots
         gone = held - now
-        new = [ad for ad in adapters if id(ad) not in held] if len(now) > len(held) - len(gone) else []
+        new = [ad for ad in adapters if id(ad) not in held]
         free = self._adapters.count(None) + len(gone)
         if 4 * (free - len(new)) > len(self._adapters):  # compact: the spare slots would cost every step
             return False
         names = list(self.names)
-        for j, ad in enumerate(self._adapters) if gone else ():
+        for j, ad in enumerate(self._adapters if gone else ()):  # a pass over the slots only when one is freed
             if id(ad) in gone:
                 self._adapters[j], self._seen[j], names[j] = None, None, EmptySlot()
                 del self.slots[ad.name]
@@ -138,10 +138,12 @@ class AdapterBank:
             j = self._adapters.index(None)
             self._adapters[j], names[j], self.slots[ad.name] = ad, ad.name, j
             self._write(j, dtype)
-        while self._adapters[-1] is None:  # free slots at the end leave the view (their zeros stay in storage)
-            self._adapters.pop(), self._seen.pop(), self.slot_gen.pop(), names.pop()
+        extent = len(self._adapters)
+        while self._adapters[extent - 1] is None:  # free slots at the end leave the view (their zeros stay in storage)
+            extent -= 1
+        del self._adapters[extent:], self._seen[extent:], self.slot_gen[extent:], names[extent:]
         self.names = tuple(names)
-        self._view(len(self._adapters))
+        self._view(extent)
         return True
 
     def _grow(self, extra: int) -> list:
