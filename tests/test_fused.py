@@ -278,3 +278,27 @@ def test_compiled_layer_is_one_graph_with_float64_values_and_gradients():
     for k, v in {"x": x.grad, "A": ad.lora_A.grad, "B": ad.lora_B.grad}.items():
         torch.testing.assert_close(v.double(), grads[k], rtol=1e-5, atol=1e-5, msg=k)
     torch._dynamo.reset()
+
+
+def test_compiled_general_forward_of_two_active_adapters_looks_them_up_without_a_cache():
+    """Two active adapters take the general forward, which under ``torch.compile`` must look each adapter
+    up without ``adapter_key``'s ``lru_cache`` (Dynamo warns at one), as the node does; the values are
+    ``W x + b + s1·B1 A1 x + s2·B2 A2 x`` in float64."""
+    layer = _layer()
+    layer.add_adapter("other", r=2, lora_alpha=3.0, init_lora_weights=False)
+    layer.set_adapter(["default", "other"])
+    x = torch.randn(2, 4, 7)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            out = torch.compile(layer, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    assert not [w for w in said if "lru_cache" in str(w.message)]
+    d = {k: v.detach().double() for k, v in layer.state_dict().items()}
+    xd = x.double()
+    ref = xd @ d["base_layer.weight"].T + d["base_layer.bias"]
+    for name, s in (("default", 4.0 / 3), ("other", 3.0 / 2)):
+        ref = ref + s * (xd @ d[f"adapters.{name}.lora_A"].T @ d[f"adapters.{name}.lora_B"].T)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)

@@ -194,3 +194,29 @@ def test_mixed_batch_still_needs_a_batch_that_fits():
     with lorakit.mixed_batch(model, ["default", None, None]):
         with pytest.raises(MixedBatchError, match="batch size 2"):
             model(ids(64))
+
+
+def test_compiled_rows_and_modules_to_save_trace_without_a_cached_key_lookup():
+    """The forward of trainable tokens and of a modules_to_save copy looks its adapter up without
+    ``adapter_key``'s ``lru_cache``, at which Dynamo warned under ``--compile``; the compiled model gives
+    the logits of a plain model with those rows and that norm weight written in."""
+    model = lorakit.inject(llama(), tokens([3, 5], modules_to_save=["norm"]))
+    new = set_rows(model)
+    norm = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.model.norm.copy_for("default").weight.copy_(norm)
+    expected = llama()
+    with torch.no_grad():
+        for i, v in new.items():
+            expected.model.embed_tokens.weight[i] = v
+        expected.model.norm.weight.copy_(norm)
+    x = ids(64)
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            logits = torch.compile(model, backend="eager")(x).logits
+    finally:
+        torch._dynamo.reset()
+    assert not [w for w in said if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(logits, expected(x).logits, rtol=0, atol=1e-6)

@@ -59,6 +59,7 @@ class ModulesToSaveWrapper(AdapterModule):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self._names: list[str] = []
+        self._keys: dict[str, str] = {}  # name -> ModuleDict key: forward looks it up without adapter_key's cache
 
     @property
     def adapter_names(self) -> list[str]:
@@ -75,7 +76,8 @@ class ModulesToSaveWrapper(AdapterModule):
         twin = copy.deepcopy(self.original_module)
         for p in twin.parameters():
             p.requires_grad_(True)
-        self.modules_to_save[adapter_key(name)] = twin
+        self._keys[name] = key = adapter_key(name)
+        self.modules_to_save[key] = twin
         self._names.append(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -85,7 +87,7 @@ class ModulesToSaveWrapper(AdapterModule):
             AdapterNotFoundError: no copy for ``name``.
         """
         self.copy_for(name)
-        del self.modules_to_save[adapter_key(name)]
+        del self.modules_to_save[self._keys.pop(name)]
         self._names.remove(name)
 
     def copy_for(self, name: str) -> nn.Module:
@@ -96,7 +98,7 @@ class ModulesToSaveWrapper(AdapterModule):
         """
         if name not in self._names:
             raise AdapterNotFoundError(f"adapter {name!r} has no modules_to_save copy here; it has {self._names}")
-        return self.modules_to_save[adapter_key(name)]
+        return self.modules_to_save[self._keys[name]]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """All parameters of adapter ``name``'s copy."""
@@ -106,7 +108,7 @@ class ModulesToSaveWrapper(AdapterModule):
     def module_in_use(self) -> nn.Module:
         """The copy of the first active adapter, or the original when none is active."""
         for n in self.active_adapters:
-            return self.modules_to_save[adapter_key(n)]
+            return self.modules_to_save[self._keys[n]]
         return self.original_module
 
     def unwrapped(self, merge: bool) -> nn.Module:
