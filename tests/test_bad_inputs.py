@@ -376,6 +376,22 @@ def test_inject_bad_adapter_name_and_types():
         assert_unchanged(model, snap)
 
 
+def test_adapter_verbs_refuse_a_name_that_is_not_a_str(tmp_path):
+    """delete_adapter and save_adapter said ``adapter 5 not found`` (AdapterNotFoundError) where inject and
+    set_adapter raise ConfigError for the type; set_adapter's message lacked the value."""
+    model = lorakit.inject(small_model(), LoRAConfig(target_modules=["0"]))
+    snap = snapshot(model)
+    for call, frag in ((lambda: lorakit.delete_adapter(model, 5), "got int 5"),
+                       (lambda: lorakit.save_adapter(model, tmp_path / "a", adapter_name=5), "got int 5"),
+                       (lambda: lorakit.set_adapter(model, 5), "got int 5"),
+                       (lambda: lorakit.set_adapter(model, [b"default"]), "got bytes b'default'")):
+        with pytest.raises(ConfigError) as e:
+            call()
+        assert_mentions(one_line(e.value), [frag])
+        assert_unchanged(model, snap)
+    assert not (tmp_path / "a").exists() and lorakit.list_adapters(model) == ["default"]
+
+
 # --- the CLI --------------------------------------------------------------------------------------
 
 

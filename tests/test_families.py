@@ -571,3 +571,74 @@ def test_sparse_embedding_trains_its_adapter():
     for t in x.flatten().tolist():
         want[:, t] += 1.0 * b.detach().sum(0)
     torch.testing.assert_close(a.grad, want, rtol=0, atol=1e-12)
+
+
+# --- modules_to_save with several adapters ------------------------------------------------------------
+
+
+def _bert_with_heads(names, seed=3):
+    """bert() with adapters ``names`` (LoRA B = 0, so only the heads differ), each one's classifier copy set to
+    known random weights; returns the model and ``{name: (weight, bias)}``."""
+    model, heads = bert(), {}
+    gen = torch.Generator().manual_seed(seed)
+    for n in names:
+        lorakit.inject(model, lk_config("bert"), adapter_name=n)
+        copy = model.classifier.copy_for(n)
+        heads[n] = (torch.randn(copy.weight.shape, generator=gen), torch.randn(copy.bias.shape, generator=gen))
+        with torch.no_grad():
+            copy.weight.copy_(heads[n][0])
+            copy.bias.copy_(heads[n][1])
+    return model, heads
+
+
+def _plain_bert_with_head(head):
+    """A plain bert() with ``head`` (weight, bias) written into its classifier, or as it is for None."""
+    plain = bert()
+    if head is not None:
+        with torch.no_grad():
+            plain.classifier.weight.copy_(head[0])
+            plain.classifier.bias.copy_(head[1])
+    return plain
+
+
+def test_two_adapters_with_copies_of_one_module_load_into_a_fresh_model(tmp_path):
+    """The second adapter's load read the keys of the wrapper the first one had put there
+    (``original_module.weight``) instead of the module's own."""
+    model, heads = _bert_with_heads(["a", "b"])
+    for n in heads:
+        lorakit.save_adapter(model, tmp_path / n, adapter_name=n)
+    fresh = bert()
+    x = FAMILIES["bert"][1]
+    for n in heads:
+        lorakit.load_adapter(fresh, tmp_path / n, adapter_name=n)
+    for n, head in heads.items():
+        lorakit.set_adapter(fresh, n)
+        torch.testing.assert_close(out(fresh, x), out(_plain_bert_with_head(head), x), atol=1e-6, rtol=0)
+
+
+def test_mixed_batch_runs_each_row_through_its_own_adapters_copy():
+    """Every row went through the active adapter's copy, whatever its own adapter (PEFT runs each row
+    through its adapter's copy): rows of an adapter without a copy and None rows get the original."""
+    model, heads = _bert_with_heads(["a", "b"])
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["key"]), adapter_name="plain")  # no copy of classifier
+    lorakit.set_adapter(model, "b")
+    x = torch.randint(1, 50, (4, 7), generator=torch.Generator().manual_seed(4))
+    rows = ["a", None, "b", "plain"]
+    with lorakit.mixed_batch(model, rows):
+        got = out(model, x)
+    for i, n in enumerate(rows):
+        want = out(_plain_bert_with_head(heads.get(n)), x[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-6, rtol=0, msg=f"row {i} ({n})")
+    assert lorakit.active_adapters(model) == ["b"]
+
+
+def test_modules_to_save_on_a_module_holding_trainable_tokens_is_refused():
+    """The reverse order was refused already; this one deep-copied the trainable-tokens wrapper, another
+    adapter's rows with it."""
+    model = tiny_llama()
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5]), adapter_name="a")
+    keys = list(model.state_dict())
+    with pytest.raises(TargetModuleError, match="'model.embed_tokens', a TrainableTokensWrapper"):
+        lorakit.inject(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+                       adapter_name="b")
+    assert list(model.state_dict()) == keys and lorakit.list_adapters(model) == ["a"]

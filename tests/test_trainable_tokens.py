@@ -220,3 +220,43 @@ def test_compiled_rows_and_modules_to_save_trace_without_a_cached_key_lookup():
         torch._dynamo.reset()
     assert not [w for w in said if "lru_cache" in str(w.message)]
     torch.testing.assert_close(logits, expected(x).logits, rtol=0, atol=1e-6)
+
+
+def test_compiled_model_with_escaped_names_serves_one_adapter_and_a_mixed_batch():
+    """Under ``torch.compile``: adapter names that need an escaped key were looked up through
+    ``adapter_key``'s ``lru_cache`` (Dynamo warned), and a ``mixed_batch`` forward failed inside Dynamo;
+    the row bookkeeping now runs eagerly. Values: a plain model with each adapter's LoRA delta
+    ``s·B A`` (s = 4 / 2), rows and norm weight written in by hand."""
+    model, names = llama(), ["a.b", "keys"]
+    expected = {None: llama()}
+    for i, n in enumerate(names):
+        cfg = tokens([3, 5], lora_alpha=4, modules_to_save=["norm"], init_lora_weights=False)
+        lorakit.inject(model, cfg, adapter_name=n)
+        rows = set_rows(model, n, seed=10 + i)
+        norm = torch.randn(32, generator=torch.Generator().manual_seed(20 + i))
+        with torch.no_grad():
+            model.model.norm.copy_for(n).weight.copy_(norm)
+        plain = expected[n] = llama()
+        with torch.no_grad():
+            for i_row, v in rows.items():
+                plain.model.embed_tokens.weight[i_row] = v
+            plain.model.norm.weight.copy_(norm)
+            for layer, mine in zip(plain.model.layers, model.model.layers):
+                ad = mine.self_attn.q_proj.adapter(n)
+                layer.self_attn.q_proj.weight.add_(2.0 * ad.lora_B @ ad.lora_A)
+    x = ids(64)[:1].repeat(3, 1)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            lorakit.set_adapter(model, "a.b")
+            single = compiled(x).logits
+            with lorakit.mixed_batch(model, ["keys", None, "a.b"]):
+                mixed = compiled(x).logits
+    finally:
+        torch._dynamo.reset()
+    assert not [w for w in said if "lru_cache" in str(w.message)]
+    torch.testing.assert_close(single, expected["a.b"](x).logits, rtol=0, atol=1e-5)
+    for i, n in enumerate(["keys", None, "a.b"]):
+        torch.testing.assert_close(mixed[i], expected[n](x[i:i + 1]).logits[0], rtol=0, atol=1e-5, msg=f"row {i} ({n})")

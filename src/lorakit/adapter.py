@@ -72,11 +72,11 @@ def adapter_key(name: str) -> str:
 
 def stored_adapter(modules: Mapping[str, nn.Module], name: str) -> LoRAAdapter | None:
     """The adapter ``name`` in a layer's ``adapters._modules``, or None: looked up under the name itself
-    first (an ordinary name is its own key; no call into ``adapter_key``'s cache, which Dynamo warns
-    about under ``torch.compile``), then under its escaped key."""
+    first (an ordinary name is its own key), then under its escaped key, computed without ``adapter_key``'s
+    cache under ``torch.compile`` (Dynamo warns at an ``lru_cache``)."""
     ad = modules.get(name)
     if ad is None or ad.name != name:  # not there, or another adapter whose escaped key is this name
-        ad = modules.get(adapter_key(name))
+        ad = modules.get(_key.__wrapped__(name) if torch.compiler.is_compiling() else adapter_key(name))
     return ad
 
 

@@ -81,6 +81,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     ``modules_to_save`` wrappers left with no copy are replaced by their original module.
 
     Raises:
+        ConfigError: ``name`` is not a str.
         AdapterNotFoundError: unknown name.
         MergeStateError: the adapter is merged (unmerge first).
         MixedBatchError: called inside ``mixed_batch``.

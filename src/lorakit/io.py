@@ -32,7 +32,7 @@ from .errors import (
 )
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
-from .tree import (STATE_ATTR, activate, adapter_modules, drop_state, is_merged, lora_layers, model_state,
+from .tree import (STATE_ATTR, activate, adapter_modules, check_known, drop_state, is_merged, lora_layers, model_state,
                    outside_mixed_batch, set_submodule)
 from .weightfile import load_pickle, load_safetensors
 
@@ -108,10 +108,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             the shards of an FSDP-sharded model, whose own parameters hold one rank's part.
 
     Raises:
+        ConfigError: ``adapter_name`` is not a str.
         AdapterNotFoundError: no adapter of that name.
         SaveError (an OSError): ``path`` is an existing file, or ``tensors`` misses or adds a key
             (first named; nothing is written).
     """
+    check_known(model, [adapter_name])
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SaveError(f"{str(path)!r} is a file; save_adapter writes a folder (adapter_config.json, "
@@ -213,7 +215,10 @@ def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) ->
     for name, bias in biases(model, config, {t.name for t in targets}).items():
         shapes[PREFIX + clean(name)] = tuple(bias.shape)
     for name in mts.find_modules_to_save(model, config, adapter_name):
-        for k, v in model.get_submodule(name).state_dict().items():
+        module = model.get_submodule(name)
+        if isinstance(module, mts.ModulesToSaveWrapper):  # another adapter's copies are there: the original's keys
+            module = module.original_module
+        for k, v in module.state_dict().items():
             shapes[f"{PREFIX}{clean(name)}.{k}"] = tuple(v.shape)
     return shapes
 

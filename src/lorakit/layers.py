@@ -291,7 +291,7 @@ class LoRALayer(AdapterModule):
                 return out
         out = self.base_layer(x, *args, **kwargs)
         if state.rows is not None:  # mixed batch: the router adds each row's adapter
-            return state.rows.add_bypass(self, x, out)
+            return state.rows.run(state.rows.add_bypass, self, x, out)
         adapters = self.adapters._modules
         for name in state.active:
             ad = stored_adapter(adapters, name)

@@ -28,6 +28,7 @@ batch) without checking the factors the block has checked already; the per-layer
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -86,6 +87,10 @@ class RowRouter:
 
     def __init__(self, names: list[str | None], rank: dict[str, int] | None = None, layers: Sequence = ()) -> None:
         self._checked: dict[int, tuple[int, frozenset]] = {}  # id(layer) -> (adapters version, names checked)
+        # run(fn, *args): fn(*args), which the modules call for their rows: under torch.compile eagerly (Dynamo
+        # failed inside this bookkeeping: plans, routes and caches kept by identity). Dynamo is loaded whenever a
+        # model is compiled; importing it for a block that is not would cost seconds
+        self.run = torch.compiler.disable(_call) if "torch._dynamo" in sys.modules else _call
         self._layers = tuple(layer for layer in layers if getattr(layer, "batched", False))
         self.reroute(names, rank)
 
@@ -272,6 +277,10 @@ class RowRouter:
         xs = x.index_select(0, index)
         self._gather = (x, x._version, index, xs)
         return xs
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 def _dense(route: Route, tokens: int) -> bool:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapter import adapter_key
-from .errors import AdapterExistsError, AdapterNotFoundError, TargetModuleError
+from .errors import AdapterExistsError, AdapterNotFoundError, MixedBatchError, TargetModuleError
 from .layers import LoRALayer
 from .state import AdapterModule
 from .tree import adapter_modules, set_submodule, walk
@@ -117,7 +117,35 @@ class ModulesToSaveWrapper(AdapterModule):
         return self.module_in_use if merge else self.original_module
 
     def forward(self, *args, **kwargs):
+        rows = self.lora_state.rows
+        if rows is not None and self._keys:  # mixed batch: each row through its own adapter's copy
+            return rows.run(self._mixed, rows, args, kwargs)
         return self.module_in_use(*args, **kwargs)
+
+    def _mixed(self, rows, args: tuple, kwargs: dict):
+        """Row i of the first input through the copy of row i's adapter, the original for None rows and for
+        adapters without a copy here (PEFT's mixed-batch forward: other arguments are passed as they are).
+
+        Raises:
+            MixedBatchError: the first input is not a tensor with a batch dimension, or the output is not a
+                tensor with the input's rows.
+        """
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise MixedBatchError(f"mixed_batch needs a batched tensor as the first input of the modules_to_save "
+                                  f"module {type(self.original_module).__name__}; got {type(x).__name__}")
+        plan = rows.plan(x.shape[0], x.device)
+        out = self.original_module(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+            raise MixedBatchError(f"mixed_batch needs the modules_to_save module {type(self.original_module).__name__} "
+                                  f"to return one output row per input row; it returned {type(out).__name__}")
+        for name, s, e in plan.segments:
+            key = self._keys.get(name)
+            if key is not None:
+                sel = plan.perm[s:e]
+                part = self.modules_to_save[key](x.index_select(0, sel), *args[1:], **kwargs)
+                out = out.index_copy(0, sel, part.to(out.dtype))
+        return out
 
     def __getattr__(self, name: str):
         try:
@@ -163,6 +191,10 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
                 f"modules_to_save entry {hits[0]!r} matches {name!r}, which holds LoRA layers; "
                 "a module is either adapted with LoRA or saved in full, not both"
             )
+        if isinstance(module, AdapterModule) and not isinstance(module, ModulesToSaveWrapper):
+            raise TargetModuleError(f"modules_to_save entry {hits[0]!r} matches {name!r}, a {type(module).__name__} "
+                                    "(trainable tokens or adapted parameters of other adapters); a module takes one "
+                                    "of them")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names:
             raise AdapterExistsError(f"adapter {adapter_name!r} already has a modules_to_save copy of {name!r}")
         found.append(name)

@@ -138,16 +138,19 @@ class TrainableTokensWrapper(AdapterModule):
     def _call(self, names: list[str], x, args, kwargs):
         return functional_call(self.base_layer, {"weight": self.weight_with(names)}, (x, *args), kwargs)
 
+    def _mixed(self, rows, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        plan = rows.plan(x.shape[0], x.device)
+        for name, s, e in plan.segments:
+            if name in self._names:
+                sel = plan.perm[s:e]
+                out = out.index_copy(0, sel, self._call([name], x.index_select(0, sel), args, kwargs))
+        return out
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = self.lora_state.rows
         if rows is not None:  # mixed batch: each row through its own adapter's rows
-            out = self.base_layer(x, *args, **kwargs)
-            plan = rows.plan(x.shape[0], x.device)
-            for name, s, e in plan.segments:
-                if name in self._names:
-                    sel = plan.perm[s:e]
-                    out = out.index_copy(0, sel, self._call([name], x.index_select(0, sel), args, kwargs))
-            return out
+            return rows.run(self._mixed, rows, x, args, kwargs)
         names = [n for n in self.active_adapters if n not in self.merged_adapters]
         return self._call(names, x, args, kwargs) if names else self.base_layer(x, *args, **kwargs)
 

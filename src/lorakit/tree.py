@@ -99,16 +99,18 @@ def name_list(name_or_names) -> list[str]:
     if isinstance(name_or_names, str):
         return [name_or_names]
     if not isinstance(name_or_names, (list, tuple)):
-        raise ConfigError(f"expected an adapter name or a list of names, got {type(name_or_names).__name__}")
+        raise ConfigError(f"expected an adapter name or a list of names, got {type(name_or_names).__name__} "
+                          f"{name_or_names!r}")
     return list(dict.fromkeys(check_adapter_name(n) for n in name_or_names))
 
 
 def check_known(model: nn.Module, names: list[str]) -> None:
-    """Raise ``AdapterNotFoundError`` for the first of ``names`` the model does not have."""
-    known = list(model_state(model).configs)
+    """Raise ``ConfigError`` for the first of ``names`` that is not a str, ``AdapterNotFoundError`` for the
+    first the model does not have."""
+    known = model_state(model).configs
     for n in names:
-        if n not in known:
-            raise AdapterNotFoundError(f"adapter {n!r} not found; the model has {known}")
+        if check_adapter_name(n) not in known:
+            raise AdapterNotFoundError(f"adapter {n!r} not found; the model has {list(known)}")
 
 
 def check_new(model: nn.Module, name: str) -> None:

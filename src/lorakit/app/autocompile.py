@@ -108,6 +108,8 @@ class CompileSwitch:
     def __enter__(self) -> "CompileSwitch":
         if self.setting is True or (self.setting == "auto" and self.decision not in (None, OFF)):
             self._on()
+        if self.setting is True:  # forced on: the log says so, as it says the auto decision
+            self.say("torch.compile: on (--compile): the transformer blocks, from the first step")
         return self
 
     def __exit__(self, *exc) -> None:
