@@ -32,8 +32,8 @@ from .errors import (
 )
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, clean, mismatch, normalize
-from .tree import (STATE_ATTR, activate, adapter_modules, check_known, drop_state, is_merged, lora_layers, model_state,
-                   outside_mixed_batch, set_submodule)
+from .tree import (STATE_ATTR, activate, adapter_modules, check_known, drop_state, is_merged, lora_layers,
+                   model_state, outside_mixed_batch, set_submodule)
 from .weightfile import load_pickle, load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
