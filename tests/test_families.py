@@ -638,7 +638,38 @@ def test_modules_to_save_on_a_module_holding_trainable_tokens_is_refused():
     model = tiny_llama()
     lorakit.inject(model, LoRAConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5]), adapter_name="a")
     keys = list(model.state_dict())
-    with pytest.raises(TargetModuleError, match="'model.embed_tokens', a TrainableTokensWrapper"):
+    with pytest.raises(TargetModuleError, match="'model.embed_tokens', which holds a TrainableTokensWrapper"):
         lorakit.inject(model, LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
                        adapter_name="b")
     assert list(model.state_dict()) == keys and lorakit.list_adapters(model) == ["a"]
+    model = bert()  # a module holding them: BERT's embeddings, around the word embeddings' rows
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["query"], trainable_token_indices={"word_embeddings": [1, 2]}),
+                   adapter_name="a")
+    keys = list(model.state_dict())
+    with pytest.raises(TargetModuleError, match="'bert.embeddings', which holds a TrainableTokensWrapper"):
+        lorakit.inject(model, LoRAConfig(r=2, target_modules=["value"], modules_to_save=["embeddings"]), adapter_name="b")
+    assert list(model.state_dict()) == keys and lorakit.list_adapters(model) == ["a"]
+
+
+def test_modules_to_save_entries_match_name_ends_as_peft_does(tmp_path):
+    """PEFT matches a modules_to_save entry against the end of a module's name as a plain string, so
+    ``"norm"`` takes Llama's ``model.norm`` and every ``input_layernorm`` / ``post_attention_layernorm``;
+    lorakit took ``model.norm`` only, and the files of the two did not load into each other."""
+    cfg = dict(r=2, target_modules=["q_proj"], modules_to_save=["norm"], init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+               if type(m).__name__ == "ModulesToSaveWrapper"}
+    assert len(wrapped) == 5  # model.norm and two per block
+    ours = lorakit.inject(tiny_llama(), LoRAConfig(**cfg))
+    assert {n for n, m in ours.named_modules() if isinstance(m, ModulesToSaveWrapper)} == wrapped
+    with torch.no_grad():
+        for n, m in theirs.named_modules():
+            if type(m).__name__ == "ModulesToSaveWrapper":
+                m.modules_to_save["default"].weight.normal_(generator=torch.Generator().manual_seed(len(n)))
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = lorakit.load_adapter(tiny_llama(), tmp_path / "peft")
+    x = FAMILIES["llama"][1]
+    torch.testing.assert_close(out(loaded, x), out(theirs.eval(), x), atol=TOL, rtol=0)
+    lorakit.save_adapter(loaded, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(out(again, x), out(theirs, x), atol=TOL, rtol=0)

@@ -106,10 +106,10 @@ class LoRAConfig:
             biases are the model's own, so loading such an adapter overwrites them, and its rows
             cannot be mixed with other adapters' in ``mixed_batch``.
         base_model_name_or_path, task_type, revision: metadata PEFT stores.
-        modules_to_save: module names (same matching rule as a ``target_modules``
-            list) that are trained in full: each gets a trainable copy per adapter,
-            saved with the adapter under PEFT's keys (``lorakit.modules_to_save``).
-            None or [] for none.
+        modules_to_save: module names that are trained in full: each gets a trainable copy per
+            adapter, saved with the adapter under PEFT's keys (``lorakit.modules_to_save``). An entry
+            matches every module whose name ends with it as a plain string (PEFT's rule: ``"norm"``
+            also matches ``input_layernorm``). None or [] for none.
         fan_in_fan_out: PEFT's flag for base weights stored (in, out), as in
             transformers' ``Conv1D`` (GPT-2). lorakit reads the layout from the
             module type, as PEFT ends up doing (it corrects the flag per layer with a

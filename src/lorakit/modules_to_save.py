@@ -163,14 +163,17 @@ class ModulesToSaveWrapper(AdapterModule):
 def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[str]:
     """Qualified names of the modules ``config.modules_to_save`` names in ``model``.
 
-    An entry matches a module whose qualified name equals it or ends with
-    ``"." + entry``. Modules inside LoRA layers or inside wrappers (their copies)
-    never match; a module inside an already matched one is not listed again.
+    An entry matches a module whose qualified name ends with it, as a plain string (PEFT's rule for
+    ``modules_to_save``, unlike ``target_modules``: ``"norm"`` matches Llama's ``model.norm`` and every
+    ``input_layernorm`` / ``post_attention_layernorm``, so the files of both tools hold the same copies).
+    Modules inside LoRA layers or inside wrappers (their copies) never match; a module inside an already
+    matched one is not listed again.
 
     Raises:
         TargetModuleError: an entry matches no module (PEFT's automatic task heads,
             e.g. ``"score"`` for ``task_type="SEQ_CLS"``, may be absent when another
-            entry matches), or a matched module is or contains a LoRA layer.
+            entry matches), or a matched module is or contains a LoRA layer, or trainable tokens or
+            adapted parameters of another adapter.
         AdapterExistsError: a matched wrapper already holds a copy for ``adapter_name``.
     """
     entries = list(dict.fromkeys(config.modules_to_save or []))
@@ -182,19 +185,20 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
     for name, module in walk(model):  # never enters lorakit's modules: their copies and adapters never match
         if not name or any(name.startswith(p) for p in skip):
             continue
-        hits = [e for e in entries if name == e or name.endswith("." + e)]
+        hits = [e for e in entries if name.endswith(e)]
         if not hits:
             continue
         used.update(hits)
-        if isinstance(module, LoRALayer) or any(isinstance(m, LoRALayer) for m in module.modules()):
+        inner = [] if isinstance(module, ModulesToSaveWrapper) else [m for m in module.modules() if isinstance(m, AdapterModule)]
+        if any(isinstance(m, LoRALayer) for m in inner):
             raise TargetModuleError(
                 f"modules_to_save entry {hits[0]!r} matches {name!r}, which holds LoRA layers; "
                 "a module is either adapted with LoRA or saved in full, not both"
             )
-        if isinstance(module, AdapterModule) and not isinstance(module, ModulesToSaveWrapper):
-            raise TargetModuleError(f"modules_to_save entry {hits[0]!r} matches {name!r}, a {type(module).__name__} "
-                                    "(trainable tokens or adapted parameters of other adapters); a module takes one "
-                                    "of them")
+        if inner:  # trainable tokens or target_parameters of another adapter, the module itself or inside it
+            raise TargetModuleError(f"modules_to_save entry {hits[0]!r} matches {name!r}, which holds a "
+                                    f"{type(inner[0]).__name__} (trainable tokens or adapted parameters of other "
+                                    "adapters); a module takes one of them")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names:
             raise AdapterExistsError(f"adapter {adapter_name!r} already has a modules_to_save copy of {name!r}")
         found.append(name)
