@@ -649,6 +649,14 @@ def test_modules_to_save_on_a_module_holding_trainable_tokens_is_refused():
     with pytest.raises(TargetModuleError, match="'bert.embeddings', which holds a TrainableTokensWrapper"):
         lorakit.inject(model, LoRAConfig(r=2, target_modules=["value"], modules_to_save=["embeddings"]), adapter_name="b")
     assert list(model.state_dict()) == keys and lorakit.list_adapters(model) == ["a"]
+    model = bert()  # the other order: the rows' module lies inside another adapter's copied module
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["value"], modules_to_save=["embeddings"]), adapter_name="b")
+    keys = list(model.state_dict())
+    with pytest.raises(TargetModuleError, match="'word_embeddings' matches no module in BertForSequenceClassification: "
+                                                "it lies inside 'bert.embeddings'"):
+        lorakit.inject(model, LoRAConfig(r=2, target_modules=["query"], trainable_token_indices={"word_embeddings": [1]}),
+                       adapter_name="a")
+    assert list(model.state_dict()) == keys and lorakit.list_adapters(model) == ["b"]
 
 
 def test_modules_to_save_entries_match_name_ends_as_peft_does(tmp_path):

@@ -214,6 +214,12 @@ class TrainableTokensWrapper(AdapterModule):
 # --- finding and wrapping the modules -----------------------------------------------------------
 
 
+def _plain_children(wrapper: nn.Module):
+    """``(name, module)`` below a wrapper's original module, named as they were in the model."""
+    original = getattr(wrapper, "original_module", None) or getattr(wrapper, "base_layer", None)
+    return original.named_modules() if isinstance(original, nn.Module) else ()
+
+
 def _input_embedding_name(model: nn.Module) -> str:
     """Qualified name of ``model.get_input_embeddings()``, else ``"embed_tokens"`` (PEFT's default)."""
     get = getattr(model, "get_input_embeddings", None)
@@ -252,7 +258,11 @@ def token_targets(model: nn.Module, config, adapter_name: str) -> dict[str, tupl
     for entry, indices in entries.items():
         hits = [(n, m) for n, m in modules if n == entry or n.endswith("." + entry)]
         if not hits:
-            raise TargetModuleError(f"trainable_token_indices entry {entry!r} matches no module in {type(model).__name__}")
+            inside = [n for n, m in modules if isinstance(m, AdapterModule) and any(
+                (f"{n}.{c}" == entry or f"{n}.{c}".endswith("." + entry)) for c, _ in _plain_children(m))]
+            where = f": it lies inside {inside[0]!r}, a module another adapter adapts or copies" if inside else ""
+            raise TargetModuleError(f"trainable_token_indices entry {entry!r} matches no module in "
+                                    f"{type(model).__name__}{where}")
         for name, module in hits:
             _check_target(name, module, indices, config, adapter_name)
             out[name] = (list(indices), None)
