@@ -216,7 +216,8 @@ class TrainableTokensWrapper(AdapterModule):
 
 def _plain_children(wrapper: nn.Module):
     """``(name, module)`` below a wrapper's original module, named as they were in the model."""
-    original = getattr(wrapper, "original_module", None) or getattr(wrapper, "base_layer", None)
+    original = getattr(wrapper, "original_module", None)
+    original = getattr(wrapper, "base_layer", None) if original is None else original  # not `or`: a Sequential may be falsy
     return original.named_modules() if isinstance(original, nn.Module) else ()
 
 
