@@ -64,19 +64,21 @@ def adapter_key(name: str) -> str:
     names starting with the escape prefix ``"_x"``) are stored hex-escaped; ordinary names
     like ``"default"`` stay readable.
 
+    Under ``torch.compile`` the key is computed without the cache (Dynamo warns at an ``lru_cache``).
+
     Raises:
         ConfigError: ``name`` is not a str.
     """
-    return _key(check_adapter_name(name))
+    name = check_adapter_name(name)
+    return _key.__wrapped__(name) if torch.compiler.is_compiling() else _key(name)
 
 
 def stored_adapter(modules: Mapping[str, nn.Module], name: str) -> LoRAAdapter | None:
     """The adapter ``name`` in a layer's ``adapters._modules``, or None: looked up under the name itself
-    first (an ordinary name is its own key), then under its escaped key, computed without ``adapter_key``'s
-    cache under ``torch.compile`` (Dynamo warns at an ``lru_cache``)."""
+    first (an ordinary name is its own key), then under its escaped key."""
     ad = modules.get(name)
     if ad is None or ad.name != name:  # not there, or another adapter whose escaped key is this name
-        ad = modules.get(_key.__wrapped__(name) if torch.compiler.is_compiling() else adapter_key(name))
+        ad = modules.get(adapter_key(name))
     return ad
 
 

@@ -59,7 +59,6 @@ class ModulesToSaveWrapper(AdapterModule):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self._names: list[str] = []
-        self._keys: dict[str, str] = {}  # name -> ModuleDict key: forward looks it up without adapter_key's cache
 
     @property
     def adapter_names(self) -> list[str]:
@@ -76,8 +75,7 @@ class ModulesToSaveWrapper(AdapterModule):
         twin = copy.deepcopy(self.original_module)
         for p in twin.parameters():
             p.requires_grad_(True)
-        self._keys[name] = key = adapter_key(name)
-        self.modules_to_save[key] = twin
+        self.modules_to_save[adapter_key(name)] = twin
         self._names.append(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -87,7 +85,7 @@ class ModulesToSaveWrapper(AdapterModule):
             AdapterNotFoundError: no copy for ``name``.
         """
         self.copy_for(name)
-        del self.modules_to_save[self._keys.pop(name)]
+        del self.modules_to_save[adapter_key(name)]
         self._names.remove(name)
 
     def copy_for(self, name: str) -> nn.Module:
@@ -98,7 +96,7 @@ class ModulesToSaveWrapper(AdapterModule):
         """
         if name not in self._names:
             raise AdapterNotFoundError(f"adapter {name!r} has no modules_to_save copy here; it has {self._names}")
-        return self.modules_to_save[self._keys[name]]
+        return self.modules_to_save[adapter_key(name)]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """All parameters of adapter ``name``'s copy."""
@@ -108,7 +106,7 @@ class ModulesToSaveWrapper(AdapterModule):
     def module_in_use(self) -> nn.Module:
         """The copy of the first active adapter, or the original when none is active."""
         for n in self.active_adapters:
-            return self.modules_to_save[self._keys[n]]
+            return self.modules_to_save[adapter_key(n)]
         return self.original_module
 
     def unwrapped(self, merge: bool) -> nn.Module:
@@ -118,7 +116,7 @@ class ModulesToSaveWrapper(AdapterModule):
 
     def forward(self, *args, **kwargs):
         rows = self.lora_state.rows
-        if rows is not None and self._keys:  # mixed batch: each row through its own adapter's copy
+        if rows is not None and self._names:  # mixed batch: each row through its own adapter's copy
             return rows.run(self._mixed, rows, args, kwargs)
         return self.module_in_use(*args, **kwargs)
 
@@ -140,10 +138,9 @@ class ModulesToSaveWrapper(AdapterModule):
             raise MixedBatchError(f"mixed_batch needs the modules_to_save module {type(self.original_module).__name__} "
                                   f"to return one output row per input row; it returned {type(out).__name__}")
         for name, s, e in plan.segments:
-            key = self._keys.get(name)
-            if key is not None:
+            if name in self._names:
                 sel = plan.perm[s:e]
-                part = self.modules_to_save[key](x.index_select(0, sel), *args[1:], **kwargs)
+                part = self.modules_to_save[adapter_key(name)](x.index_select(0, sel), *args[1:], **kwargs)
                 out = out.index_copy(0, sel, part.to(out.dtype))
         return out
 

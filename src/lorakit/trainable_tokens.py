@@ -59,7 +59,6 @@ class TrainableTokensWrapper(AdapterModule):
         self.token_indices: dict[str, list[int]] = {}
         self._leader = [leader] if leader is not None else []  # a list: not a submodule, saved once
         self._names: list[str] = []
-        self._keys: dict[str, str] = {}  # name -> ParameterDict key: forward looks it up without adapter_key's cache
         self.merged_adapters: list[str] = []
         self._merged_rows: dict[str, torch.Tensor] = {}  # adapter -> the rows it overwrote while merged
         self._tied_elsewhere = tied_elsewhere
@@ -85,8 +84,7 @@ class TrainableTokensWrapper(AdapterModule):
         if self.leader is None:
             w = self.base_layer.weight
             idx = torch.tensor(indices, device=w.device)
-            self._keys[name] = key = adapter_key(name)
-            self.trainable_tokens_delta[key] = nn.Parameter(w.detach().index_select(0, idx).clone())
+            self.trainable_tokens_delta[adapter_key(name)] = nn.Parameter(w.detach().index_select(0, idx).clone())
             self.token_indices[name] = list(indices)
         self._names.append(name)
 
@@ -102,13 +100,13 @@ class TrainableTokensWrapper(AdapterModule):
             raise MergeStateError(f"adapter {name!r} is merged; unmerge before deleting it")
         self._names.remove(name)
         if self.leader is None:
-            del self.trainable_tokens_delta[self._keys.pop(name)]
+            del self.trainable_tokens_delta[adapter_key(name)]
             del self.token_indices[name]
 
     def rows(self, name: str) -> tuple[list[int], nn.Parameter]:
         """``(indices, rows)`` of adapter ``name`` (the leader's for a follower)."""
         owner = self.leader or self
-        return owner.token_indices[name], owner.trainable_tokens_delta[owner._keys[name]]
+        return owner.token_indices[name], owner.trainable_tokens_delta[adapter_key(name)]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [] if self.leader is not None else [self.rows(name)[1]]
