@@ -40,7 +40,7 @@ def test_read_records_names_file_and_line(tmp_path):
         read_records(tmp_path / "nope.jsonl")
 
 
-def tiny_encoder(path):
+def tiny_encoder(path, dropout: float = 0.1):
     """A random 1-layer BERT with a letter-level WordPiece vocabulary, saved like a Hub folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -50,7 +50,8 @@ def tiny_encoder(path):
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32)
+                     intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
     BertModel(cfg).save_pretrained(path)
     return path
 
@@ -124,3 +125,33 @@ def test_classify_schedule_warms_up_over_five_percent_of_the_steps(n, epochs, ba
 
     cfg = train_config(epochs, batch, 0.01, 0, n)
     assert (cfg.total_steps(n), cfg.warmup, cfg.schedule, cfg.max_grad_norm, cfg.lr) == (steps, warmup, "linear", None, 0.01)
+
+
+def test_classify_trains_with_compiled_blocks_like_eager(tmp_path, capsys):
+    """``--task classify --compile``: the encoder's blocks train compiled (from step 1, recorded in eval.json)
+    to the same adapter as eager training (without dropout: compiled dropout draws other masks); the default,
+    auto, stays eager on a run this short."""
+    from safetensors.torch import load_file
+
+    from lorakit.app.cli import main
+
+    model_dir = tiny_encoder(tmp_path / "enc", dropout=0.0)
+    recs = [{"text": "abba", "label": "a"}, {"text": "zzyz", "label": "z"}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = ["train", "--task", "classify", "--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"),
+            "--eval-data", str(tmp_path / "train.jsonl"), "--epochs", "2", "--batch-size", "4", "--r", "2"]
+    runs = {}
+    for how in ("--compile", "--no-compile", None):
+        out = tmp_path / str(how)
+        assert main(args + ["--output", str(out)] + ([how] if how else [])) == 0
+        runs[how] = (json.loads((out / "eval.json").read_text())["settings"],
+                     load_file(out / "adapter" / "adapter_model.safetensors"))
+    assert "torch.compile: on (--compile)" in capsys.readouterr().out
+    assert runs["--compile"][0]["compile"] is True and runs["--compile"][0]["compiled_from_step"] == 1
+    assert runs["--no-compile"][0]["compile"] is False and runs["--no-compile"][0]["compiled_from_step"] is None
+    assert runs[None][0]["compile"] == "auto" and runs[None][0]["compiled_from_step"] is None  # 4 steps: no decision
+    eager = runs["--no-compile"][1]
+    assert set(runs["--compile"][1]) == set(eager) and any("lora_B" in k for k in eager)
+    for k, v in eager.items():
+        torch.testing.assert_close(runs["--compile"][1][k], v, rtol=1e-4, atol=1e-5)
+        assert torch.equal(runs[None][1][k], v)  # eager all along: the same bits

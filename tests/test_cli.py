@@ -51,6 +51,8 @@ def test_end_to_end(tiny, capsys, tmp_path):
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and len(cfg["target_modules"]) == 7
     meta = json.loads((out / "lorakit.json").read_text())
     assert meta["prompt_format"] == {"type": "plain"} and meta["base_model"] == str(model.resolve())
+    # --compile auto: 3 steps never reach the decision after step 4, so every step ran eagerly
+    assert meta["train"]["compile"] == "auto" and meta["train"]["compiled_from_step"] is None
 
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0

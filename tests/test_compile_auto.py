@@ -54,10 +54,11 @@ def test_auto_decides_after_the_probe_steps(seconds, total, expect, cache):
         assert switch.decision == (5 if expect else C.OFF)
         assert len(said) == 1 and said[0].startswith(f"torch.compile: {'on' if expect else 'off'} (auto): "
                                                      f"{total - 4} steps left x 2.00 s")
+        assert switch.compiled_from is None  # step 4 itself ran eagerly
         switch.after_step(5, 32.0, total - 5)  # compiled: this step paid 32 - 2 = 30 s of compilation
         for step in range(6, 12):  # decided once
             switch.after_step(step, 1000.0, 10 ** 6)
-        assert len(said) == 1 and switch.compiled is expect
+        assert len(said) == 1 and switch.compiled is expect and switch.compiled_from == (5 if expect else None)
     assert _compiled(net) == [False] * 3  # eager again after the run
     times = json.loads((cache / "compile_times.json").read_text()) if expect else {}
     assert list(times.values()) == ([30.0] if expect else [])
@@ -68,9 +69,10 @@ def test_a_resumed_run_keeps_the_decision():
     with C.CompileSwitch(net, "auto", said.append, decision=5) as switch:  # resumed at step 6 of a run that compiled
         assert switch.compiled and _compiled(net) == [True] * 3
         switch.after_step(7, 2.0, 10 ** 6)
+        assert switch.compiled_from == 5  # the run's first compiled step, before this process's first
     with C.CompileSwitch(net, "auto", said.append, decision=C.OFF) as switch:  # decided off: stays off
         switch.after_step(7, 100.0, 10 ** 6)
-        assert not switch.compiled
+        assert not switch.compiled and switch.compiled_from is None
     with C.CompileSwitch(net, "auto", said.append) as switch:  # resumed at step 2: decides after step 4 all the same
         switch.after_step(3, 2.0, 1001)
         switch.after_step(4, 2.0, 1000)
@@ -101,12 +103,13 @@ def test_forced_on_records_its_cost_off_and_not_allowed(monkeypatch, cache):
     with C.CompileSwitch(net, True, said.append) as switch:
         assert switch.compiled and _compiled(net) == [True] * 3
         _probe(switch, 2.0, 100)  # step 1 took 99 s, the next ones 2 s: 97 s of compilation
+        assert switch.compiled_from == 1
     assert json.loads((cache / "compile_times.json").read_text()) == {C.block_key(net): 97.0}
     assert said == ["torch.compile: on (--compile): the transformer blocks, from the first step"]
     del said[:]
     with C.CompileSwitch(net, False, said.append) as switch:
         _probe(switch, 100.0, 10 ** 6)
-        assert not switch.compiled and not said
+        assert not switch.compiled and not said and switch.compiled_from is None
     with C.CompileSwitch(net, "auto", said.append, allowed=False) as switch:
         _probe(switch, 100.0, 10 ** 6)
         assert not switch.compiled and said == ["torch.compile: off (auto): not measured with a quantised base or "

@@ -227,8 +227,9 @@ def test_compiled_blocks_train_like_eager():
         counters.clear()
         logs = []
         cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup=1, eval_every=2, compile=on)
-        train(m, lm_task(ex, 0, cfg, val_examples=ex[:3]), cfg, on_log=logs.append, progress=False)
+        summary = train(m, lm_task(ex, 0, cfg, val_examples=ex[:3]), cfg, on_log=logs.append, progress=False)
         runs[name] = logs
+        assert summary["compile"] is on and summary["compiled_from_step"] == (1 if on else None)
         assert (counters["stats"]["unique_graphs"] > 0) == on  # the blocks ran compiled, or not at all
         assert all(b._compiled_call_impl is None for b in blocks(m))  # eager again after training
     for a, b in zip(runs["eager"], runs["compiled"]):

@@ -98,11 +98,13 @@ class CompileSwitch:
     ``allowed`` False keeps "auto" eager (a quantised base, several processes: compilation not measured
     there). ``decision`` (None: not yet, ``OFF``, or the first compiled step) is the run's, kept in its
     checkpoints; a resumed run passes it back. ``compiled``: the blocks run compiled now (validation then
-    forces eager). The first compiled step's extra time is recorded as this block's compile cost."""
+    forces eager). ``compiled_from``: the first step that ran compiled (None: none did). The first compiled
+    step's extra time is recorded as this block's compile cost."""
 
     def __init__(self, model, setting: bool | str, say, allowed: bool = True, decision: int | None = None) -> None:
         self.model, self.setting, self.say, self.allowed, self.decision = model, setting, say, allowed, decision
         self.compiled, self._times, self._stack = False, {}, ExitStack()
+        self.compiled_from: int | None = decision if decision not in (None, OFF) else None  # a resumed "auto" run's
         self._eager: float | None = None  # the eager step time, until the first compiled step is measured
 
     def __enter__(self) -> "CompileSwitch":
@@ -122,6 +124,8 @@ class CompileSwitch:
     def after_step(self, step: int, seconds: float, steps_left: int) -> None:
         """Record step ``step``'s ``seconds`` (1-based, counted from the run's start); under "auto",
         decide after step ``PROBE_STEPS``."""
+        if self.compiled and self.compiled_from is None:
+            self.compiled_from = step
         if self._eager is not None:  # the first compiled step after "auto" switched: it paid the compilation
             record(block_key(self.model), seconds - self._eager)
             self._eager = None

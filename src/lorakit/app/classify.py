@@ -47,7 +47,7 @@ BATCH_SIZE = 32
 MAX_LENGTH = 64
 # ``TrainOptions`` fields this task takes (the CLI refuses the others)
 OPTIONS = frozenset({"data", "eval_data", "epochs", "batch_size", "lr", "r", "lora_alpha", "lora_dropout",
-                     "target_modules", "max_length", "seed", "device"})
+                     "target_modules", "max_length", "seed", "device", "compile"})
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -227,7 +227,8 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
                  epochs: int = EPOCHS, batch_size: int = BATCH_SIZE, lr: float | None = None, r: int | None = None,
                  lora_alpha: float | None = None, lora_dropout: float | None = None,
                  target_modules: list[str] | str | None = None, n_train: int = 2000, n_test: int = 400,
-                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False, device="cpu") -> dict:
+                 max_length: int = MAX_LENGTH, seed: int = 0, log=print, progress: bool = False, device="cpu",
+                 compile: bool | None = None) -> dict:
     """Train LoRA + a full classifier head on an encoder and report accuracy before/after.
 
     Args:
@@ -242,6 +243,8 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
             targets: query, key, value).
         max_length: tokens per text (truncated). seed: data split, head and adapter init, batch order.
         device: where the encoder trains and evaluates (``cpu``, ``cuda:0``, a ``torch.device``).
+        compile: ``torch.compile`` the encoder's blocks for training: True, False, or None for "auto"
+            (``TrainConfig.compile``: compiled when the run is long enough to repay it, and printed).
 
     Returns:
         the ``eval.json`` content: accuracy before/after, labels, sizes, times, parameters, settings.
@@ -253,6 +256,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     train_config(epochs, batch_size, lr, seed, 1)  # bad settings fail before any data or model is read
     task, train_recs, test, labels = load_data(train_file, eval_file, n_train, n_test, seed)
     tcfg = train_config(epochs, batch_size, lr, seed, len(train_recs))
+    tcfg.compile = "auto" if compile is None else bool(compile)
     out = _output_folder(out_dir, None if train_file else (train_recs, test))
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
@@ -278,7 +282,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
         "train_seconds": round(summary["train_seconds"], 2), "eval_seconds": round(eval_seconds, 2),
         "steps": summary["steps"], "trainable_parameters": n_trainable, "total_parameters": n_total,
         "settings": _settings(config, epochs=epochs, batch_size=batch_size, lr=tcfg.lr, max_length=max_length,
-                              seed=seed),
+                              seed=seed, compile=tcfg.compile, compiled_from_step=summary["compiled_from_step"]),
     }
     write_json(out / "eval.json", result)
     return result

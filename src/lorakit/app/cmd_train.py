@@ -194,9 +194,7 @@ def _evaluate(model, tok, data: Dataset, split, val_ex, label: str,
 
 def _fit(model, task: loop.Task, tcfg: loop.TrainConfig, o: TrainOptions, out: Path,
          ck: Checkpointing, d: Dist | None) -> tuple[dict, list[dict]]:
-    """``loop.train`` with each step's record appended to ``out/metrics.jsonl`` (by rank 0):
-    (summary, records).
-
+    """``loop.train`` with each step's record appended to ``out/metrics.jsonl`` (by rank 0): (summary, records).
     A resumed run rewrites ``metrics.jsonl`` from the checkpoint's records, then appends its own."""
     main = d is None or d.main
     if main:
@@ -355,6 +353,7 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     summary, history = _fit(model, lm_task(train_ex, tok.pad_token_id, tcfg, val_ex), tcfg, o, out,
                             None if o.full else ck, d)
     meta = _metadata(o, lm, train_data, n_steps, trainable, base_params, device.type)
+    meta["train"] |= {k: summary.get(k) for k in ("compile", "compiled_from_step")}  # whether the blocks ran compiled
     # FSDP: all ranks gather the adapter's tensors, one at a time (not the layers); rank 0 writes
     whole = fsdp_state.gather_adapters(model, ["default"]) if o.fsdp else None
     if main and o.full:

@@ -307,9 +307,10 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
 
     Returns:
         ``{"steps", "tokens", "train_seconds", "tokens_per_s", "val_loss_start", "skipped_steps",
-        "resumed_from"}``: totals over this process's steps (all ranks' tokens; validation time
-        excluded), the validation loss before the first step (None without validation or off rank 0),
-        the non-finite steps skipped, and the step resumed from (0 for a fresh run).
+        "resumed_from", "compile", "compiled_from_step"}``: totals over this process's steps (all ranks'
+        tokens; validation time excluded), the validation loss before the first step (None without
+        validation or off rank 0), the non-finite steps skipped, the step resumed from (0 for a fresh
+        run), ``cfg.compile``, and the first step whose blocks ran compiled (None: every step ran eagerly).
 
     Raises:
         DataError: no training examples.
@@ -334,15 +335,17 @@ def train(model, task: Task, cfg: TrainConfig, on_log: Callable[[dict], None] | 
     resumed_from = state.step if checkpoints is not None and checkpoints.resume else 0
     for rec in state.history if on_log else ():
         on_log(rec)
-    tokens, seconds = _steps(run, state, on_log, progress)
+    tokens, seconds, compiled_from = _steps(run, state, on_log, progress)
     model.eval()
     return {"steps": run.total, "tokens": tokens, "train_seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds else 0.0,
-            "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from}
+            "val_loss_start": state.val_loss_start, "skipped_steps": state.skipped, "resumed_from": resumed_from,
+            "compile": cfg.compile, "compiled_from_step": compiled_from}
 
 
-def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> tuple[int, float]:
-    """Steps ``state.step + 1 .. total``, updating ``state``: (real tokens, seconds) of this process's steps."""
+def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> tuple[int, float, int | None]:
+    """Steps ``state.step + 1 .. total``, updating ``state``: (real tokens, seconds) of this process's steps,
+    and the first step that ran with compiled blocks (None: none)."""
     from tqdm.auto import tqdm
 
     model, task, cfg = run.model, run.task, run.cfg
@@ -378,7 +381,7 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
                 on_log(rec)
             run.maybe_checkpoint(state, run.stopping(signals))
     bar.close()
-    return tokens_all, seconds_all
+    return tokens_all, seconds_all, compiled.compiled_from
 
 
 def _validate(model, task: Task, compiled: bool) -> float:
