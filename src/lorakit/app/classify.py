@@ -236,15 +236,12 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
         train_file, eval_file: JSONL ``{"text", "label"}``; both None -> the built-in CMUdict
             syllable task (``n_train`` / ``n_test`` words).
         model_dir: a local Hugging Face encoder folder; None -> all-MiniLM-L6-v2.
-        epochs, batch_size, lr: ``loop.train`` with AdamW (weight decay 0, no gradient clipping),
-            linear warmup over the first 5% of the steps then linear decay to 0; lr applies to A, B
-            and the head (None: ``TrainConfig``'s default).
-        r, lora_alpha, lora_dropout, target_modules: the adapter (None: ``LoRAConfig``'s defaults;
-            targets: query, key, value).
+        epochs, batch_size, lr: ``loop.train`` with AdamW (weight decay 0, no clipping), linear warmup over the
+            first 5% of the steps, then linear decay to 0; lr for A, B and the head (None: ``TrainConfig``'s).
+        r, lora_alpha, lora_dropout, target_modules: the adapter (None: ``LoRAConfig``'s; targets: query, key, value).
         max_length: tokens per text (truncated). seed: data split, head and adapter init, batch order.
         device: where the encoder trains and evaluates (``cpu``, ``cuda:0``, a ``torch.device``).
-        compile: ``torch.compile`` the encoder's blocks for training: True, False, or None for "auto"
-            (``TrainConfig.compile``: compiled when the run is long enough to repay it, and printed).
+        compile: ``torch.compile`` the encoder's layers for training: True, False, None: "auto" (``TrainConfig``).
 
     Returns:
         the ``eval.json`` content: accuracy before/after, labels, sizes, times, parameters, settings.
@@ -255,8 +252,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     """
     train_config(epochs, batch_size, lr, seed, 1)  # bad settings fail before any data or model is read
     task, train_recs, test, labels = load_data(train_file, eval_file, n_train, n_test, seed)
-    tcfg = train_config(epochs, batch_size, lr, seed, len(train_recs))
-    tcfg.compile = "auto" if compile is None else bool(compile)
+    tcfg = train_config(epochs, batch_size, lr, seed, len(train_recs), "auto" if compile is None else bool(compile))
     out = _output_folder(out_dir, None if train_file else (train_recs, test))
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
@@ -288,15 +284,17 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     return result
 
 
-def train_config(epochs: int, batch_size: int, lr: float | None, seed: int, n_examples: int) -> TrainConfig:
+def train_config(epochs: int, batch_size: int, lr: float | None, seed: int, n_examples: int,
+                 compile: bool | str = False) -> TrainConfig:
     """The loop's settings for classification on ``n_examples`` records: linear warmup over the
-    first 5% of the steps (at least one), then linear decay to 0; no clipping, no validation.
+    first 5% of the steps (at least one), then linear decay to 0; no clipping, no validation;
+    ``compile`` as ``TrainConfig.compile``.
 
     Raises:
         ConfigError: epochs or batch_size < 1, or lr <= 0.
     """
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, schedule="linear", max_grad_norm=None, seed=seed,
-                       eval_every=0, **({"lr": lr} if lr is not None else {}))
+                       eval_every=0, compile=compile, **({"lr": lr} if lr is not None else {}))
     if epochs < 1 or batch_size < 1 or not tcfg.lr > 0:
         raise ConfigError(f"epochs, batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {tcfg.lr}")
     tcfg.warmup = max(1, tcfg.total_steps(n_examples) // 20)
