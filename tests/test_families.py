@@ -632,6 +632,27 @@ def test_mixed_batch_runs_each_row_through_its_own_adapters_copy():
     assert lorakit.active_adapters(model) == ["b"]
 
 
+def test_mixed_batch_runs_each_modules_to_save_module_on_its_own_rows_only():
+    """The original and each copy see only their rows (the original ran on every row before, so a large head
+    was computed twice for rows with a copy); one adapter on every row calls its copy as an unmixed forward."""
+    model, heads = _bert_with_heads(["a", "b"])
+    lorakit.inject(model, LoRAConfig(r=2, target_modules=["key"]), adapter_name="plain")  # no copy of classifier
+    seen = {}
+    for name, m in [("original", model.classifier.original_module)] + [(n, model.classifier.copy_for(n)) for n in "ab"]:
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].shape[0]))
+    x = torch.randint(1, 50, (6, 7), generator=torch.Generator().manual_seed(5))
+    for rows, want_seen in ((["b", None, "a", "plain", "b", "a"], {"original": [2], "a": [2], "b": [2]}),
+                            (["a", "b", "b", "a", "b", "a"], {"a": [3], "b": [3]}),
+                            (["b"] * 6, {"b": [6]}), ([None, "plain"] * 3, {"original": [6]})):
+        seen.clear()
+        with lorakit.mixed_batch(model, rows):
+            got = out(model, x)
+        assert seen == want_seen, rows
+        for i, n in enumerate(rows):
+            want = out(_plain_bert_with_head(heads.get(n)), x[i:i + 1])
+            torch.testing.assert_close(got[i:i + 1], want, atol=1e-6, rtol=0, msg=f"row {i} ({n}) of {rows}")
+
+
 def test_modules_to_save_on_a_module_holding_trainable_tokens_is_refused():
     """The reverse order was refused already; this one deep-copied the trainable-tokens wrapper, another
     adapter's rows with it."""

@@ -123,6 +123,8 @@ class ModulesToSaveWrapper(AdapterModule):
     def _mixed(self, rows, args: tuple, kwargs: dict):
         """Row i of the first input through the copy of row i's adapter, the original for None rows and for
         adapters without a copy here (PEFT's mixed-batch forward: other arguments are passed as they are).
+        Each module runs on its own rows only: a large head (``lm_head``) is not computed twice for rows
+        with a copy.
 
         Raises:
             MixedBatchError: the first input is not a tensor with a batch dimension, or the output is not a
@@ -133,15 +135,26 @@ class ModulesToSaveWrapper(AdapterModule):
             raise MixedBatchError(f"mixed_batch needs a batched tensor as the first input of the modules_to_save "
                                   f"module {type(self.original_module).__name__}; got {type(x).__name__}")
         plan = rows.plan(x.shape[0], x.device)
-        out = self.original_module(*args, **kwargs)
-        if not isinstance(out, torch.Tensor) or out.shape[:1] != x.shape[:1]:
+        groups = [(self.modules_to_save[adapter_key(n)], plan.perm[s:e]) for n, s, e in plan.segments if n in self._names]
+        if not groups or plan.single_full:  # one module for every row, in order: called as without mixed_batch
+            module = groups[0][0] if groups else self.original_module
+            return self._rows_out(module(*args, **kwargs), x.shape[0])
+        rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for _, sel in groups:
+            rest[sel] = False
+        if bool(rest.any()):  # None rows, adapters without a copy here
+            groups.insert(0, (self.original_module, rest.nonzero().squeeze(1)))  # first: its dtype is the output's
+        parts = [self._rows_out(m(x.index_select(0, sel), *args[1:], **kwargs), len(sel)) for m, sel in groups]
+        order = torch.cat([sel for _, sel in groups])
+        out = torch.cat([p.to(parts[0].dtype) for p in parts])
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return out.index_select(0, inverse)
+
+    def _rows_out(self, out, n: int) -> torch.Tensor:
+        """``out`` if it is a tensor of ``n`` rows, else the ``MixedBatchError`` ``_mixed`` documents."""
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
             raise MixedBatchError(f"mixed_batch needs the modules_to_save module {type(self.original_module).__name__} "
                                   f"to return one output row per input row; it returned {type(out).__name__}")
-        for name, s, e in plan.segments:
-            if name in self._names:
-                sel = plan.perm[s:e]
-                part = self.modules_to_save[adapter_key(name)](x.index_select(0, sel), *args[1:], **kwargs)
-                out = out.index_copy(0, sel, part.to(out.dtype))
         return out
 
     def __getattr__(self, name: str):
