@@ -29,3 +29,48 @@ def test_write_folder_whole_or_nothing(tmp_path):
         write_folder(dest, lambda d: (d / "z.txt").write_text("2"))
     write_folder(dest, lambda d: (d / "z.txt").write_text("2"), replace=True)
     assert sorted(p.name for p in dest.iterdir()) == ["z.txt"]
+
+
+def test_write_folder_refuses_to_replace_the_current_folder_or_one_holding_its_inputs(tmp_path, monkeypatch):
+    """``--output . --overwrite`` used to remove the current folder, the source file with it, before the rename
+    into '.' failed; now it is refused before anything is written, as is a folder above it or around an input."""
+    from lorakit.errors import SaveError
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep")
+    (work / "sub" / "src.gguf").write_text("input")
+    monkeypatch.chdir(work)
+    for dest, inputs, what in ((".", (), "the current folder"), ("..", (), "the current folder"),
+                               (work, (), "the current folder"), ("sub", ("sub/src.gguf",), "input 'sub/src.gguf'")):
+        with pytest.raises(SaveError, match=f"refusing to replace .*it holds {what}"):
+            write_folder(dest, lambda d: (d / "x.txt").write_text("1"), replace=True, inputs=inputs)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "work", "work/notes.txt", "work/sub", "work/sub/src.gguf"]  # nothing removed, nothing left behind
+    write_folder("out", lambda d: (d / "x.txt").write_text("1"), replace=True, inputs=("sub/src.gguf",))
+    assert (work / "out" / "x.txt").read_text() == "1"
+
+
+def test_write_folder_puts_the_old_folder_back_when_the_new_one_cannot_be_renamed_in(tmp_path, monkeypatch):
+    """A replacement moves the old folder aside before renaming the new one in; if that rename fails the old
+    one goes back (it was removed first before, and a failure there left neither)."""
+    import os
+
+    import lorakit.app.files as files
+
+    dest = tmp_path / "model"
+    write_folder(dest, lambda d: (d / "old.txt").write_text("old"))
+    real = os.replace
+
+    def failing(a, b):
+        if str(a).startswith(str(tmp_path / ".model.")) and not str(a).startswith(str(tmp_path / ".model.old.")):
+            raise OSError(28, "injected")  # the new folder's rename into place
+        return real(a, b)
+
+    monkeypatch.setattr(files.os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        write_folder(dest, lambda d: (d / "new.txt").write_text("new"), replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (dest / "old.txt").read_text() == "old"
+    monkeypatch.setattr(files.os, "replace", real)
+    write_folder(dest, lambda d: (d / "new.txt").write_text("new"), replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and [p.name for p in dest.iterdir()] == ["new.txt"]

@@ -109,12 +109,14 @@ def targets_for(modules: list[str]) -> dict:
     return {"target_modules": sorted(modules)}
 
 
-def write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwrite: bool) -> Path:
-    """Write ``{module: (A (r x in), B (out x r))}`` and ``config`` as a PEFT adapter folder, atomically.
+def write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Write ``{module: (A (r x in), B (out x r))}`` and ``config`` as a PEFT adapter folder, atomically
+    (``inputs``: the files read, which an ``overwrite`` must not remove: ``files.write_folder``).
 
     Raises:
         AdapterLoadError: a module whose A and B ranks differ from ``config.rank_for(module)``.
         CLIError: ``out`` exists and is not empty, without ``overwrite``.
+        SaveError: ``out`` holds the current folder or ``inputs`` (refused, nothing written).
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
@@ -130,7 +132,7 @@ def write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwri
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
-    write_folder(out, fill, replace=True)
+    write_folder(out, fill, replace=True, inputs=inputs)
     return out
 
 
@@ -166,7 +168,7 @@ def convert_mlx(src: str | Path, out: str | Path, base_model: str | None = None,
                             base_model_name_or_path=base_model or cfg.get("model"), **targets_for(sorted(pairs)))
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
-    return write_peft(Path(out), weights, config, overwrite)
+    return write_peft(Path(out), weights, config, overwrite, (src, base_model))
 
 
 def _tune_file(src: Path) -> Path:
@@ -223,4 +225,4 @@ def convert_torchtune(src: str | Path, out: str | Path, base_model: str, lora_al
                             base_model_name_or_path=base_model, **targets_for(sorted(weights)))
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{str(src)!r}: {e}") from None
-    return write_peft(Path(out), weights, config, overwrite)
+    return write_peft(Path(out), weights, config, overwrite, (src, base_model))

@@ -1,6 +1,7 @@
 """Atomic write of a whole folder (merged model, dequantised GGUF cache, training checkpoint): built
 in a temporary sibling, flushed to disk, and renamed into place, so readers see the old folder or
-the new one, never half, even after a crash or power loss. Single files go through
+the new one, never half (a crash between the two renames of a replacement leaves the old one beside
+it, as ``.NAME.old.*``). Single files go through
 ``lorakit.durable.write_atomic`` and ``lorakit.durable.write_json``; text files are read with
 ``lorakit.durable.read_utf8``."""
 
@@ -13,32 +14,62 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.durable import umask
+from lorakit.errors import SaveError
 
 
-def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace: bool = False) -> None:
+def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace: bool = False,
+                 inputs: tuple = ()) -> None:
     """Call ``fill(tmp)`` on a fresh temporary folder beside ``dest``, then rename it to ``dest``.
 
     Args:
-        replace: remove an existing ``dest`` first (else the rename fails on a non-empty folder).
+        replace: replace an existing ``dest``: it is renamed aside, the new folder renamed in, and only
+            then the old one removed (if the second rename fails, the old one is renamed back).
+        inputs: paths ``fill`` reads (a source file, the base model), which ``replace`` must not remove.
 
     Raises:
-        OSError: from ``fill`` or the rename; the temporary folder is removed either way.
+        SaveError: ``replace`` would remove the current folder, one above it, or one holding ``inputs``
+            (``--output . --overwrite``), refused before anything is written.
+        OSError: from ``fill`` or the renames; the temporary folder is removed either way.
     """
     dest = Path(dest)
+    if replace:
+        _check_replaceable(dest, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     mask = umask()
+    old = None
     try:
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would make the folder private to its writer
         fill(tmp)
         _settle(tmp, mask)
-        if replace and dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        _fsync(dest.parent)  # the rename itself
+        if replace and (dest.exists() or dest.is_symlink()):
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            old.rmdir()  # a fresh unused name: the old folder (or file) moves there whole
+            os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old, dest)
+                old = None
+            raise
+        _fsync(dest.parent)  # the renames themselves
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
+
+
+def _check_replaceable(dest: Path, inputs: tuple) -> None:
+    """Raises ``SaveError`` if replacing ``dest`` would remove the current folder or one of ``inputs``."""
+    target = dest.resolve()
+    for what, p in [("the current folder", Path.cwd())] + [(f"input {str(i)!r}", Path(i)) for i in inputs if i]:
+        held = p.resolve()
+        if held == target or target in held.parents:
+            raise SaveError(f"refusing to replace {str(dest)!r}: it holds {what}; choose another output folder")
 
 
 def _fsync(path: Path) -> None:

@@ -206,7 +206,7 @@ def import_gguf_adapter(path: str, output: str, base_model: str, overwrite: bool
     lone = [n for n in arrays if n.endswith(".lora_b") and n[: -len("b")] + "a" not in arrays]
     if lone or not weights:
         raise AdapterLoadError(f"{path!r}: " + (f"tensor {lone[0]!r} has no lora_a" if lone else "no LoRA tensors"))
-    return write_peft(Path(output), weights, _gguf_config(weights, alpha, base_model), overwrite)
+    return write_peft(Path(output), weights, _gguf_config(weights, alpha, base_model), overwrite, (path, base_model))
 
 
 def _gguf_config(weights: dict, alpha: float, base_model: str) -> LoRAConfig:
