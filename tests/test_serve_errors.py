@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -226,3 +227,106 @@ def test_an_adapter_trained_on_a_quantised_base_is_served_with_a_warning(world, 
     caplog.clear()
     reg.read(adapters / "good")
     assert "quantised" not in caplog.text
+
+
+def test_a_failed_prefill_answers_its_requests_and_the_running_batch_goes_on(world):
+    """Requests admitted in a prefill that raises were not in the running batch yet: they were dropped without
+    an answer (their clients hung). Now they get the error, and the requests already decoding finish."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.app.serve.batch import Request
+    from lorakit.app.serve.engine import Engine
+    from lorakit.app.serve.metrics import Metrics
+    from lorakit.app.serve.registry import Registry
+
+    _, base, _, _ = world
+    model, tok = AutoModelForCausalLM.from_pretrained(base).eval(), AutoTokenizer.from_pretrained(base)
+    engine = Engine(model, tok, Registry(None, 4, "base", str(base)), Metrics(), 4, 16, 256)
+    real, bad = engine._prefill, [7, 7, 7]
+
+    def prefill(seqs):
+        if any(s.prompt == bad for s in seqs):
+            raise RuntimeError("injected prefill failure")
+        return real(seqs)
+
+    engine._prefill = prefill
+    ends, done = {}, {k: threading.Event() for k in ("long", "bad", "after")}
+
+    def request(key, prompt, max_tokens):
+        def sink(index, delta, finish):
+            if index is None or finish is not None:
+                ends[key] = delta if index is None else finish
+                done[key].set()
+        return Request(None, [prompt], 1, max_tokens, 0.0, 1.0, None, [], sink, ignore_eos=True)
+
+    engine.start()
+    try:
+        engine.submit(request("long", [5, 6], 60))
+        time.sleep(0.2)  # decoding now
+        engine.submit(request("bad", bad, 4))
+        assert done["bad"].wait(60), "the failed prefill's request got no answer"
+        assert isinstance(ends["bad"], Exception) and "injected prefill failure" in str(ends["bad"])
+        engine.submit(request("after", [9, 10], 4))
+        assert done["long"].wait(60) and done["after"].wait(60)
+        assert ends["long"] == "length" and ends["after"] == "length"  # the running request was not failed
+    finally:
+        engine.drain(10)
+
+
+def test_an_adapter_training_the_models_biases_runs_in_batches_of_its_own(world, tmp_path):
+    """mixed_batch refuses to mix a ``bias != "none"`` adapter with other rows; the server put it in the running
+    batch all the same, failing the other requests there (500) or, in a prefill, leaving them unanswered. Now its
+    requests wait for the batch to drain and run alone, and the others wait for them: every request is answered."""
+    import concurrent.futures
+
+    import lorakit
+    from transformers import AutoModelForCausalLM
+
+    _, base, adapters, _ = world
+    folder = tmp_path / "adapters"
+    shutil.copytree(adapters / "other", folder / "other")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], bias="lora_only",
+                                             init_lora_weights=False), adapter_name="biased")
+    lorakit.save_adapter(model, folder / "biased", adapter_name="biased")
+    s = ServerProcess("--model", str(base), "--adapter-dir", str(folder), "--max-batch", "4")
+    try:
+        alone = {m: s.request("POST", "/v1/completions", completion(model=m, max_tokens=6, temperature=0))
+                 for m in ("biased", "other")}
+        assert all(status == 200 for status, _ in alone.values()), alone
+        bodies = [completion(model="other", max_tokens=40, temperature=0, ignore_eos=True)]
+        bodies += [completion(model=m, max_tokens=6, temperature=0) for m in ("biased", "other", "biased")]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = []
+            for body in bodies:
+                futures.append(pool.submit(s.request, "POST", "/v1/completions", body))
+                time.sleep(0.05)
+            got = [f.result() for f in futures]
+        assert [status for status, _ in got] == [200] * 4, got
+        for (status, out), body in zip(got[1:], bodies[1:]):
+            assert out["choices"][0]["text"] == alone[body["model"]][1]["choices"][0]["text"]
+        assert s.request("GET", "/health")[1]["running"] == 0
+    finally:
+        assert s.stop() == 0
+
+
+def test_an_adapter_on_target_parameters_is_refused_at_load(world):
+    """mixed_batch cannot route rows through ``target_parameters`` adapters, so the server refuses them (400)
+    instead of failing every request for them later; the model keeps no trace of it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lorakit
+    from lorakit.app.serve.engine import Engine
+    from lorakit.app.serve.metrics import Metrics
+    from lorakit.app.serve.registry import Registry
+    from lorakit.errors import ServeError
+
+    _, base, _, _ = world
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    engine = Engine(model, tok, Registry(None, 4, "base", str(base)), Metrics(), 4, 16, 256)
+    config = lorakit.LoRAConfig(r=2, target_modules=[], target_parameters=["mlp.up_proj.weight"])
+    with pytest.raises(ServeError, match="uses target_parameters") as e:
+        engine.install("params", "somewhere", config, {})
+    assert e.value.status == 400 and lorakit.list_adapters(model) == []

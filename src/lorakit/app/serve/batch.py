@@ -8,7 +8,8 @@ remaining row uses are trimmed), so the decoding step always runs exactly the li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,11 +18,40 @@ from .decode import Sampler, TextStream
 
 
 @dataclass(eq=False)
+class Request:
+    """One API request: its prompts (token ids) and sampling settings, and where results go.
+
+    ``sink(index, delta, finish)`` receives each choice's text pieces (``finish`` "stop" or
+    "length" on its last), or ``sink(None, error, None)`` once if the request fails; it is
+    called on the engine thread and must not block.
+    """
+
+    adapter: str | None
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    sink: object
+    ignore_eos: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+    generated: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+@dataclass(eq=False)
 class Sequence:
     """One generated choice of a request: its row in the running batch.
 
     Attributes:
-        request: the owning ``engine.Request``; ``index``: the choice index within it.
+        request: the owning ``Request``; ``index``: the choice index within it.
         adapter: adapter name, or None for the base model; ``prompt``: its token ids.
         position: position id of ``last`` (real tokens before it).
         last: the last token id (the next step's input).

@@ -16,7 +16,7 @@ from lorakit.errors import DataError, ServeError
 from ..data import render_messages
 from ..evaluate import encode_prompt
 from . import protocol
-from .engine import Request
+from .batch import Request
 
 log = logging.getLogger("lorakit.serve")
 

@@ -17,48 +17,18 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from lorakit import delete_adapter, load_adapter_tensors, mixed_batch, set_rows
 from lorakit.errors import LoRAError, ServeError
 
-from .batch import RunningBatch, Sequence, prefill_inputs
+from .batch import Request, RunningBatch, Sequence, prefill_inputs
 from .decode import Sampler, TextStream
 from .metrics import Metrics
 from .registry import Registry
 
 log = logging.getLogger("lorakit.serve")
-
-
-@dataclass(eq=False)
-class Request:
-    """One API request: its prompts (token ids) and sampling settings, and where results go.
-
-    ``sink(index, delta, finish)`` receives each choice's text pieces (``finish`` "stop" or
-    "length" on its last), or ``sink(None, error, None)`` once if the request fails; it is
-    called on the engine thread and must not block.
-    """
-
-    adapter: str | None
-    prompts: list[list[int]]
-    n: int
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    sink: object
-    ignore_eos: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    cancelled: bool = False
-    generated: int = 0
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts) * self.n
 
 
 class Engine:
@@ -82,6 +52,7 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._block: contextlib.ExitStack | None = None
         self._block_names: list | None = None
+        self.alone: set[str] = set()  # adapters that train the model's biases: mixed_batch runs them in batches of their own
 
     # --- the public side (any thread) --------------------------------------------------------
 
@@ -147,7 +118,7 @@ class Engine:
         new = self._admit()
         with torch.no_grad():
             if new:
-                self._prefill(new)
+                self._prefill_or_fail(new)
             if self.batch.seqs:
                 self._decode()
         if not new and not self.batch.seqs:
@@ -175,14 +146,20 @@ class Engine:
         the server is full; refused adapters leave the model unchanged.
 
         Raises:
-            ServeError: 400 when the adapter does not fit the base model (the mismatch named).
+            ServeError: 400 when the adapter does not fit the base model (the mismatch named), or uses
+                ``target_parameters``, which per-row batching (``mixed_batch``) does not support.
         """
+        if config.target_parameters:
+            raise ServeError(400, f"adapter {name!r} uses target_parameters ({config.target_parameters!r}), which "
+                             "the server's per-row batching (mixed_batch) does not support", "lora_path",
+                             code="invalid_adapter")
         self._close_block()
         try:
             load_adapter_tensors(self.model, config, tensors, name, path)
         except LoRAError as e:
             raise ServeError(400, f"adapter {name!r} does not fit the base model: {e}", "lora_path",
                              code="invalid_adapter") from None
+        (self.alone.add if config.bias != "none" else self.alone.discard)(name)
         self.registry.add(name, path, pinned)
         self.registry.resident.add(name)
         self.metrics.loads.inc()
@@ -272,6 +249,9 @@ class Engine:
                 continue
             if req.rows > free:
                 break
+            mix = busy | {s.adapter for s in admitted} | {name}
+            if len(mix) > 1 and self.alone & mix:  # a biases-training adapter: its rows run alone; in order, so
+                break  # the batch drains and it runs next, never starved
             free -= req.rows
             self._remove_waiting(req)
             if name is not None:
@@ -327,6 +307,19 @@ class Engine:
         for s in seqs:
             self.metrics.prompt_tokens.labels(self._label(s)).inc(s.position + 1)
         self._advance(seqs, out.logits[:, -1].float())
+
+    def _prefill_or_fail(self, seqs: list[Sequence]) -> None:
+        """``_prefill``; if it fails, the new sequences' requests get the error (they are not in the batch
+        yet, so a failed step would leave them unanswered) and the running batch goes on decoding."""
+        try:
+            self._prefill(seqs)
+        except Exception as e:  # noqa: BLE001 - a failed prefill fails its own requests, never the server
+            log.error("prefill failed: %s\n%s", e, traceback.format_exc())
+            self._close_block()  # the block's rows were set for the failed prefill: entered afresh next step
+            error = ServeError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error")
+            for req in {id(s.request): s.request for s in seqs}.values():
+                req.cancelled = True
+                req.sink(None, error, None)
 
     def _decode(self) -> None:
         self._enter([s.adapter for s in self.batch.seqs])
