@@ -242,6 +242,30 @@ def test_bias_modes_train_save_and_load_as_peft(tmp_path, bias, trained):
     torch.testing.assert_close(mine(x), peft_model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bias_all_adapter_loads_whether_or_not_another_adapter_wrapped_its_modules(tmp_path):
+    """A bias="all" file names an unadapted module's bias ``2.bias``, or ``2.base_layer.bias`` if another
+    adapter had wrapped module 2 when it was saved; loading expected the spelling of the model at hand, so
+    a load failed after (or, for the second file, before) another adapter on module 2."""
+    ours = _mlp()
+    inject(ours, LoRAConfig(r=4, target_modules=["0"], bias="all", init_lora_weights=False), "ball")
+    with torch.no_grad():
+        ours[2].bias.add_(0.5)
+        ours[0].base_layer.bias.add_(0.25)
+    save_adapter(ours, tmp_path / "ball", adapter_name="ball")  # ``2.bias``: module 2 not wrapped
+    other = _mlp()
+    inject(other, LoRAConfig(r=2, target_modules=["2"]), "plain")
+    save_adapter(other, tmp_path / "plain", adapter_name="plain")
+    load_adapter(other, tmp_path / "ball", adapter_name="ball")  # module 2 wrapped by "plain" now
+    assert torch.equal(other[2].base_layer.bias, ours[2].bias) and torch.equal(other[0].base_layer.bias,
+                                                                                ours[0].base_layer.bias)
+    save_adapter(other, tmp_path / "ball2", adapter_name="ball")  # saved as PEFT names it: ``2.base_layer.bias``
+    assert "base_model.model.2.base_layer.bias" in load_file(tmp_path / "ball2" / "adapter_model.safetensors")
+    alone = load_adapter(_mlp(), tmp_path / "ball2", adapter_name="ball")
+    assert torch.equal(alone[2].bias, ours[2].bias)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(alone(x), ours(x), rtol=0, atol=0)
+
+
 def test_an_adapter_that_trains_biases_is_not_mixed_or_combined():
     model = tiny_llama()
     inject(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only"), "b")

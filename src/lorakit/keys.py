@@ -7,7 +7,9 @@ PEFT saves ``base_model.model.<module>.lora_A.weight``; files in the wild also c
   ``PeftModel`` holds);
 - no ``base_model.model.`` prefix (``lin.lora_A.weight``: a state dict saved from the bare model);
 - wrapper segments of the modules they were saved from: ``torch.compile``'s ``_orig_mod.``,
-  FSDP's ``_fsdp_wrapped_module.``, activation checkpointing's ``_checkpoint_wrapped_module.``.
+  FSDP's ``_fsdp_wrapped_module.``, activation checkpointing's ``_checkpoint_wrapped_module.``;
+- a model bias (``bias="all"``) as ``<module>.bias`` or ``<module>.base_layer.bias``, depending on
+  whether some adapter had wrapped that module when the file was saved.
 
 ``clean`` removes the wrapper segments (lorakit saves without them); ``normalize`` renames a file's
 keys to the keys a model expects, only where the rename is unambiguous; ``mismatch`` explains what
@@ -23,6 +25,7 @@ from .errors import AdapterLoadError
 
 PREFIX = "base_model.model."
 WRAPPERS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})  # module path segments
+_WRAPPED_BIAS = ".base_layer.bias"
 # PEFT's in-memory spellings of saved keys, the adapter name as group "name"
 _IN_MEMORY = [
     (re.compile(r"\.lora_magnitude_vector\.(?P<name>[^.]+)\.weight$"), ".lora_magnitude_vector"),
@@ -49,6 +52,10 @@ def _candidates(key: str):
         parts = b.split(".")
         for i in range(len(PREFIX.split(".")) - 1, len(parts)):  # one segment (an adapter name) removed
             yield ".".join(parts[:i] + parts[i + 1:])
+        if b.endswith(_WRAPPED_BIAS):  # a bias="all" bias, saved while another adapter wrapped its module, or not
+            yield b[: -len(_WRAPPED_BIAS)] + ".bias"
+        elif b.endswith(".bias"):
+            yield b[: -len(".bias")] + _WRAPPED_BIAS
 
 
 def normalize(tensors: dict, expected, source: str) -> dict:
