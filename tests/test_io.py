@@ -293,3 +293,32 @@ def test_a_lora_only_adapter_loads_beside_another_adapter(tmp_path):
     x = torch.randn(3, 10)
     lorakit.set_adapter(dst, "mine")
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_a_failed_save_leaves_the_adapter_folder_as_it_was_and_raises_save_error(tmp_path, monkeypatch):
+    """The weights were renamed into place before the config was written: a full disk at the config left
+    another adapter's weights beside the old config, which then loaded silently with wrong outputs, and the
+    error was a bare OSError. Now both files are written before either is renamed, and the error is typed."""
+    import errno
+
+    import lorakit.durable
+    from lorakit.errors import LoRAError, SaveError
+
+    model = _mlp()
+    inject(model, LoRAConfig(r=4, target_modules=["0"], lora_alpha=8, init_lora_weights=False), "old")
+    save_adapter(model, tmp_path / "a", adapter_name="old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    inject(model, LoRAConfig(r=4, target_modules=["0"], lora_alpha=64, init_lora_weights=False), "new")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lorakit.durable.json, "dump", full)
+    with pytest.raises(SaveError, match=r"could not write adapter 'new' to '.*a': No space left on device") as e:
+        save_adapter(model, tmp_path / "a", adapter_name="new")
+    assert isinstance(e.value, LoRAError) and isinstance(e.value, OSError)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no temporary file either
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SaveError, match="could not write adapter 'new'"):  # NotADirectoryError before
+        save_adapter(model, tmp_path / "file" / "sub", adapter_name="new")

@@ -36,27 +36,46 @@ def read_utf8(path: str | os.PathLike, error: type[LoRAError], encoding: str = "
 
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync, then rename onto ``path``: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    write_atomic_all([(path, write)])
+
+
+def write_atomic_all(files: list) -> None:
+    """``write_atomic`` for several ``(path, write)`` files as one change: every file is written and synced
+    to its temporary file first, and only then are they renamed into place, so a failed write (a full
+    disk) changes none of them: an adapter's weights never sit beside another adapter's config."""
+    temps: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make the file private to its writer
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in files:
+            path = Path(path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp's 0600 would make the file private to its writer
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        while temps:
+            tmp, path = temps[0]
+            os.replace(tmp, path)
+            temps.pop(0)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
 
 
-def write_json(path: Path, obj, sort_keys: bool = False) -> None:
-    """Write ``obj`` as indented JSON with a trailing newline, atomically (``write_atomic``)."""
+def json_writer(obj, sort_keys: bool = False):
+    """A ``write(tmp_path)`` for ``write_atomic``: ``obj`` as indented JSON with a trailing newline."""
 
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
 
-    write_atomic(Path(path), write)
+    return write
+
+
+def write_json(path: Path, obj, sort_keys: bool = False) -> None:
+    """Write ``obj`` as indented JSON with a trailing newline, atomically (``write_atomic``)."""
+    write_atomic(Path(path), json_writer(obj, sort_keys))

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,7 +27,7 @@ from . import modules_to_save as mts
 from .adapter import check_adapter_name
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoRAConfig
-from .durable import read_utf8, write_atomic, write_json
+from .durable import json_writer, read_utf8, write_atomic_all
 from .errors import (
     AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, SaveError,
 )
@@ -99,7 +100,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     """Write adapter ``adapter_name`` to folder ``path`` in PEFT's format.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter
-    weights only, in their own dtype), each atomically (temp file, fsync, rename).
+    weights only, in their own dtype) atomically, as a pair: both are written and synced to temporary
+    files before either is renamed into place, so a failed save leaves the folder as it was.
     The folder is created if needed. Returns the folder path.
 
     Args:
@@ -110,8 +112,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     Raises:
         ConfigError: ``adapter_name`` is not a str.
         AdapterNotFoundError: no adapter of that name.
-        SaveError (an OSError): ``path`` is an existing file, or ``tensors`` misses or adds a key
-            (first named; nothing is written).
+        SaveError (an OSError): ``path`` is an existing file, ``tensors`` misses or adds a key
+            (first named; nothing is written), or a write failed (a full disk, no permission: the folder
+            and the reason named; the files already there are left as they were).
     """
     check_known(model, [adapter_name])
     path = Path(path)
@@ -120,9 +123,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
                                  f"{WEIGHTS_NAME})")
     state = adapter_state_dict(model, adapter_name) if tensors is None else _given(model, adapter_name, tensors)
     config = _config_dict(model, adapter_name)
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    write_json(path / CONFIG_NAME, config, sort_keys=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomic_all([(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
+                          (path / CONFIG_NAME, json_writer(config, sort_keys=True))])
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        err = SaveError(f"could not write adapter {adapter_name!r} to {str(path)!r}: {reason}")
+        err.strerror = reason  # what a caller naming the folder itself shows
+        raise err from None
     return path
 
 
