@@ -702,3 +702,19 @@ def test_modules_to_save_entries_match_name_ends_as_peft_does(tmp_path):
     lorakit.save_adapter(loaded, tmp_path / "ours")
     again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     torch.testing.assert_close(out(again, x), out(theirs, x), atol=TOL, rtol=0)
+
+
+def test_a_classifier_adapter_without_the_head_saved_loads_in_peft(tmp_path):
+    """save_adapter wrote task_type SEQ_CLS for any *ForSequenceClassification model; PEFT then adds the head to
+    modules_to_save and fails on the file that holds no head weights. SEQ_CLS is now written only when the head
+    is among modules_to_save; both files load in PEFT with lorakit's outputs."""
+    peft = pytest.importorskip("peft")
+    x = FAMILIES["bert"][1]
+    for saved, task in (([], None), (["classifier"], "SEQ_CLS")):
+        model = bert()
+        lorakit.inject(model, LoRAConfig(r=2, target_modules=["query"], modules_to_save=saved, init_lora_weights=False))
+        folder = tmp_path / str(task)
+        lorakit.save_adapter(model, folder)
+        assert json.load(open(folder / "adapter_config.json"))["task_type"] == task
+        theirs = peft.PeftModel.from_pretrained(bert(), str(folder)).eval()
+        torch.testing.assert_close(out(theirs, x), out(model, x), rtol=1e-5, atol=1e-5)

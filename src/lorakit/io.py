@@ -90,8 +90,9 @@ def _config_dict(model: nn.Module, adapter_name: str) -> dict:
         d["base_model_name_or_path"] = getattr(hf_config, "_name_or_path", None) or None
     if d.get("task_type") is None and type(model).__name__.endswith("ForCausalLM"):
         d["task_type"] = "CAUSAL_LM"
-    if d.get("task_type") is None and type(model).__name__.endswith("ForSequenceClassification"):
-        d["task_type"] = "SEQ_CLS"
+    if (d.get("task_type") is None and type(model).__name__.endswith("ForSequenceClassification")
+            and {"classifier", "score"} & set(config.modules_to_save or ())):
+        d["task_type"] = "SEQ_CLS"  # PEFT then expects the head's weights (it adds classifier / score to modules_to_save)
     return d
 
 
