@@ -143,6 +143,12 @@ def test_a_lazily_loaded_broken_adapter_fails_only_its_requests(server, world):
     try:
         status, body = post(server, "/v1/completions", completion(model="broken"))
         assert status == 400 and body["error"]["param"] == "model" and "truncated" in body["error"]["message"]
+        status, body = post(server, "/v1/completions", completion(model="broken", stream=True))  # was a 200 stream
+        assert status == 400 and body["error"]["param"] == "model" and "truncated" in body["error"]["message"]
+        openai = pytest.importorskip("openai")
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="truncated"):
+            list(c.chat.completions.create(model="broken", messages=[{"role": "user", "content": "hi"}], stream=True))
         assert "broken" not in server.request("GET", "/health")[1]["resident"]
         assert post(server, "/v1/completions", completion())[0] == 200
     finally:

@@ -102,9 +102,35 @@ async def create(server, body: dict, chat: bool, disconnected=None):
               sum(len(p) for p in prompts), usage_opt, disconnected)
     server.engine.submit(request)
     if req.stream:
-        return StreamingResponse(_stream(server, job), media_type="text/event-stream",
+        first = await _first_event(server, job)
+        if first is None:
+            return JSONResponse(protocol.error_body(499, "client closed the request"), status_code=499)
+        return StreamingResponse(_stream(server, job, first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _collect(server, job)
+
+
+async def _first_event(server, job: Job):
+    """A stream's first event, awaited before the response starts, so that a request failing before any text
+    (an adapter that cannot be loaded, a failed prefill) gets its status and error body, as without
+    ``stream``, not a 200 stream carrying the error; None if the client left meanwhile.
+
+    Raises:
+        ServeError: the request's failure.
+    """
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), 0.25)
+        except asyncio.TimeoutError:
+            if job.disconnected is not None and await job.disconnected():
+                job.request.cancelled = True  # nobody to answer; the engine drops the rows
+                done(server, job, 499)
+                return None
+            continue
+        if event[0] is None:
+            job.request.cancelled = True
+            raise event[1]
+        return event
 
 
 async def _collect(server, job: Job) -> JSONResponse:
@@ -140,12 +166,13 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode() if not isinstance(obj, str) else f"data: {obj}\n\n".encode()
 
 
-async def _stream(server, job: Job):
+async def _stream(server, job: Job, pending: tuple | None):
     rows, status = job.request.rows, 200
     open_rows, started = set(range(rows)), set()
     try:
         while open_rows:
-            index, delta, finish = await job.events.get()
+            index, delta, finish = pending if pending is not None else await job.events.get()  # _first_event's
+            pending = None
             if index is None:
                 status = delta.status
                 yield _sse(protocol.error_body(delta.status, str(delta), delta.param, delta.code))
