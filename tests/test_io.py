@@ -115,6 +115,8 @@ def test_missing_folder_and_wrong_architecture(saved):
     _, path = saved
     with pytest.raises(AdapterLoadError, match="does not exist"):
         load_adapter(tiny_llama(), path / "nope")
+    with pytest.raises(AdapterLoadError, match=r"adapter_config.json' is a file; an adapter is a folder"):
+        load_adapter(tiny_llama(), path / "adapter_config.json")  # said "does not exist"
     other = torch.nn.Sequential(torch.nn.Linear(3, 3))
     _assert_refused(other, TargetModuleError, "q_proj", lambda: load_adapter(other, path))
 

@@ -336,3 +336,23 @@ def test_an_adapter_on_target_parameters_is_refused_at_load(world):
     with pytest.raises(ServeError, match="uses target_parameters") as e:
         engine.install("params", "somewhere", config, {})
     assert e.value.status == 400 and lorakit.list_adapters(model) == []
+
+
+def test_an_evicted_adapter_whose_folder_was_deleted_is_no_longer_listed(world, tmp_path):
+    """Once loaded, an --adapter-dir adapter stayed in /v1/models after its folder was deleted, and a request
+    for it got a 400 about the missing file; now it is listed while resident (still servable from memory),
+    and gone, a 404, once evicted."""
+    from lorakit.app.serve.registry import Registry
+
+    _, base, adapters, _ = world
+    root = tmp_path / "adapters"
+    shutil.copytree(adapters / "other", root / "gone")
+    shutil.copytree(adapters / "other", root / "kept")
+    reg = Registry(str(root), 4, "base", str(base))
+    for name in ("gone", "kept"):
+        reg.add(name, reg.known(name).path)
+        reg.resident.add(name)
+    shutil.rmtree(root / "gone")
+    assert [e.name for e in reg.listing()] == ["gone", "kept"]  # resident: still served
+    reg.resident.discard("gone")  # evicted
+    assert [e.name for e in reg.listing()] == ["kept"] and reg.known("gone") is None

@@ -158,7 +158,8 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
         raise AdapterLoadError(f"an adapter path must be a str or os.PathLike folder, got {type(path).__name__} {path!r}")
     path = Path(path)
     if not path.is_dir():
-        raise AdapterLoadError(f"adapter folder {str(path)!r} does not exist")
+        raise AdapterLoadError(f"adapter folder {str(path)!r} does not exist" if not path.exists() else
+                               f"{str(path)!r} is a file; an adapter is a folder ({CONFIG_NAME}, {WEIGHTS_NAME})")
     cfg_file, w_file, bin_file = path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME
     if not cfg_file.is_file():
         raise AdapterLoadError(f"{str(cfg_file)!r} is missing")

@@ -54,7 +54,7 @@ class Server:
         """
         if model == self.base_id:
             return None
-        if model in self.registry.entries or self.registry.known(model) is not None:
+        if self.registry.known(model) is not None:  # a loaded adapter whose folder was deleted since: 404
             return model
         raise ServeError(404, f"the model {model!r} does not exist", "model", code="model_not_found")
 
@@ -72,7 +72,7 @@ class Server:
         return self.formats[adapter]
 
     def count(self, model: str, status: int) -> None:
-        known = model == self.base_id or model in self.registry.entries or self.registry.known(model) is not None
+        known = model == self.base_id or self.registry.known(model) is not None
         self.metrics.requests.labels(model if known else "(unknown)", str(status)).inc()
 
     def check_key(self, request: Request) -> None:
@@ -192,7 +192,7 @@ def _admin_routes(app: FastAPI, server: Server) -> None:
         body = protocol.parse_json(await read_body(request))
         reg = server.registry
         name = reg.check_name(body.get("lora_name"), "lora_name")
-        if name in reg.entries or name in reg.resident or reg.known(name) is not None:
+        if name in reg.resident or reg.known(name) is not None:
             raise ServeError(400, f"the adapter {name!r} has already been loaded", "lora_name", code="adapter_exists")
         path = reg.resolve(body.get("lora_path"))
         config, tensors = await asyncio.to_thread(reg.read, path)

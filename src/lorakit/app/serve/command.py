@@ -29,7 +29,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-dir", help="every subfolder is an adapter servable by its name, loaded on first use; "
                    "run-time loads must lie inside it")
     p.add_argument("--max-loaded", type=int, help="adapters resident at once, least recently used evicted first "
-                   "(default 16, or one more than the number of --adapter)")
+                   "(default 16, or the number of --adapter, plus one with --adapter-dir or run-time loading)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $LORAKIT_API_KEY)")

@@ -103,7 +103,7 @@ class Registry:
         """The entry of a servable adapter (pinned, run-time loaded, or an ``--adapter-dir``
         subfolder), or None."""
         if name in self.entries:
-            return self.entries[name]
+            return None if self._gone(self.entries[name]) else self.entries[name]
         if self.root is None:
             return None
         if not NAME.fullmatch(name) or "/" in name or name in (".", ".."):
@@ -115,12 +115,16 @@ class Registry:
 
     def listing(self) -> list[Entry]:
         """Every servable adapter, by name."""
-        out = dict(self.entries)
+        out = {n: e for n, e in self.entries.items() if not self._gone(e)}
         if self.root is not None and self.root.is_dir():
             for folder in sorted(self.root.iterdir()):
                 if folder.name not in out and (e := self.known(folder.name)) is not None:
                     out[folder.name] = e
         return [out[k] for k in sorted(out)]
+
+    def _gone(self, e: Entry) -> bool:
+        """Whether ``e`` is no longer servable: not resident, and its folder's config deleted since it loaded."""
+        return e.name not in self.resident and not (Path(e.path) / CONFIG_NAME).is_file()
 
     def add(self, name: str, path: Path, pinned: bool = False) -> Entry:
         """Remember a servable adapter (a resident one stays remembered after eviction)."""
