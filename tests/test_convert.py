@@ -179,8 +179,9 @@ def test_torchtune_alpha_from_its_adapter_config_and_errors(tmp_path):
     src = tmp_path / "ckpt"
     src.mkdir()
     write_torchtune(src / "adapter_0.pt", alpha=4.0)
-    with pytest.raises(AdapterLoadError, match="--lora-alpha"):
+    with pytest.raises(AdapterLoadError, match="--lora-alpha") as e:
         convert_torchtune(src, tmp_path / "peft", str(tmp_path / "base"))
+    assert str(e.value).count(str(src)) == 1  # the path was named twice
     (src / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4.0, "target_modules": ["q_proj"]}))
     out = convert_torchtune(src, tmp_path / "peft", str(tmp_path / "base"))
     assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 4.0

@@ -155,6 +155,16 @@ def test_export_refusals(tmp_path):
     assert not (tmp_path / "a.gguf").exists()
     with pytest.raises(AdapterLoadError, match="general.type='model'"):
         import_gguf_adapter(str(default_gguf()), str(tmp_path / "x"), str(base))
+    adapter, _ = make_adapter(tmp_path / "plain")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 4, "n_layer": 2}))
+    from lorakit.errors import ModelLoadError
+    with pytest.raises(ModelLoadError, match="describes a 'gpt2' model .*: not a Llama-style base"):  # named no arch
+        export_gguf_adapter(str(adapter), str(tmp_path / "b.gguf"), base_model=str(gpt2))
+    with pytest.raises(CLIError, match="is a folder; --output names the .gguf file"):  # named a temporary file
+        export_gguf_adapter(str(adapter), str(gpt2), base_model=str(tmp_path / "plain" / "base"), overwrite=True)
+    assert (gpt2 / "config.json").is_file()
 
 
 def test_import_names_tensors_it_cannot_hold(tmp_path):

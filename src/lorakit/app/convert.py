@@ -219,9 +219,9 @@ def convert_torchtune(src: str | Path, out: str | Path, base_model: str, lora_al
         if hf.endswith(("q_proj", "k_proj")):
             b = from_interleaved(b, dims.n_heads if hf.endswith("q_proj") else dims.n_kv_heads)
         weights[hf] = (a, b)
-    r = next(iter(pairs.values()))[0].shape[0]
+    r, alpha = next(iter(pairs.values()))[0].shape[0], _tune_alpha(src, lora_alpha)  # names src itself
     try:
-        config = LoRAConfig(r=int(r), lora_alpha=_tune_alpha(src, lora_alpha), task_type="CAUSAL_LM",
+        config = LoRAConfig(r=int(r), lora_alpha=alpha, task_type="CAUSAL_LM",
                             base_model_name_or_path=base_model, **targets_for(sorted(weights)))
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterLoadError(f"{str(src)!r}: {e}") from None

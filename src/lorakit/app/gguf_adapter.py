@@ -118,9 +118,11 @@ def export_gguf_adapter(adapter: str, output: str, outtype: str = "f32", base_mo
         AdapterLoadError: unreadable adapter, or parts llama.cpp cannot hold (DoRA, lora_bias, biases,
             modules_to_save, embeddings, a tied lm_head).
         ModelLoadError: the base's config cannot be read or its architecture is not supported.
-        CLIError: ``output`` exists, without ``overwrite``.
+        CLIError: ``output`` is a folder, or exists without ``overwrite``.
     """
     out = Path(output)
+    if out.is_dir():  # --overwrite replaces a file, never a folder
+        raise CLIError(f"output {str(out)!r} is a folder; --output names the .gguf file to write")
     if out.exists() and not overwrite:
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
     if base_model is None:

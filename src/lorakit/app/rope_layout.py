@@ -97,7 +97,9 @@ def _hf_dims(cfg: dict, source: str) -> BaseDims:
         return BaseDims(str(cfg.get("model_type", "")), n, int(cfg.get("num_key_value_heads") or n),
                         int(cfg["num_hidden_layers"]))
     except (KeyError, TypeError, ValueError):
-        raise ModelLoadError(f"{source!r} lacks num_attention_heads / num_hidden_layers") from None
+        kind = f"a {cfg['model_type']!r} model" if cfg.get("model_type") else "a model"
+        raise ModelLoadError(f"{source!r} describes {kind} without num_attention_heads / num_hidden_layers: not a "
+                             "Llama-style base (GGUF files cover llama, mistral and qwen2)") from None
 
 
 def _gguf_dims(path: Path) -> BaseDims:
