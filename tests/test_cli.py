@@ -58,6 +58,13 @@ def test_end_to_end(tiny, capsys, tmp_path):
     assert code == 0
     assert "r:             8" in stdout and "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (14 modules)" in stdout
     assert "trainable" in stdout and "% of" in stdout and "file size" in stdout
+    assert "rank_pattern" not in stdout and "modules_to_save" not in stdout  # shown only when set
+    cfg_file = out / "adapter_config.json"
+    cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"rank_pattern": {"k_proj": 8},
+                                                                       "alpha_pattern": {"v_proj": 4}}))
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and 'rank_pattern:  {"k_proj": 8}' in stdout and 'alpha_pattern: {"v_proj": 4.0}' in stdout
+    cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"rank_pattern": {}, "alpha_pattern": {}}))
 
     code, stdout, _ = run(capsys, "eval", "--adapter", out, "--data", data)
     res = json.loads(stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorakit import read_adapter, unload
 from lorakit.config import ALL_LINEAR
-from lorakit.errors import AdapterLoadError, CLIError, UsageError
+from lorakit.errors import CLIError, UsageError
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, adapter_file_size
 
 from . import g2p
@@ -109,10 +109,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe an adapter folder: base model, task, prompt format, r, alpha, targets, parameters, size."""
-    if not Path(args.adapter).is_dir():
-        raise AdapterLoadError(f"adapter folder {args.adapter!r} does not exist")
-    config, tensors = read_adapter(args.adapter)
+    """Describe an adapter folder: base model, task, prompt format, r, alpha (with rank_pattern /
+    alpha_pattern, modules_to_save when set), targets, parameters, size."""
+    config, tensors = read_adapter(args.adapter)  # a missing folder, or a file, named as read_adapter names it
     meta = read_metadata(args.adapter)
     trainable = sum(t.numel() for t in tensors.values())
     base_params = meta.get("base_parameters")
@@ -136,6 +135,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("r", f"{config.r}{dora}"),
         ("lora_alpha", f"{config.lora_alpha:g} (scaling {config.scaling_for(''):g}{rslora})"),
         ("targets", f"{targets} ({modules} modules)"),
+        *[(k, json.dumps(v, sort_keys=True)) for k, v in (("rank_pattern", config.rank_pattern),
+                                                             ("alpha_pattern", config.alpha_pattern)) if v],
+        *([("modules_to_save", ", ".join(config.modules_to_save))] if config.modules_to_save else []),
         ("trainable", f"{trainable:,} parameters{share}"),
         ("file size", f"{size:,} bytes ({size / 2**20:.2f} MiB, {WEIGHTS_NAME}; config {CONFIG_NAME})"),
     ]
