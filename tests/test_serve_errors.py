@@ -281,12 +281,10 @@ def test_a_failed_prefill_answers_its_requests_and_the_running_batch_goes_on(wor
         engine.drain(10)
 
 
-def test_an_adapter_training_the_models_biases_runs_in_batches_of_its_own(world, tmp_path):
-    """mixed_batch refuses to mix a ``bias != "none"`` adapter with other rows; the server put it in the running
-    batch all the same, failing the other requests there (500) or, in a prefill, leaving them unanswered. Now its
-    requests wait for the batch to drain and run alone, and the others wait for them: every request is answered."""
-    import concurrent.futures
-
+def test_an_adapter_training_the_models_biases_is_refused_and_changes_nothing(world, tmp_path):
+    """A ``bias != "none"`` adapter writes its biases into the one shared base model: served, it changed every
+    other request's output, for good (and mixed_batch refused it beside other rows, failing them). It is now
+    refused with 400, and the base model and the other adapters answer as before."""
     import lorakit
     from transformers import AutoModelForCausalLM
 
@@ -294,26 +292,20 @@ def test_an_adapter_training_the_models_biases_runs_in_batches_of_its_own(world,
     folder = tmp_path / "adapters"
     shutil.copytree(adapters / "other", folder / "other")
     model = AutoModelForCausalLM.from_pretrained(base)
-    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], bias="lora_only",
+    lorakit.inject(model, lorakit.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], bias="all",
                                              init_lora_weights=False), adapter_name="biased")
     lorakit.save_adapter(model, folder / "biased", adapter_name="biased")
-    s = ServerProcess("--model", str(base), "--adapter-dir", str(folder), "--max-batch", "4")
+    s = ServerProcess("--model", str(base), "--adapter-dir", str(folder))
     try:
-        alone = {m: s.request("POST", "/v1/completions", completion(model=m, max_tokens=6, temperature=0))
-                 for m in ("biased", "other")}
-        assert all(status == 200 for status, _ in alone.values()), alone
-        bodies = [completion(model="other", max_tokens=40, temperature=0, ignore_eos=True)]
-        bodies += [completion(model=m, max_tokens=6, temperature=0) for m in ("biased", "other", "biased")]
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            futures = []
-            for body in bodies:
-                futures.append(pool.submit(s.request, "POST", "/v1/completions", body))
-                time.sleep(0.05)
-            got = [f.result() for f in futures]
-        assert [status for status, _ in got] == [200] * 4, got
-        for (status, out), body in zip(got[1:], bodies[1:]):
-            assert out["choices"][0]["text"] == alone[body["model"]][1]["choices"][0]["text"]
-        assert s.request("GET", "/health")[1]["running"] == 0
+        before = {m: s.request("POST", "/v1/completions", completion(model=m, max_tokens=6, temperature=0))[1]
+                  for m in (str(base), "other")}
+        for stream in (False, True):
+            status, body = s.request("POST", "/v1/completions", completion(model="biased", stream=stream))
+            assert status == 400 and "trains the base model's own biases (bias='all')" in body["error"]["message"]
+        for m, out in before.items():
+            again = s.request("POST", "/v1/completions", completion(model=m, max_tokens=6, temperature=0))[1]
+            assert again["choices"][0]["text"] == out["choices"][0]["text"]
+        assert "biased" not in s.request("GET", "/health")[1]["resident"]
     finally:
         assert s.stop() == 0
 

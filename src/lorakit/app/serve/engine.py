@@ -52,7 +52,6 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
         self._block: contextlib.ExitStack | None = None
         self._block_names: list | None = None
-        self.alone: set[str] = set()  # adapters that train the model's biases: mixed_batch runs them in batches of their own
 
     # --- the public side (any thread) --------------------------------------------------------
 
@@ -146,20 +145,24 @@ class Engine:
         the server is full; refused adapters leave the model unchanged.
 
         Raises:
-            ServeError: 400 when the adapter does not fit the base model (the mismatch named), or uses
-                ``target_parameters``, which per-row batching (``mixed_batch``) does not support.
+            ServeError: 400 when the adapter does not fit the base model (the mismatch named), uses
+                ``target_parameters``, which per-row batching (``mixed_batch``) does not support, or trains the
+                base model's own biases (``bias`` other than "none": they would change every request).
         """
         if config.target_parameters:
             raise ServeError(400, f"adapter {name!r} uses target_parameters ({config.target_parameters!r}), which "
                              "the server's per-row batching (mixed_batch) does not support", "lora_path",
                              code="invalid_adapter")
+        if config.bias != "none":  # its biases are the base model's own: loading it would change every request
+            raise ServeError(400, f"adapter {name!r} trains the base model's own biases (bias={config.bias!r}); the "
+                             "server shares one base model, so it cannot serve it (merge it: lorakit merge)",
+                             "lora_path", code="invalid_adapter")
         self._close_block()
         try:
             load_adapter_tensors(self.model, config, tensors, name, path)
         except LoRAError as e:
             raise ServeError(400, f"adapter {name!r} does not fit the base model: {e}", "lora_path",
                              code="invalid_adapter") from None
-        (self.alone.add if config.bias != "none" else self.alone.discard)(name)
         self.registry.add(name, path, pinned)
         self.registry.resident.add(name)
         self.metrics.loads.inc()
@@ -249,9 +252,6 @@ class Engine:
                 continue
             if req.rows > free:
                 break
-            mix = busy | {s.adapter for s in admitted} | {name}
-            if len(mix) > 1 and self.alone & mix:  # a biases-training adapter: its rows run alone; in order, so
-                break  # the batch drains and it runs next, never starved
             free -= req.rows
             self._remove_waiting(req)
             if name is not None:
