@@ -243,8 +243,9 @@ def _wrap(model: nn.Module, name: str, shared: dict[int, tuple[str, ...]]) -> Lo
 
 
 def biases(model: nn.Module, config: LoRAConfig, adapted: set[str]) -> dict[str, nn.Parameter]:
-    """The model biases ``config.bias`` trains when the modules ``adapted`` carry the adapter, by
-    their names once those are wrapped (``<module>.base_layer.bias``, as PEFT names them): none,
+    """The model biases ``config.bias`` trains when the modules ``adapted`` carry the adapter, by their
+    names in a model holding this adapter alone (``<module>.base_layer.bias`` for an adapted module, as PEFT
+    names them, ``<module>.bias`` for another, even if another adapter wrapped it): none,
     every bias outside lorakit's parts (``bias="all"``), or the adapted modules' (``"lora_only"``).
     ``adapted`` may name modules not wrapped yet (a load checks its keys before injecting)."""
     if config.bias == "none":
@@ -255,10 +256,9 @@ def biases(model: nn.Module, config: LoRAConfig, adapted: set[str]) -> dict[str,
         if not (n == "bias" or n.endswith(".bias")) or ".adapters." in n or any(n.startswith(s) for s in skip):
             continue
         owner = n[: -len(".bias")]
-        wrapped = owner.endswith(".base_layer")
-        owner = owner[: -len(".base_layer")] if wrapped else owner
-        if owner in adapted or config.bias == "all":
-            out[n if wrapped or owner not in adapted else f"{owner}.base_layer.bias"] = p
+        owner = owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
+        if owner in adapted or config.bias == "all":  # the file's keys do not depend on other adapters
+            out[f"{owner}.base_layer.bias" if owner in adapted else f"{owner}.bias"] = p
     return out
 
 
