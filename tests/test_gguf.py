@@ -194,6 +194,32 @@ def test_cli_export_and_convert_back(tmp_path, capsys):
     assert cli.main(["export", "--adapter", str(adapter), "--output", str(tmp_path / "a.gguf"),
                      "--base-model", str(base)]) == 1
     assert "already exists" in capsys.readouterr().err
+    weights = adapter / "adapter_model.safetensors"
+    before = weights.read_bytes()
+    assert cli.main(["export", "--adapter", str(adapter), "--output", str(weights), "--base-model", str(base),
+                     "--overwrite"]) == 1  # wrote GGUF bytes over the adapter it read
+    assert "refusing to overwrite" in capsys.readouterr().err and weights.read_bytes() == before
+    assert cli.main(["export", "--adapter", str(adapter), "--output", str(adapter / "a.gguf"),
+                     "--base-model", str(base)]) == 0  # a new file beside the input is fine
+
+
+def test_merge_refuses_outputs_over_the_base_model_it_read(tmp_path, capsys):
+    """Without a lorakit.json the base came from adapter_config.json and was not guarded: ``merge --output
+    BASE_PARENT --overwrite`` removed the base model, and ``--format gguf --output BASE/model.safetensors``
+    overwrote its weights."""
+    folder = tiny_model_folder(tmp_path / "parent" / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    inject(model, LoRAConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=str(folder)))
+    save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in folder.iterdir())
+    for extra in (["--output", str(tmp_path / "parent")], ["--output", str(folder)],
+                  ["--format", "gguf", "--output", str(folder / "model.safetensors")]):
+        assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--overwrite", *extra]) == 1, extra
+        assert "refusing to" in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == files
+    AutoModelForCausalLM.from_pretrained(folder)  # still loads
 
 
 # --- merged models -------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "dequantized_from": kind,  # the adapter was trained on this quantised base
         })
 
-    write_folder(out, fill, replace=True, inputs=(args.adapter, meta.get("base_model")))
+    write_folder(out, fill, replace=True, inputs=(args.adapter, meta.get("base_model"), lm.reference))
     print(f"merged checkpoint written to {out}")
     return 0
 
@@ -142,5 +142,5 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("file size", f"{size:,} bytes ({size / 2**20:.2f} MiB, {WEIGHTS_NAME}; config {CONFIG_NAME})"),
     ]
     for k, v in lines:
-        print(f"{k + ':':<15}{v}")
+        print(f"{k + ':':<15}{v}" if len(k) < 14 else f"{k}: {v}")
     return 0

@@ -63,6 +63,18 @@ def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace:
             old.unlink(missing_ok=True)
 
 
+def check_output_file(dest: str | os.PathLike, inputs: tuple) -> None:
+    """Raises ``SaveError`` if writing the file ``dest`` would overwrite one of ``inputs`` or an existing file
+    inside an input folder (``lorakit export --output ADAPTER/adapter_model.safetensors --overwrite``); a new
+    file beside an input (``ADAPTER/merged.gguf``) is fine."""
+    target = Path(dest).resolve()
+    for i in inputs:
+        held = Path(i).resolve() if i else None
+        if held is not None and (target == held or (target.exists() and held in target.parents)):
+            raise SaveError(f"refusing to overwrite {str(dest)!r}: it is input {str(i)!r} or one of its files; "
+                            "choose another output")
+
+
 def _check_replaceable(dest: Path, inputs: tuple) -> None:
     """Raises ``SaveError`` if replacing ``dest`` would remove the current folder or one of ``inputs``."""
     target = dest.resolve()

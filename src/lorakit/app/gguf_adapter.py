@@ -23,6 +23,7 @@ from lorakit.durable import write_atomic
 from lorakit.errors import AdapterLoadError, CLIError, ConfigError
 
 from .convert import targets_for, write_peft
+from .files import check_output_file
 from .gguf_names import gguf_arch, gguf_module_names, permuted_heads
 from .models import adapter_meta
 from .rope_layout import from_interleaved, read_dims, to_interleaved
@@ -127,6 +128,7 @@ def export_gguf_adapter(adapter: str, output: str, outtype: str = "f32", base_mo
         raise CLIError(f"output {str(out)!r} already exists (use --overwrite or another --output)")
     if base_model is None:
         _, base_model = adapter_meta(adapter)
+    check_output_file(out, (adapter, base_model))
     config, tensors = read_adapter(adapter)
     _refuse_unsupported(config, tensors, adapter)
     dims = read_dims(base_model)

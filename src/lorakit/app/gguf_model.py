@@ -18,6 +18,7 @@ from lorakit import unload
 from lorakit.errors import CLIError, ModelLoadError
 
 from .console import quiet_transformers
+from .files import check_output_file
 from .gguf_adapter import write_gguf
 from .gguf_names import gguf_arch, name_map, permuted_heads
 from .models import DEFAULT_MODEL, default_gguf, load_with_adapter, make_plain
@@ -144,6 +145,7 @@ def cmd_merge_gguf(args: argparse.Namespace) -> int:
         raise CLIError(f"output {str(out)!r} is a folder; --format gguf writes one file")
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
+    check_output_file(out, (args.adapter, lm.reference, meta.get("base_model")))
     full_precision(lm.model)  # a quantised base: float32 dequant(W) first, as the transformers merge
     model = unload(lm.model, merge=True)
     make_plain(model)
