@@ -118,19 +118,18 @@ async def _first_event(server, job: Job):
     Raises:
         ServeError: the request's failure.
     """
-    while True:
-        try:
-            event = await asyncio.wait_for(job.events.get(), 0.25)
-        except asyncio.TimeoutError:
-            if job.disconnected is not None and await job.disconnected():
-                job.request.cancelled = True  # nobody to answer; the engine drops the rows
-                done(server, job, 499)
-                return None
-            continue
-        if event[0] is None:
-            job.request.cancelled = True
-            raise event[1]
-        return event
+    getter = asyncio.ensure_future(job.events.get())  # one getter throughout: a timed-out wait_for may drop an item
+    while not (await asyncio.wait({getter}, timeout=0.25))[0]:
+        if job.disconnected is not None and await job.disconnected():
+            getter.cancel()
+            job.request.cancelled = True  # nobody to answer; the engine drops the rows
+            done(server, job, 499)
+            return None
+    event = getter.result()
+    if event[0] is None:
+        job.request.cancelled = True
+        raise event[1]
+    return event
 
 
 async def _collect(server, job: Job) -> JSONResponse:
