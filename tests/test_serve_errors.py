@@ -237,7 +237,8 @@ def test_an_adapter_trained_on_a_quantised_base_is_served_with_a_warning(world, 
 
 def test_a_failed_prefill_answers_its_requests_and_the_running_batch_goes_on(world):
     """Requests admitted in a prefill that raises were not in the running batch yet: they were dropped without
-    an answer (their clients hung). Now they get the error, and the requests already decoding finish."""
+    an answer (their clients hung). Now they get the error, the requests already decoding finish, and a
+    healthy request admitted with the failing one is prefilled again alone and succeeds."""
     import threading
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -258,7 +259,7 @@ def test_a_failed_prefill_answers_its_requests_and_the_running_batch_goes_on(wor
         return real(seqs)
 
     engine._prefill = prefill
-    ends, done = {}, {k: threading.Event() for k in ("long", "bad", "after")}
+    ends, done = {}, {k: threading.Event() for k in ("long", "bad", "after", "bad2", "beside")}
 
     def request(key, prompt, max_tokens):
         def sink(index, delta, finish):
@@ -277,6 +278,11 @@ def test_a_failed_prefill_answers_its_requests_and_the_running_batch_goes_on(wor
         engine.submit(request("after", [9, 10], 4))
         assert done["long"].wait(60) and done["after"].wait(60)
         assert ends["long"] == "length" and ends["after"] == "length"  # the running request was not failed
+        with engine.wake:  # admitted in one prefill: they failed together; now only the one at fault fails
+            engine.waiting.extend([request("bad2", bad, 4), request("beside", [11, 12], 4)])
+            engine.wake.notify()
+        assert done["bad2"].wait(60) and done["beside"].wait(60)
+        assert isinstance(ends["bad2"], Exception) and ends["beside"] == "length"
     finally:
         engine.drain(10)
 

@@ -310,16 +310,24 @@ class Engine:
 
     def _prefill_or_fail(self, seqs: list[Sequence]) -> None:
         """``_prefill``; if it fails, the new sequences' requests get the error (they are not in the batch
-        yet, so a failed step would leave them unanswered) and the running batch goes on decoding."""
+        yet, so a failed step would leave them unanswered) and the running batch goes on decoding. Several
+        requests that failed together are prefilled again one by one, so only the one at fault fails."""
         try:
             self._prefill(seqs)
+            return
         except Exception as e:  # noqa: BLE001 - a failed prefill fails its own requests, never the server
             log.error("prefill failed: %s\n%s", e, traceback.format_exc())
             self._close_block()  # the block's rows were set for the failed prefill: entered afresh next step
             error = ServeError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error")
-            for req in {id(s.request): s.request for s in seqs}.values():
-                req.cancelled = True
-                req.sink(None, error, None)
+        requests = list({id(s.request): s.request for s in seqs}.values())
+        joined = {id(s) for s in self.batch.seqs}
+        if len(requests) > 1 and not any(id(s) in joined for s in seqs):  # none joined: each may try alone
+            for req in requests:
+                self._prefill_or_fail([s for s in seqs if s.request is req])
+            return
+        for req in requests:
+            req.cancelled = True
+            req.sink(None, error, None)
 
     def _decode(self) -> None:
         self._enter([s.adapter for s in self.batch.seqs])
