@@ -103,7 +103,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             "dequantized_from": kind,  # the adapter was trained on this quantised base
         })
 
-    write_folder(out, fill, replace=True, inputs=(args.adapter, meta.get("base_model"), lm.reference))
+    write_folder(out, fill, replace=True, inputs=(args.adapter, lm.reference))  # the base as loaded
     print(f"merged checkpoint written to {out}")
     return 0
 

@@ -145,7 +145,7 @@ def cmd_merge_gguf(args: argparse.Namespace) -> int:
         raise CLIError(f"output {str(out)!r} is a folder; --format gguf writes one file")
     quiet_transformers()
     lm, meta = load_with_adapter(args.adapter)
-    check_output_file(out, (args.adapter, lm.reference, meta.get("base_model")))
+    check_output_file(out, (args.adapter, lm.reference))  # the base as loaded
     full_precision(lm.model)  # a quantised base: float32 dequant(W) first, as the transformers merge
     model = unload(lm.model, merge=True)
     make_plain(model)
