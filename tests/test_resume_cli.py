@@ -251,6 +251,8 @@ def test_hand_edited_trainer_state_counts_as_damage(world, crashed, capsys):
 def test_resume_from_another_folder(world, crashed, capsys, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(crashed, copy)
+    state = copy / "checkpoint-4" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 4', '"step": 3'))  # damaged: the run goes back to step 2
     cwd = os.getcwd()
     os.chdir(tmp_path)  # neither model nor train.jsonl is here: the run recorded absolute paths
     try:
@@ -259,7 +261,9 @@ def test_resume_from_another_folder(world, crashed, capsys, tmp_path):
         os.chdir(cwd)
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "resuming from" in out and (copy / "adapter_model.safetensors").is_file()
+    assert (copy / "adapter_model.safetensors").is_file()
+    note, resumed = out.index("skipping damaged checkpoint"), out.index(f"resuming from {copy / 'checkpoint-2'} (step 2 of")
+    assert note < resumed  # the log says why before it says where from
 
 
 def test_new_run_refuses_a_folder_with_checkpoints(world, crashed, capsys):

@@ -341,7 +341,6 @@ def _train_lm(o: TrainOptions, t_start: float, resume: tuple[Path, dict] | None,
     results: dict = {}
     if resume is not None:  # evaluated before the interrupted run's first step
         results["before"], before_preds = resume[1]["extra"]["before"], resume[1]["extra"]["before_preds"]
-        print(f"resuming from {resume[0]} (step {resume[1]['step']} of {n_steps})", flush=True)
     elif main or o.fsdp:  # a sharded model evaluates on every rank together
         with disable_adapters(model) if not o.full else nullcontext():  # the base model (B = 0: same, slower)
             results["before"], before_preds = _evaluate(model, tok, train_data, split, val_ex, "before")

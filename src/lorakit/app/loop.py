@@ -194,6 +194,8 @@ class _Run:
             path, doc = checkpoint.latest(ck.folder, log=print if self.main else lambda *_: None)
             if doc["step"] > self.total:
                 raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {self.total} steps")
+            if self.main:  # after latest's notes on damaged checkpoints skipped
+                print(f"resuming from {path} (step {doc['step']} of {self.total})", flush=True)
             state = checkpoint.restore(path, doc, self.model, self.opt, self.sched, [n for n, _ in self.named],
                                        self.config(), self.d.rank if self.d is not None else 0, self.fsdp)
             state.extra |= ck.extra  # the caller's newer values win
