@@ -329,3 +329,64 @@ def test_float8_weights_and_a_non_path_are_refused_with_load_errors(factors, tmp
         lorakit.load_adapter(Net(), folder)
     with pytest.raises(AdapterLoadError, match="must be a str or os.PathLike folder, got NoneType"):
         lorakit.load_adapter(Net(), None)
+
+
+def test_fields_a_file_leaves_out_mean_what_peft_fills_in(factors, tmp_path):
+    """No ``lora_alpha``: PEFT's default 8 (scaling 8 / r, not lorakit's 16 / r); no or a null ``target_modules``:
+    the modules the weight file adapts (PEFT fills a per-architecture list; the keys are what the file holds)."""
+    a, b = factors
+    tensors = {"base_model.model.lin.lora_A.weight": a, "base_model.model.lin.lora_B.weight": b}
+    net = Net()
+    x = torch.randn(3, 4)
+    want = net(x) + (8 / 2) * (x @ a.T @ b.T)  # r=2: s = 8 / 2 by hand
+    for i, config in enumerate([{"r": 2, "target_modules": ["lin"]}, {"r": 2}, {"r": 2, "target_modules": None}]):
+        folder = _write(tmp_path / str(i), tensors, {"peft_type": "LORA", **config})
+        loaded = Net()
+        loaded.load_state_dict(net.state_dict())
+        lorakit.load_adapter(loaded, folder)
+        torch.testing.assert_close(loaded(x), want, rtol=0, atol=1e-6)
+        assert lorakit.list_adapters(loaded) == ["default"]
+    folder = _write(tmp_path / "none", {}, {"peft_type": "LORA", "r": 2})
+    with pytest.raises(AdapterLoadError, match="names no target_modules.*holds no lora_A"):
+        lorakit.load_adapter(Net(), folder)
+
+
+def test_peft_file_without_lora_alpha_or_target_modules_loads_with_peft_outputs(tmp_path):
+    build, x, *_ = FAMILIES["llama"]
+    pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "p")
+    cfg = tmp_path / "p" / "adapter_config.json"
+    doc = json.loads(cfg.read_text())
+    del doc["lora_alpha"], doc["target_modules"]
+    cfg.write_text(json.dumps(doc))
+    expected = out(peft.PeftModel.from_pretrained(build(), tmp_path / "p").eval(), x).detach()
+    model = build()
+    lorakit.load_adapter(model, tmp_path / "p")
+    torch.testing.assert_close(out(model.eval(), x), expected, atol=TOL, rtol=0)
+
+
+def test_overlapping_patterns_keep_their_order_through_save_and_load(tmp_path):
+    """The first ``rank_pattern`` / ``alpha_pattern`` key matching a module wins: the saved file keeps the order, so
+    lorakit and PEFT reload the adapter as it was built (layer 1's q_proj: r=2 and alpha 2 from the "q_proj" keys)."""
+    build, x, *_ = FAMILIES["llama"]
+    patterns = dict(rank_pattern={"q_proj": 2, "layers.1.self_attn.q_proj": 6},
+                    alpha_pattern={"q_proj": 2.0, "layers.1.self_attn.q_proj": 50.0})
+    model = build()
+    lorakit.inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="gaussian",
+                                     **patterns))
+    layer = model.model.layers[1].self_attn.q_proj.adapter("default")
+    assert (layer.r, layer.scaling) == (2, 1.0)  # 2.0 / 2
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_()  # B too: the layers' outputs differ from the base's
+    expected = out(model.eval(), x).detach()
+    lorakit.save_adapter(model, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert [list(saved[k]) for k in patterns] == [list(v) for v in patterns.values()]
+    again = build()
+    lorakit.load_adapter(again, tmp_path / "a")
+    torch.testing.assert_close(out(again.eval(), x), expected, atol=TOL, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "a").eval()
+    torch.testing.assert_close(out(theirs, x), expected, atol=TOL, rtol=0)

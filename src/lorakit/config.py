@@ -20,6 +20,7 @@ from .fields import (ALL_LINEAR, check_alpha, check_excludes, check_layers, chec
                      check_targets, check_tokens)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEFT_LORA_ALPHA = 8.0  # PEFT's LoraConfig default: what a file that leaves lora_alpha out means
 BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT keys that only describe where the adapter came from; kept, never refused.
@@ -240,18 +241,23 @@ class LoRAConfig:
     # --- PEFT adapter_config.json ------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` content in PEFT's format (``peft_type: "LORA"``)."""
+        """The ``adapter_config.json`` content in PEFT's format (``peft_type: "LORA"``), keys sorted.
+
+        ``rank_pattern`` / ``alpha_pattern`` keep their order (the first matching key wins, for PEFT
+        as here), so write the dict as it is, without ``sort_keys``."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
         d["lora_alpha"] = float(self.lora_alpha)
         d.update(peft_type="LORA", inference_mode=True)
-        return d
+        return dict(sorted(d.items()))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
         """Build a config from an ``adapter_config.json`` dict (PEFT's or ours).
 
-        Keys PEFT knows but lorakit does not implement are accepted only at their
+        A missing ``lora_alpha`` is PEFT's default, 8 (``LoRAConfig``'s own default is 16); a
+        missing or null ``target_modules`` is lorakit's default here, which ``read_adapter``
+        replaces by the modules the weight file adapts. Keys PEFT knows but lorakit does not implement are accepted only at their
         neutral value (e.g. ``use_qalora: false``). Keys of older PEFT versions
         (``enable_lora: null``, ``merge_weights``) and keys no version knows are ignored with one
         ``LoRAWarning`` naming them, as PEFT does, unless they change the math or look like a
@@ -286,7 +292,8 @@ class LoRAConfig:
             warnings.warn(f"adapter config keys {ignored} are not LoRA options of this PEFT version; ignored (as PEFT "
                           "does)", LoRAWarning, stacklevel=2)
         if kwargs.get("target_modules") is None and not kwargs.get("target_parameters"):
-            kwargs.pop("target_modules", None)
+            kwargs.pop("target_modules", None)  # io.read_adapter takes them from the weight file's keys
+        kwargs.setdefault("lora_alpha", PEFT_LORA_ALPHA)  # a file without it: PEFT's default, as PEFT loads it
         for k in ("rank_pattern", "alpha_pattern"):
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)

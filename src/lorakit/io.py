@@ -13,6 +13,7 @@ embedding saves ``<module>.lora_embedding_A`` (r x num_embeddings) and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -32,7 +33,7 @@ from .errors import (
     AdapterLoadError, AdapterNotFoundError, ConfigError, LoRAWarning, MergeStateError, SaveError,
 )
 from .inject import aux_shapes, biases, find_targets, inject, trained_biases
-from .keys import PREFIX, clean, mismatch, normalize
+from .keys import PREFIX, adapted_modules, clean, mismatch, normalize
 from .tree import (STATE_ATTR, activate, adapter_modules, check_known, drop_state, is_merged, lora_layers,
                    model_state, outside_mixed_batch, set_submodule)
 from .weightfile import load_pickle, load_safetensors
@@ -127,7 +128,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     try:
         path.mkdir(parents=True, exist_ok=True)
         write_atomic_all([(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
-                          (path / CONFIG_NAME, json_writer(config, sort_keys=True))])
+                          (path / CONFIG_NAME, json_writer(config))])
     except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         err = SaveError(f"could not write adapter {adapter_name!r} to {str(path)!r}: {reason}")
@@ -166,11 +167,20 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
     if not w_file.is_file() and not (allow_pickle and bin_file.is_file()):
         hint = " (pickle adapter_model.bin is not loaded here, for safety)" if bin_file.exists() else ""
         raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
-    config = _read_config(cfg_file)
+    config, targets_given = _read_config(cfg_file)
     if w_file.is_file():
         tensors = load_safetensors(w_file)
     else:
         w_file, tensors = bin_file, load_pickle(bin_file)
+    if not targets_given:  # PEFT fills a per-architecture default; the file's own keys say what it adapts
+        modules = adapted_modules(tensors)
+        if not modules:
+            raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules and {str(w_file)!r} holds no lora_A "
+                                   "weights: nothing says which modules the adapter adapts")
+        try:
+            config = dataclasses.replace(config, target_modules=modules)
+        except ConfigError as e:
+            raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
     for k, t in tensors.items():
         if t.is_floating_point() and t.dtype not in FLOATS:
             raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
@@ -189,8 +199,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
     return config, tensors
 
 
-def _read_config(cfg_file: Path) -> LoRAConfig:
-    """The ``LoRAConfig`` of an ``adapter_config.json``.
+def _read_config(cfg_file: Path) -> tuple[LoRAConfig, bool]:
+    """The ``LoRAConfig`` of an ``adapter_config.json``, and whether the file names its target
+    modules (or parameters).
 
     Raises:
         AdapterLoadError: not UTF-8, not JSON (line and column named), or a bad field (named).
@@ -209,7 +220,7 @@ def _read_config(cfg_file: Path) -> LoRAConfig:
         raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
     for w in caught:  # re-issued naming the file
         warnings.warn(f"{str(cfg_file)!r}: {w.message}", w.category, stacklevel=3)
-    return config
+    return config, d.get("target_modules") is not None or bool(d.get("target_parameters"))
 
 
 def _expected_shapes(model: nn.Module, config: LoRAConfig, adapter_name: str) -> dict[str, tuple]:

@@ -82,6 +82,17 @@ def _module(key: str) -> str:
     return key[: m.start()] if m else key.rsplit(".", 1)[0]
 
 
+def adapted_modules(keys) -> list[str]:
+    """The modules whose LoRA factors ``keys`` hold (``lora_A`` / ``lora_embedding_A``), as full
+    names of the bare model, in file order."""
+    out: dict[str, None] = {}
+    for key in keys:
+        if re.search(r"\.lora_(embedding_)?A(\.|$)", key):
+            m = clean(_module(key))
+            out[m[len(PREFIX):] if m.startswith(PREFIX) else m] = None
+    return list(out)
+
+
 def mismatch(expected, keys, source: str) -> str | None:
     """Why a file's ``keys`` do not fit the model's ``expected`` keys, or None when they do: the
     first missing key, how many adapted modules the file covers, and a key of the file beside the

@@ -130,7 +130,7 @@ def write_peft(out: Path, weights: dict[str, tuple], config: LoRAConfig, overwri
 
     def fill(tmp: Path) -> None:
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     write_folder(out, fill, replace=True, inputs=inputs)
     return out
