@@ -106,6 +106,32 @@ def test_peft_mixed_batch_and_lorakit_mixed_batch_agree(tmp_path):
             torch.testing.assert_close(mixed[i], model(x[i:i + 1]).logits[0], rtol=0, atol=1e-5)
 
 
+def test_mixed_batch_runs_the_base_and_each_adapter_on_their_own_rows_only():
+    """The base embedding and each adapter's rows see only their rows of the batch (the base ran on every row
+    before, then each adapter's rows again); values by hand: F.embedding with the adapter's rows written in."""
+    model = llama(tied=True)
+    w = model.model.embed_tokens.weight.detach().clone()
+    want_w = {None: w}
+    for name, tti, seed in (("a", [3, 5], 4), ("b", [9, 11], 6)):
+        lorakit.inject(model, tokens(tti, init_lora_weights=False), name)
+        want_w[name] = w.clone()
+        for i, v in set_rows(model, name, seed).items():
+            want_w[name][i] = v
+    emb = model.model.embed_tokens
+    seen = []
+    emb.base_layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    x = ids(64).repeat(3, 1)  # 6 rows
+    x[:, :2] = torch.tensor([3, 9])  # a row of each adapter in every row
+    for names, base_calls in ((["b", None, "a", "b", None, "a"], [2, 2, 2]), (["a", "b", "a", "b", "a", "b"], [3, 3]),
+                              (["b"] * 6, [6])):
+        seen.clear()
+        with lorakit.mixed_batch(model, names):
+            got = emb(x)
+        assert seen == base_calls, names  # functional_call runs the base module once per group, on its rows
+        for i, n in enumerate(names):
+            assert torch.equal(got[i], F.embedding(x[i], want_w[n])), (names, i)
+
+
 class _active:
     def __init__(self, model, name):
         self.model, self.name = model, name

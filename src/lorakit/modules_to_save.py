@@ -27,6 +27,7 @@ from torch import nn
 from .adapter import adapter_key
 from .errors import AdapterExistsError, AdapterNotFoundError, MixedBatchError, TargetModuleError
 from .layers import LoRALayer
+from .rows import run_grouped
 from .state import AdapterModule
 from .tree import adapter_modules, set_submodule, walk
 
@@ -135,20 +136,12 @@ class ModulesToSaveWrapper(AdapterModule):
             raise MixedBatchError(f"mixed_batch needs a batched tensor as the first input of the modules_to_save "
                                   f"module {type(self.original_module).__name__}; got {type(x).__name__}")
         plan = rows.plan(x.shape[0], x.device)
-        groups = [(self.modules_to_save[adapter_key(n)], plan.perm[s:e]) for n, s, e in plan.segments if n in self._names]
-        if not groups or plan.single_full:  # one module for every row, in order: called as without mixed_batch
-            module = groups[0][0] if groups else self.original_module
-            return self._rows_out(module(*args, **kwargs), x.shape[0])
-        rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        for _, sel in groups:
-            rest[sel] = False
-        if bool(rest.any()):  # None rows, adapters without a copy here
-            groups.insert(0, (self.original_module, rest.nonzero().squeeze(1)))  # first: its dtype is the output's
-        parts = [self._rows_out(m(x.index_select(0, sel), *args[1:], **kwargs), len(sel)) for m, sel in groups]
-        order = torch.cat([sel for _, sel in groups])
-        out = torch.cat([p.to(parts[0].dtype) for p in parts])
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        return out.index_select(0, inverse)
+
+        def through(m):
+            return lambda xs: self._rows_out(m(xs, *args[1:], **kwargs), xs.shape[0])
+
+        copies = {n: through(self.modules_to_save[adapter_key(n)]) for n in plan.names if n in self._names}
+        return run_grouped(x, plan, copies, through(self.original_module))
 
     def _rows_out(self, out, n: int) -> torch.Tensor:
         """``out`` if it is a tensor of ``n`` rows, else the ``MixedBatchError`` ``_mixed`` documents."""

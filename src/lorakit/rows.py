@@ -58,6 +58,27 @@ def plan_rows(names: Sequence[str | None], device: torch.device | str = "cpu",
     return RowPlan(len(names), perm, tuple(segments), single_full, contiguous, order, frozenset(order))
 
 
+def run_grouped(x: torch.Tensor, plan: RowPlan, modules: dict, default) -> torch.Tensor:
+    """Each row of ``x`` through the callable of its adapter (``modules[name]``), the other rows (None,
+    adapters missing from ``modules``) through ``default``; the outputs back in row order. Each callable
+    sees only its own rows (``x.index_select(0, rows)``, or all of ``x`` when one callable takes every
+    row in order) and must return a tensor with one row per input row; the first group's dtype is the
+    output's, ``default``'s when it has rows."""
+    groups = [(modules[n], plan.perm[s:e]) for n, s, e in plan.segments if n in modules]
+    if not groups or plan.single_full:
+        return (groups[0][0] if groups else default)(x)
+    rest = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _, sel in groups:
+        rest[sel] = False
+    if bool(rest.any()):
+        groups.insert(0, (default, rest.nonzero().squeeze(1)))
+    parts = [fn(x.index_select(0, sel)) for fn, sel in groups]
+    order = torch.cat([sel for _, sel in groups])
+    out = torch.cat([p.to(parts[0].dtype) for p in parts])
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    return out.index_select(0, inverse)
+
+
 @dataclass(frozen=True)
 class BankLayout:
     """Rows of one plan laid out over a bank's S slots: ``index`` int64 (S·L,), the batch row in

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from .adapter import adapter_key
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetModuleError
+from .rows import run_grouped
 from .state import AdapterModule
 from .tree import set_submodule, walk
 
@@ -137,13 +138,10 @@ class TrainableTokensWrapper(AdapterModule):
         return functional_call(self.base_layer, {"weight": self.weight_with(names)}, (x, *args), kwargs)
 
     def _mixed(self, rows, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        """Each row through its own adapter's rows, the others through the base module; each only on its rows."""
         plan = rows.plan(x.shape[0], x.device)
-        for name, s, e in plan.segments:
-            if name in self._names:
-                sel = plan.perm[s:e]
-                out = out.index_copy(0, sel, self._call([name], x.index_select(0, sel), args, kwargs))
-        return out
+        own = {n: (lambda xs, n=n: self._call([n], xs, args, kwargs)) for n in plan.names if n in self._names}
+        return run_grouped(x, plan, own, lambda xs: self.base_layer(xs, *args, **kwargs))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = self.lora_state.rows
