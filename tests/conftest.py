@@ -3,14 +3,16 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2):
-    """A randomly initialised Llama with the SmolLM2 module names, small enough for unit tests."""
+def tiny_llama(seed: int = 0, dtype=torch.float32, layers: int = 2, attention_bias: bool = False):
+    """A randomly initialised Llama with the SmolLM2 module names, small enough for unit tests
+    (``attention_bias``: q/k/v/o with biases, as Qwen2's q/k/v)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        attention_bias=attention_bias,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

@@ -37,9 +37,9 @@ def bnb_layer(lin: nn.Linear, kind: str) -> nn.Module:
     return q
 
 
-def bnb_llama(kind: str, seed: int = 0):
+def bnb_llama(kind: str, seed: int = 0, attention_bias: bool = False):
     """tiny_llama with every Linear but lm_head quantised by bitsandbytes directly, flagged for PEFT."""
-    m = tiny_llama(seed)
+    m = tiny_llama(seed, attention_bias=attention_bias)
     for name, mod in list(m.named_modules()):
         if type(mod) is nn.Linear and name != "lm_head":
             m.set_submodule(name, bnb_layer(mod, kind))
@@ -143,6 +143,32 @@ def test_peft_adapter_on_quantized_base_loads_in_lorakit(kind, tmp_path):
         assert torch.allclose(ours(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=0)
     ours.train(), peft_model.train()  # bitsandbytes' training path too (int8: dequant + matmul)
     assert torch.allclose(ours(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_quantized_base_with_biases_trains_as_with_peft(kind):
+    """bitsandbytes returns a view when its layer has a bias (q/k/v/o here, as Qwen2's q/k/v), which autograd
+    forbids changing in place: the same training steps as PEFT's (which adds out of place), adapters within 1e-5."""
+    from peft import LoraConfig, get_peft_model
+
+    kw = dict(r=4, lora_alpha=8, target_modules=PROJ, init_lora_weights="gaussian")
+    ours = lorakit.inject(lorakit.quantize_base(tiny_llama(attention_bias=True), kind), LoRAConfig(**kw))
+    theirs = get_peft_model(bnb_llama(kind, attention_bias=True), LoraConfig(**kw))
+    assert ours.model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    with torch.no_grad():  # the same starting adapter, B nonzero so that every factor gets a gradient
+        for name, layer in lorakit.lora_layers(ours):
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            ad = layer.adapter("default")
+            ad.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+            peft_layer.lora_A["default"].weight.copy_(ad.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(ad.lora_B)
+    trained(ours), trained(theirs)
+    for name, layer in lorakit.lora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter("default").lora_A, peft_layer.lora_A["default"].weight,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.adapter("default").lora_B, peft_layer.lora_B["default"].weight,
+                                   atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)

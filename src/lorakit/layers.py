@@ -55,6 +55,7 @@ class LoRALayer(AdapterModule):
     tied_with: tuple[str, ...] = ()
     weight_out_axis = 0  # the output-feature axis of the base weight (DoRA's norm is taken across the others)
     output_axis = -1  # the output-feature axis of the layer's output
+    _base_out = staticmethod(lambda out: out)  # the base output, which forward adds the bypasses to in place
 
     def __init__(self, base_layer: nn.Module) -> None:
         if not isinstance(base_layer, self.base_type):
@@ -289,7 +290,7 @@ class LoRALayer(AdapterModule):
             out = fused.plain_linear(self, x, state.active)  # one plain adapter: one op (lorakit.fused)
             if out is not None:
                 return out
-        out = self.base_layer(x, *args, **kwargs)
+        out = self._base_out(self.base_layer(x, *args, **kwargs))
         if state.rows is not None:  # mixed batch: the router adds each row's adapter
             return state.rows.run(state.rows.add_bypass, self, x, out)
         adapters = self.adapters._modules

@@ -60,6 +60,12 @@ class LoRAQuantLinear(LoRALinear):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(keep_cpu_layout(base_layer))
 
+    @staticmethod
+    def _base_out(out: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' output, a view its autograd Function made when the layer has a bias, must not be
+        changed in place under autograd: a copy of it then (PEFT adds out of place)."""
+        return out.clone() if torch.is_grad_enabled() and out._is_view() else out
+
     @property
     def adapter_dtype(self) -> torch.dtype:
         w = self.base_layer.weight
