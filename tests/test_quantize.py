@@ -282,6 +282,7 @@ def unchanged(model: nn.Sequential, before: dict) -> bool:
 @pytest.mark.parametrize("call, match", [
     (lambda m: lorakit.quantize_base("model", "nf4"), r"model must be a torch\.nn\.Module, got str"),
     (lambda m: lorakit.quantize_base(m, "nf4", skip=[0]), r"skip entries must be module names \(str\), got 0"),
+    (lambda m: lorakit.quantize_base(m, "nf4", skip=42), r"skip must be a module name or a list of them, got int 42"),
     (lambda m: lorakit.quantize_base(m, "nf4", skip=[], compute_dtype="float16"),
      r"compute_dtype must be torch\.float16, torch\.bfloat16 or torch\.float32, got 'float16'"),
     (lambda m: lorakit.quantize_base(m, "nf4", skip=[], compute_dtype=torch.int8), r"compute_dtype .* got torch\.int8"),
@@ -309,10 +310,109 @@ def test_nf4_refuses_a_float64_layer_before_quantising_any_naming_it():
     assert unchanged(m, before)  # layer '0' (float32) was not quantised either
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16", None])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16"])
 def test_dequantize_refuses_a_dtype_that_is_not_floating_and_changes_nothing(dtype):
     m = lorakit.quantize_base(two_linears(), "int8", skip=[])
     codes = m[0].weight.data.clone()
     with pytest.raises(lorakit.ConfigError, match=r"dtype must be a floating torch\.dtype, got " + repr(dtype)):
         lorakit.dequantize(m, dtype)
     assert type(m[0]) is bnb.nn.Linear8bitLt and torch.equal(m[0].weight.data, codes)
+
+
+def test_skip_naming_a_module_keeps_the_linears_inside_it_full_precision():
+    m = lorakit.quantize_base(tiny_llama(), "nf4", skip=["mlp", "model.layers.0"])
+    full = {n for n, mod in m.named_modules() if type(mod) is nn.Linear}
+    assert full == {f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")} | {
+        f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")} | {"lm_head"}
+
+
+@pytest.mark.parametrize("layer, says", [(lambda: nn.Linear(64, 64, device="meta"), r"\(64, 64\) is on the meta device"),
+                                         (lambda: nn.Linear(0, 64), r"\(64, 0\) is empty")])
+def test_a_weight_that_cannot_be_quantised_is_refused_before_any_layer_changes(layer, says):
+    for kind in KINDS:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), layer())
+        first = m[0].weight.detach().clone()
+        with pytest.raises(QuantizedBaseError, match=r"cannot quantise '2': its weight " + says):
+            lorakit.quantize_base(m, kind, skip=[])
+        assert type(m[0]) is nn.Linear and type(m[2]) is nn.Linear and torch.equal(m[0].weight, first)
+
+
+def test_quantising_twice_says_so():
+    m = lorakit.quantize_base(tiny_llama(), "nf4")
+    with pytest.raises(lorakit.TargetModuleError, match=r"no nn.Linear to quantise.*already quantised \(nf4\)"):
+        lorakit.quantize_base(m, "int8")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_modules_to_save_on_a_quantized_layer_is_refused_before_anything_changes(kind):
+    m = lorakit.quantize_base(tiny_llama(), kind)
+    types = [type(x) for x in m.modules()]
+    with pytest.raises(lorakit.TargetModuleError, match=r"'q_proj' matches 'model.layers.0.self_attn.q_proj', whose "
+                                                        r"parameter 'weight' is torch\.u?int8 \(quantised\)"):
+        lorakit.inject(m, LoRAConfig(r=4, target_modules=["v_proj"], modules_to_save=["q_proj"]))
+    assert [type(x) for x in m.modules()] == types and not lorakit.list_adapters(m)
+
+
+def test_nf4_weights_count_as_the_weights_they_stand_for():
+    """PEFT counts a packed 4-bit byte as two weights; lorakit the quantised shape (out x in): equal here."""
+    from peft import LoraConfig, get_peft_model
+
+    total = lorakit.trainable_parameters(tiny_llama())[1]
+    for kind in KINDS:
+        m = lorakit.inject(lorakit.quantize_base(tiny_llama(), kind), LoRAConfig(r=4, target_modules=PROJ))
+        trainable, ours = lorakit.trainable_parameters(m)
+        theirs = get_peft_model(bnb_llama(kind), LoraConfig(r=4, target_modules=PROJ)).get_nb_trainable_parameters()
+        assert ours - trainable == total and (trainable, ours) == theirs, kind
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_keeps_a_half_precision_model_in_its_dtype(dtype):
+    m = lorakit.inject(lorakit.quantize_base(tiny_llama(dtype=dtype), "nf4"), LoRAConfig(r=4, target_modules=PROJ))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = m(ids).logits
+    lorakit.dequantize(m)
+    assert m.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == dtype
+    assert m.model.layers[0].self_attn.q_proj.adapter("default").lora_A.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, before, atol=0, rtol=0)  # the same dequant(W), the same dtype
+
+
+def test_dequantize_drops_transformers_quantization_config(tmp_path):
+    """A model loaded with BitsAndBytesConfig, dequantised and unloaded, saves a config that loads as float weights."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    m = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=qc, dtype=torch.float32,
+                                         device_map="cpu").eval()
+    assert getattr(m.config, "quantization_config", None) is not None
+    lorakit.inject(m, LoRAConfig(r=4, target_modules=PROJ, init_lora_weights="gaussian"))
+    plain = lorakit.unload(lorakit.dequantize(m), merge=True)
+    assert getattr(plain.config, "quantization_config", None) is None and not getattr(plain, "is_loaded_in_4bit", False)
+    plain.save_pretrained(tmp_path / "merged")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(again.model.layers[0].self_attn.q_proj) is nn.Linear
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, plain(ids).logits, atol=0, rtol=0)
+
+
+def test_bitsandbytes_failing_on_a_later_layer_puts_the_earlier_ones_back(monkeypatch):
+    import lorakit.quantize as Q
+
+    real, calls = Q._quantized, []
+
+    def failing_second(bnb_, lin, kind, compute_dtype):
+        calls.append(lin)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")  # what bitsandbytes might raise on a layer
+        return real(bnb_, lin, kind, compute_dtype)
+
+    monkeypatch.setattr(Q, "_quantized", failing_second)
+    m = two_linears()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(QuantizedBaseError, match=r"cannot quantise '2' \(64 -> 64\) to nf4: RuntimeError: out of memory"):
+        lorakit.quantize_base(m, "nf4", skip=[])
+    assert len(calls) == 2 and unchanged(m, before)  # layer '0', quantised first, is the nn.Linear it was

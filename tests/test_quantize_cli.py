@@ -85,6 +85,9 @@ def test_bad_quantize_values_are_refused(tiny, capsys, tmp_path):
     assert code == 2 and "--quantize trains in one process" in err
     code, _, err = run(capsys, "train", "--task", "classify", "--quantize", "nf4")
     assert code == 2 and "--task classify does not take --quantize" in err
+    for flag, says in (("--dora", "--dora needs the dense base weight"), ("--full", "--full trains the whole model")):
+        code, _, err = run(capsys, "train", "--model", model, "--data", data, "--quantize", "nf4", flag)
+        assert code == 2 and says in err and "--quantize" in err  # flags that conflict: a usage error, status 2
 
 
 def test_eval_refuses_an_unknown_quantize_in_lorakit_json(tiny, capsys, tmp_path):

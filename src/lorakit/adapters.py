@@ -11,8 +11,10 @@ Rules (one place, so the layers stay simple):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from .errors import MergeStateError
@@ -155,7 +157,18 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; shared (tied) tensors count once.
 
-    After ``inject`` on a frozen model, trainable = sum of r·(in + out) over the adapted layers.
+    After ``inject`` on a frozen model, trainable = sum of r·(in + out) over the adapted layers. A
+    bitsandbytes 4-bit weight counts the weights it stands for (its quantised shape: out · in), not its
+    packed bytes (two codes a byte), as PEFT counts it.
     """
     params = list(model.parameters())  # deduplicated by identity
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(_numel(p) for p in params if p.requires_grad), sum(_numel(p) for p in params)
+
+
+def _numel(p: torch.Tensor) -> int:
+    if type(p).__name__ == "Params4bit":
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        if shape is not None:
+            return math.prod(shape)
+        return p.numel() * 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)  # PEFT's rule
+    return p.numel()

@@ -175,8 +175,8 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
     Raises:
         TargetModuleError: an entry matches no module (PEFT's automatic task heads,
             e.g. ``"score"`` for ``task_type="SEQ_CLS"``, may be absent when another
-            entry matches), or a matched module is or contains a LoRA layer, or trainable tokens or
-            adapted parameters of another adapter.
+            entry matches), or a matched module is or contains a LoRA layer, trainable tokens or
+            adapted parameters of another adapter, or a quantised (non-floating) parameter.
         AdapterExistsError: a matched wrapper already holds a copy for ``adapter_name``.
     """
     entries = list(dict.fromkeys(config.modules_to_save or []))
@@ -202,6 +202,11 @@ def find_modules_to_save(model: nn.Module, config, adapter_name: str) -> list[st
             raise TargetModuleError(f"modules_to_save entry {hits[0]!r} matches {name!r}, which holds a "
                                     f"{type(inner[0]).__name__} (trainable tokens or adapted parameters of other "
                                     "adapters); a module takes one of them")
+        frozen = next((k for k, p in module.named_parameters() if not p.is_floating_point()), None)
+        if frozen is not None:  # a quantised weight (bitsandbytes' uint8 / int8 codes) cannot take gradients
+            raise TargetModuleError(f"modules_to_save entry {hits[0]!r} matches {name!r}, whose parameter {frozen!r} "
+                                    f"is {module.get_parameter(frozen).dtype} (quantised): a trained copy needs "
+                                    "floating-point weights; adapt it with LoRA, or lorakit.dequantize(model) first")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.adapter_names:
             raise AdapterExistsError(f"adapter {adapter_name!r} already has a modules_to_save copy of {name!r}")
         found.append(name)

@@ -102,6 +102,8 @@ def _check_arguments(model, skip, compute_dtype) -> list[str]:
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if skip is not None and not isinstance(skip, (str, list, tuple, set, frozenset)):
+        raise ConfigError(f"skip must be a module name or a list of them, got {type(skip).__name__} {skip!r}")
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     bad = [s for s in skip if not isinstance(s, str)]
     if bad:
@@ -114,19 +116,25 @@ def _check_arguments(model, skip, compute_dtype) -> list[str]:
 
 def _check_weights(model: nn.Module, todo: list[str], kind: str) -> None:
     """Raise ``QuantizedBaseError`` naming the first layer of ``todo`` whose weight ``kind`` cannot quantise
-    (NF4: bitsandbytes reads 16- and 32-bit floats only), before any layer is replaced."""
-    if kind != "nf4":
-        return
+    (not loaded: on the meta device; empty; NF4: bitsandbytes reads 16- and 32-bit floats only), before any
+    layer is replaced."""
     for name in todo:
-        dtype = model.get_submodule(name).weight.dtype
-        if dtype not in NF4_WEIGHT_DTYPES:
+        w = model.get_submodule(name).weight
+        if w.is_meta or w.numel() == 0:
+            raise QuantizedBaseError(f"cannot quantise {name!r}: its weight {tuple(w.shape)} is "
+                                     + ("on the meta device (not loaded)" if w.is_meta else "empty"))
+        dtype = w.dtype
+        if kind == "nf4" and dtype not in NF4_WEIGHT_DTYPES:
             raise QuantizedBaseError(f"cannot quantise {name!r} to nf4: it holds a {dtype} weight and bitsandbytes' "
                                      "4-bit quantiser reads float16, bfloat16 or float32 only; cast the model "
                                      "(model.float()) first, or skip the layer")
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
+    """Whether ``name`` or a module it lies in is named by a ``skip`` entry (in full or by trailing parts)."""
+    parts = name.split(".")
+    within = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # name and the modules above it
+    return any(p == s or p.endswith("." + s) for p in within for s in skip)
 
 
 def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = None,
@@ -138,7 +146,7 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     ``"int8"`` gives ``Linear8bitLt`` (weight: int8 (out, in) plus a float32 scale per row). The output
     head (``get_output_embeddings()`` / ``lm_head``: often tied to the embedding, and the logits are
     where rounding shows most) and modules named in ``skip`` (full names or trailing parts, e.g.
-    ``"score"``) stay full precision, as do embeddings, norms and other non-Linear modules. Biases are
+    ``"score"``; a module's Linears with it, e.g. ``"mlp"``) stay full precision, as do embeddings, norms and other non-Linear modules. Biases are
     kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
     Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
     ``LoRAQuantLinear`` with float32 adapters. One layer at a time is quantised, so the peak extra
@@ -150,8 +158,8 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
             entry is not a str (a single str is one name), or ``compute_dtype`` is not float16 / bfloat16 /
             float32; nothing is changed.
         QuantizedBaseError: adapters are already injected (quantise the base first), bitsandbytes is
-            missing, or a layer's weight dtype cannot be quantised (NF4 of a float64 weight; the layer
-            named); nothing is changed.
+            missing, or a layer's weight cannot be quantised (NF4 of a float64 weight, a weight on the meta
+            device or empty, bitsandbytes failing on it; the layer named); nothing is changed.
         TargetModuleError: no ``nn.Linear`` is left to quantise, or a ``skip`` entry matches no module
             (nearest names listed); nothing is changed.
     """
@@ -170,13 +178,23 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     todo = [n for n, m in model.named_modules()
             if type(m) is nn.Linear and m is not head and not _skipped(n, skip)]
     if not todo:
+        already = quantization(model)
         raise TargetModuleError(f"{type(model).__name__} has no nn.Linear to quantise (output head and skip={skip} "
-                                "kept full precision)")
+                                "kept full precision)" + (f"; it is already quantised ({already})" if already else ""))
     _check_weights(model, todo, kind)
     bnb = _bnb()
+    done: list[tuple[str, nn.Module]] = []
     for name in todo:
-        layer = _quantized(bnb, model.get_submodule(name), kind, compute_dtype)
+        original = model.get_submodule(name)
+        try:
+            layer = _quantized(bnb, original, kind, compute_dtype)
+        except Exception as e:  # bitsandbytes' own errors: the layers done so far go back, nothing is changed
+            for n, m in reversed(done):
+                set_submodule(model, n, m)
+            raise QuantizedBaseError(f"cannot quantise {name!r} ({original.in_features} -> {original.out_features}) "
+                                     f"to {kind}: {type(e).__name__}: {e}") from e
         set_submodule(model, name, layer)
+        done.append((name, original))
         if each is not None:
             each(name, layer)
     return model
@@ -226,10 +244,12 @@ def _full_precision(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
     return lin.train(layer.training)
 
 
-def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every bitsandbytes quantised linear layer of ``model`` (also the base layers inside LoRA
     layers) by an ``nn.Linear`` holding ``dequant(W)`` in ``dtype`` (frozen; biases keep their
-    ``requires_grad``), in place. Outputs stay those of the quantised model up to float rounding (the
+    ``requires_grad``), in place. ``dtype`` None: the model's own, that of its first floating-point
+    parameter outside the quantised layers (embeddings, norms: float16 in a float16 model), float32 if
+    it has none. Outputs stay those of the quantised model up to float rounding (the
     quantised forward multiplies by the same dequant(W)); adapters are untouched and can then be merged:
     ``W' = dequant(W) + s·B·A`` (``lorakit.merge`` / ``unload``). A no-op on a model without quantised
     layers. Returns ``model``.
@@ -237,9 +257,30 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     Raises:
         ConfigError: ``dtype`` is not a floating ``torch.dtype``; nothing is changed.
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     layers = [(n, m) for n, m in model.named_modules() if _kind(m) is not None]
+    if dtype is None:
+        inside = {id(p) for _, m in layers for p in m.parameters()}  # adapters (float32 always) neither
+        dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and id(p) not in inside
+                      and ".lora_" not in n and ".adapters." not in n), torch.float32)
     for name, layer in layers:
         set_submodule(model, name, _full_precision(layer, dtype))
+    if layers:
+        _forget_quantization(model)
     return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop what transformers recorded of a ``BitsAndBytesConfig`` load (``config.quantization_config``,
+    ``hf_quantizer``, ``is_loaded_in_4bit``), as its own ``dequantize`` does: ``save_pretrained`` of the
+    dequantised model would otherwise write a config that quantises the float weights again on load."""
+    for m in model.modules():
+        quantizer = getattr(m, "hf_quantizer", None)
+        if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(m)
+        elif hasattr(getattr(m, "config", None), "quantization_config"):
+            del m.config.quantization_config
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+            if getattr(m, flag, False) is True:
+                setattr(m, flag, False)

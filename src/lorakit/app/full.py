@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.errors import CLIError
+from lorakit.errors import UsageError
 
 from .files import write_folder
 from .models import make_plain, write_metadata
@@ -23,11 +23,11 @@ def check(o, given: frozenset[str]) -> None:
     """Refuse ``--full`` with options that only make sense with an adapter.
 
     Raises:
-        CLIError: the first such option given, named.
+        UsageError: the first such option given, named.
     """
     for name, neutral in REFUSED.items():
         if name in given and getattr(o, name) != neutral:
-            raise CLIError(f"--full trains the whole model without an adapter; it does not combine with "
+            raise UsageError(f"--full trains the whole model without an adapter; it does not combine with "
                            f"--{name.replace('_', '-')}")
 
 
