@@ -182,13 +182,19 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
         raise TargetModuleError(f"{type(model).__name__} has no nn.Linear to quantise (output head and skip={skip} "
                                 "kept full precision)" + (f"; it is already quantised ({already})" if already else ""))
     _check_weights(model, todo, kind)
-    bnb = _bnb()
+    _replace(model, _bnb(), todo, kind, compute_dtype, each)
+    return model
+
+
+def _replace(model: nn.Module, bnb, todo: list[str], kind: str, compute_dtype, each) -> None:
+    """Quantise the layers ``todo`` one by one; if bitsandbytes fails on one, the layers done so far go back
+    (``QuantizedBaseError`` naming it; nothing is changed)."""
     done: list[tuple[str, nn.Module]] = []
     for name in todo:
         original = model.get_submodule(name)
         try:
             layer = _quantized(bnb, original, kind, compute_dtype)
-        except Exception as e:  # bitsandbytes' own errors: the layers done so far go back, nothing is changed
+        except Exception as e:  # noqa: BLE001 - bitsandbytes' own errors, named
             for n, m in reversed(done):
                 set_submodule(model, n, m)
             raise QuantizedBaseError(f"cannot quantise {name!r} ({original.in_features} -> {original.out_features}) "
@@ -197,7 +203,6 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
         done.append((name, original))
         if each is not None:
             each(name, layer)
-    return model
 
 
 def _kind(module: nn.Module) -> str | None:
