@@ -441,7 +441,7 @@ TRAIN_CASES = [
     ("steps-0", lambda t, k: ["--steps", 0], 2, ["--steps must be an integer >= 1", "got 0"]),
     ("batch-0", lambda t, k: ["--batch-size", 0], 2, ["--batch-size must be an integer >= 1", "got 0"]),
     ("max-length-under-prompt", lambda t, k: ["--data", _write(t, "long.jsonl", GOOD + LONG), "--max-length", 4], 1,
-     ["{T}/long.jsonl:2:", "longer than --max-length 4"]),
+     ["{T}/long.jsonl:2:", "which leaves no answer token within --max-length 4"]),
     ("data-latin1-line3", lambda t, k: ["--data", _write(t, "l1.jsonl", GOOD * 2 + b'{"prompt": "caf\xe9", "completion": "x"}\n')],
      1, ["{T}/l1.jsonl:3:", "not UTF-8", "0xe9"]),
     ("data-utf16", lambda t, k: ["--data", _write(t, "u16.jsonl", _utf16("utf-16"))], 1, ["{T}/u16.jsonl:1:", "UTF-16"]),

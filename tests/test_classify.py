@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit.app.classify import read_records, run_classify, syllable_task, syllables
-from lorakit.errors import DataError
+from lorakit.errors import DataError, TargetModuleError
 
 
 def test_syllables_count_stress_marked_vowels():
@@ -38,6 +38,18 @@ def test_read_records_names_file_and_line(tmp_path):
     assert read_records(f) == [{"text": "a", "label": "x"}]
     with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")
+    f.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n{"text": "c", "label": "1"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:3: label '1' and label 1 \(line 1\) would be two classes of one name"):
+        read_records(f)
+
+
+def test_a_run_that_fails_building_the_adapter_leaves_no_output_folder(tmp_path):
+    model_dir = tiny_encoder(tmp_path / "enc")
+    (tmp_path / "t.jsonl").write_text('{"text": "ab", "label": 0}\n{"text": "cd", "label": 1}\n')
+    with pytest.raises(TargetModuleError, match="nosuch"):
+        run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "t.jsonl", model_dir=model_dir,
+                     target_modules=["nosuch"], log=lambda *_: None)
+    assert not (tmp_path / "o").exists()
 
 
 def tiny_encoder(path, dropout: float = 0.1):

@@ -116,7 +116,7 @@ def test_max_length(tok):
     ds = D.Dataset("prompt-completion", [{"prompt": "hello world", "completion": " K AE1 T"}], {"type": "plain"},
                    source="f.jsonl", line_numbers=[7])
     n_prompt = len(tok("hello world", add_special_tokens=False).input_ids)
-    with pytest.raises(DataError, match=rf"f.jsonl:7: prompt is {n_prompt} tokens, longer than --max-length {n_prompt}"):
+    with pytest.raises(DataError, match=rf"f.jsonl:7: prompt is {n_prompt} tokens, which leaves no answer token within --max-length {n_prompt} \(it needs more than {n_prompt}\)"):
         D.tokenize_dataset(tok, ds, n_prompt)
     (ex,) = D.tokenize_dataset(tok, ds, n_prompt + 2)  # completion truncated, 2 tokens kept
     assert len(ex) == n_prompt + 2 and ex.n_label_tokens == 2

@@ -327,3 +327,28 @@ def test_nproc_user_error_is_one_line(world):
     lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith(("loading model", "loaded in"))]
     assert p.returncode == 1 and lines == [f"lorakit: error: data file '{world / 'missing.jsonl'}' does not exist"], p.stderr
     assert not (world / "err").exists()
+
+
+def test_a_rank_killed_mid_run_ends_the_job_with_one_line_errors_and_no_traceback(world):
+    """SIGKILL of rank 1 alone: rank 0's collective fails (gloo: connection reset), which it reports in one
+    line, as the launcher reports rank 1's status; no traceback."""
+    out = world / "rank1-killed"
+    p = subprocess.Popen(lorakit(*train_args(out.name, 2, "--nproc", 2, "--save-every", 7)), cwd=world, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (out / "checkpoint-7").is_dir():
+        assert p.poll() is None and time.monotonic() < deadline, "no checkpoint-7"
+        time.sleep(0.003)
+    ranks = {}
+    for pid in descendants(p.pid):
+        environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+        if "RANK" in environ and "lorakit.app.cli" in Path(f"/proc/{pid}/cmdline").read_text():
+            ranks[environ["RANK"]] = pid
+    assert set(ranks) == {"0", "1"}
+    os.kill(ranks["1"], signal.SIGKILL)
+    _, err = p.communicate(timeout=TIMEOUT)
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("loading model", "loaded in"))]
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert lines and all(l.startswith("lorakit: error: ") for l in lines), err
+    assert any("process 1 of 2 exited with status 137" in l or "lost contact with another process" in l
+               for l in lines), err

@@ -65,6 +65,10 @@ def test_json_config_and_errors(tmp_path):
         parse("--warmup", -1)
     with pytest.raises(UsageError, match="--eval-data needs --data"):
         parse("--eval-data", conf)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("target-modules: q_proj\ntarget_modules: v_proj\n")  # one option in both spellings
+    with pytest.raises(UsageError, match="sets 'target_modules' twice, as 'target-modules' and 'target_modules'"):
+        parse("--config", yml)
 
 
 def test_classify_task_defaults_and_refused_options():

@@ -169,13 +169,19 @@ def latest(folder: str | Path, log=print) -> tuple[Path, dict]:
     A damaged checkpoint (a file changed after it was written) is skipped with a note.
 
     Raises:
-        CheckpointError: ``folder`` holds no complete checkpoint.
+        CheckpointError: ``folder`` holds no complete checkpoint, or only damaged ones (the newest's
+            damage named).
     """
+    damaged = []
     for _, path in reversed(steps_in(folder)):
         try:
             return path, _verify(path)
         except CheckpointError as e:
             log(f"lorakit: note: skipping damaged checkpoint: {e}")
+            damaged.append(e)
+    if damaged:
+        raise CheckpointError(f"{str(folder)!r} holds {len(damaged)} checkpoint(s), all damaged; the newest: "
+                              f"{damaged[0]}; nothing to resume")
     raise CheckpointError(f"{str(folder)!r} holds no complete checkpoint (checkpoint-STEP/ with {STATE}); "
                           "nothing to resume")
 

@@ -116,9 +116,11 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
     Raises:
         DataError: a missing file or a folder, invalid JSON, a record without a string ``text`` or an
-            int/str ``label`` (file and line named), or no records.
+            int/str ``label``, a label written once as an int and once as a string (``1`` / ``"1"``; file
+            and line named), or no records.
     """
     recs = []
+    spelt: dict[str, tuple] = {}  # str(label) -> (label, line): 1 and "1" would be two classes named alike
     for lineno, rec in read_objects(path):
         where = f"{path}:{lineno}"
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
@@ -126,6 +128,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         label = rec.get("label")
         if isinstance(label, bool) or not isinstance(label, (int, str)):
             raise DataError(f"{where}: 'label' must be an int or a string, got {label!r}")
+        first, line = spelt.setdefault(str(label), (label, lineno))
+        if first != label:
+            raise DataError(f"{where}: label {label!r} and label {first!r} (line {line}) would be two classes of one "
+                            "name; write every label of a class the same way (an int or a string)")
         recs.append({"text": rec["text"], "label": label})
     if not recs:
         raise DataError(f"data file {str(path)!r} has no records")
@@ -253,10 +259,10 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     train_config(epochs, batch_size, lr, seed, 1)  # bad settings fail before any data or model is read
     task, train_recs, test, labels = load_data(train_file, eval_file, n_train, n_test, seed)
     tcfg = train_config(epochs, batch_size, lr, seed, len(train_recs), "auto" if compile is None else bool(compile))
-    out = _output_folder(out_dir, None if train_file else (train_recs, test))
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     lora = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules}
     model, tokenizer, config = adapted_encoder(model_dir, labels, seed, device=device, **lora)
+    out = _output_folder(out_dir, None if train_file else (train_recs, test))  # once the model and adapter are built
     label2id = {v: i for i, v in enumerate(labels)}
     n_trainable, n_total = trainable_parameters(model)
     log(f"{task}: {len(train_recs)} train / {len(test)} eval records, {len(labels)} labels; "
@@ -268,7 +274,7 @@ def run_classify(out_dir: str | os.PathLike = "runs/classify", train_file: str |
     summary = train(model, classify_task(train_recs, tokenizer, label2id, batch_size, max_length, seed), tcfg,
                     on_log=_epoch_logger(math.ceil(len(train_recs) / batch_size), epochs, log), progress=progress)
     acc_after = accuracy(model, tokenizer, test, label2id, max_length=max_length)
-    majority = max(Counter(str(t["label"]) for t in test).values()) / len(test)
+    majority = max(Counter(t["label"] for t in test).values()) / len(test)
     log(f"accuracy after training: {acc_after:.4f} (chance {majority:.4f})")
     save_adapter(model, out / "adapter")
     tokenizer.save_pretrained(out / "adapter")

@@ -20,7 +20,7 @@ import torch
 from lorakit.errors import LoRAError, TrainingInterrupted, UsageError
 
 from .cmd_train import cmd_train
-from .distributed import resume_command
+from .distributed import peer_lost, resume_command
 from .cmd_formats import GGUF_TYPES, add_format_parsers, cmd_convert, cmd_export
 from .commands import cmd_eval, cmd_generate, cmd_info, cmd_merge
 from .options import add_train_flags
@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as e:  # a GPU's: one line, and what to try
         _say(f"lorakit: error: out of GPU memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size, "
              "--gradient-checkpointing or --quantize nf4")
+        return 1
+    except RuntimeError as e:
+        if not peer_lost(e):
+            raise
+        _say(f"lorakit: error: lost contact with another process of this job ({str(e).splitlines()[0][:200]}); "
+             "its own message or the launcher says why")
         return 1
     except KeyboardInterrupt:
         _say("\nlorakit: interrupted; no adapter was written (the last complete checkpoint, if any, is intact)")

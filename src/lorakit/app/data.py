@@ -316,7 +316,8 @@ def tokenize_example(tokenizer, segs: list[tuple[str, bool]], max_length: int, w
     first = next((i for i, x in enumerate(labels) if x != IGNORE), None)
     if first is None or (first >= max_length) or (first == 0 and max_length < 2):
         n = first if first is not None else len(ids)
-        raise DataError(f"{where + ': ' if where else ''}prompt is {n} tokens, longer than --max-length {max_length}")
+        raise DataError(f"{where + ': ' if where else ''}prompt is {n} tokens, which leaves no answer token "
+                        f"within --max-length {max_length} (it needs more than {n})")
     return Example(ids[:max_length], labels[:max_length])
 
 

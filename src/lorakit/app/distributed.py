@@ -94,6 +94,14 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e``, raised in a process of a multi-process job, is a collective failing because another
+    process died (gloo / NCCL: a reset connection, a closed store)."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(e)
+    return launched() and (isinstance(e, dist_error) or any(w in text for w in ("gloo", "NCCL", "c10d", "Connection")))
+
+
 def setup(fsdp: bool = False, device: str = "auto") -> Dist | None:
     """Join the torchrun job; None outside one. ``device`` (``devices.resolve``): on ``cuda:LOCAL_RANK``
     with nccl, or on the CPU with gloo.

@@ -211,14 +211,16 @@ def read_config_file(path: str) -> dict:
         return {}
     if not isinstance(d, dict):
         raise UsageError(f"config file {path!r} must hold a mapping of option names to values")
-    out = {}
+    out, spelt = {}, {}
     for k, v in d.items():
         key = str(k).replace("-", "_")
         if key == "no_progress":
             key, v = "progress", not v
         if key not in FIELDS:
             raise UsageError(f"config file {path!r}: unknown option {k!r}")
-        out[key] = v
+        if key in spelt:
+            raise UsageError(f"config file {path!r} sets {key!r} twice, as {spelt[key]!r} and {k!r}; keep one")
+        out[key], spelt[key] = v, k
     return out
 
 
