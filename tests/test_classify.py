@@ -113,6 +113,14 @@ def test_cli_train_task_classify_maps_the_shared_flags(tmp_path, capsys):
     assert "does not take --steps" in capsys.readouterr().err
     assert main(args) == 1  # the output folder holds an adapter now: a user error, as for the LM job
     assert "--overwrite" in capsys.readouterr().err
+    adapter = str(tmp_path / "out" / "adapter")
+    assert main(["info", adapter]) == 0 and "SEQ_CLS" in capsys.readouterr().out
+    for cmd in (["eval", "--adapter", adapter], ["generate", "--adapter", adapter, "--prompt", "ab"],
+                ["merge", "--adapter", adapter, "--output", str(tmp_path / "merged")]):
+        assert main(cmd) == 1, cmd
+        err = capsys.readouterr().err
+        assert "is a sequence-classification adapter (task_type SEQ_CLS)" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_read_records_shares_the_jsonl_reader(tmp_path):

@@ -256,11 +256,16 @@ def adapter_meta(adapter: str) -> tuple[dict, str]:
     Raises:
         AdapterLoadError: no such folder (or see ``lorakit.read_adapter``).
         AdapterLoadError: the adapter files are missing or invalid.
-        ModelLoadError: the adapter does not name its base model, or its ``"quantize"`` is not a known kind.
+        ModelLoadError: the adapter does not name its base model, its ``"quantize"`` is not a known kind, or
+            it is a sequence-classification adapter (``task_type`` SEQ_CLS).
     """
     if not Path(adapter).is_dir():
         raise AdapterLoadError(f"adapter folder {adapter!r} does not exist")
     config, _ = read_adapter(adapter)
+    if config.task_type == "SEQ_CLS":  # lorakit train --task classify: eval.json holds its accuracy
+        raise ModelLoadError(f"adapter {adapter!r} is a sequence-classification adapter (task_type SEQ_CLS); "
+                             "eval, generate, merge and export take causal-LM adapters: load it with "
+                             "lorakit.load_adapter on an AutoModelForSequenceClassification")
     meta = read_metadata(adapter)
     base = meta.get("base_model") or config.base_model_name_or_path
     if meta.get("quantize") not in (None, *QUANT_TYPES):
