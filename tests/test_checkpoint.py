@@ -153,7 +153,7 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, capsys):
     f.write_bytes(f.read_bytes()[:-8])  # truncated after it was written
     path, doc = ckpt.latest(tmp_path)
     assert path.name == "checkpoint-2" and doc["step"] == 2
-    assert "skipping damaged checkpoint" in capsys.readouterr().out and "optimizer.safetensors" in str(f)
+    assert "lorakit: note: skipping damaged checkpoint" in capsys.readouterr().err and "optimizer.safetensors" in str(f)
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{")  # every checkpoint damaged now
     with pytest.raises(CheckpointError, match=r"holds 2 checkpoint\(s\), all damaged; the newest: .*checkpoint-4"
                                               r".*optimizer.safetensors' is missing or does not match"):

@@ -91,7 +91,7 @@ def test_run_classify_refuses_eval_labels_unseen_in_training(tmp_path):
     with pytest.raises(DataError, match=r"eval label\(s\) \[2\] do not occur"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
     (tmp_path / "e.jsonl").write_text('{"text": "c", "label": "0"}\n')  # a string label is not the int label
-    with pytest.raises(DataError, match=r"\['0'\] do not occur"):
+    with pytest.raises(DataError, match=r"\['0'\] do not occur in the training data \(it has 0: write each label"):
         run_classify(tmp_path / "o", tmp_path / "t.jsonl", tmp_path / "e.jsonl", model_dir=tmp_path, log=lambda *_: None)
     assert not (tmp_path / "o").exists()  # nothing written for unusable data
 

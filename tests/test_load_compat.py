@@ -193,7 +193,7 @@ def test_layers_to_transform_errors_name_the_rule():
 
 
 def _write(folder, tensors, config):
-    folder.mkdir()
+    folder.mkdir(parents=True)
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
@@ -349,6 +349,20 @@ def test_fields_a_file_leaves_out_mean_what_peft_fills_in(factors, tmp_path):
     folder = _write(tmp_path / "none", {}, {"peft_type": "LORA", "r": 2})
     with pytest.raises(AdapterLoadError, match="names no target_modules.*holds no lora_A"):
         lorakit.load_adapter(Net(), folder)
+    for key, value in (("layers_to_transform", [0]), ("exclude_modules", ["lin"])):  # they narrow PEFT's own list
+        folder = _write(tmp_path / key, tensors, {"peft_type": "LORA", "r": 2, key: value})
+        net = Net()
+        with pytest.raises(AdapterLoadError, match=f"names no target_modules but sets {key}"):
+            lorakit.load_adapter(net, folder)
+        assert not lorakit.list_adapters(net)
+
+
+def test_a_run_folder_given_for_its_adapter_names_the_subfolder(factors, tmp_path):
+    a, b = factors
+    _write(tmp_path / "run" / "adapter", {"base_model.model.lin.lora_A.weight": a, "base_model.model.lin.lora_B.weight": b},
+           {"peft_type": "LORA", "r": 2, "target_modules": ["lin"]})
+    with pytest.raises(AdapterLoadError, match=r"run/adapter_config.json' is missing; '.*run/adapter' holds an adapter"):
+        lorakit.load_adapter(Net(), tmp_path / "run")
 
 
 def test_peft_file_without_lora_alpha_or_target_modules_loads_with_peft_outputs(tmp_path):

@@ -163,7 +163,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
                                f"{str(path)!r} is a file; an adapter is a folder ({CONFIG_NAME}, {WEIGHTS_NAME})")
     cfg_file, w_file, bin_file = path / CONFIG_NAME, path / WEIGHTS_NAME, path / PICKLE_NAME
     if not cfg_file.is_file():
-        raise AdapterLoadError(f"{str(cfg_file)!r} is missing")
+        inside = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))  # a run folder: its adapter/ subfolder
+        raise AdapterLoadError(f"{str(cfg_file)!r} is missing" + (f"; {str(path / inside[0])!r} holds an adapter"
+                                                                  if inside else ""))
     if not w_file.is_file() and not (allow_pickle and bin_file.is_file()):
         hint = " (pickle adapter_model.bin is not loaded here, for safety)" if bin_file.exists() else ""
         raise AdapterLoadError(f"{str(w_file)!r} is missing{hint}")
@@ -174,6 +176,10 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
         w_file, tensors = bin_file, load_pickle(bin_file)
     if not targets_given:  # PEFT fills a per-architecture default; the file's own keys say what it adapts
         modules = adapted_modules(tensors)
+        narrowing = [k for k in ("layers_to_transform", "exclude_modules") if getattr(config, k)]
+        if narrowing:  # they narrow PEFT's default list, which is not lorakit's; the file cannot say which
+            raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules but sets {narrowing[0]}, which "
+                                   "narrows PEFT's per-architecture default list; write the target_modules it means")
         if not modules:
             raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules and {str(w_file)!r} holds no lora_A "
                                    "weights: nothing says which modules the adapter adapts")

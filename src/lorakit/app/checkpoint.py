@@ -27,6 +27,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +164,12 @@ def _verify(path: Path) -> dict:
     return state
 
 
-def latest(folder: str | Path, log=print) -> tuple[Path, dict]:
+def note(message: str) -> None:
+    """A ``lorakit: note:`` line, on stderr as the CLI's other diagnostics."""
+    print(f"lorakit: note: {message}", file=sys.stderr, flush=True)
+
+
+def latest(folder: str | Path, log=note) -> tuple[Path, dict]:
     """The newest complete, intact checkpoint in ``folder`` and its trainer state.
 
     A damaged checkpoint (a file changed after it was written) is skipped with a note.
@@ -177,7 +183,7 @@ def latest(folder: str | Path, log=print) -> tuple[Path, dict]:
         try:
             return path, _verify(path)
         except CheckpointError as e:
-            log(f"lorakit: note: skipping damaged checkpoint: {e}")
+            log(f"skipping damaged checkpoint: {e}")
             damaged.append(e)
     if damaged:
         raise CheckpointError(f"{str(folder)!r} holds {len(damaged)} checkpoint(s), all damaged; the newest: "

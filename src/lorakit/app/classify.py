@@ -161,7 +161,10 @@ def load_data(train_file, eval_file, n_train: int, n_test: int, seed: int) -> tu
         raise DataError(f"the training data has {len(labels)} label(s) {labels}; classification needs >= 2")
     unknown = sorted({rec["label"] for rec in test} - set(labels), key=repr)  # 0 and "0" are different labels
     if unknown:
-        raise DataError(f"eval label(s) {unknown} do not occur in the training data")
+        alike = {str(v): v for v in labels}
+        hint = [f"{alike[str(u)]!r}" for u in unknown if str(u) in alike]
+        raise DataError(f"eval label(s) {unknown} do not occur in the training data"
+                        + (f" (it has {', '.join(hint)}: write each label the same way in both files)" if hint else ""))
     return task, train_recs, test, labels
 
 
