@@ -146,6 +146,9 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
     only and refuses any other object, so no code in the file runs. ``allow_pickle=False`` (the
     server) refuses a ``.bin`` unread.
 
+    A config without ``target_modules`` (PEFT fills its per-architecture default) adapts the modules
+    whose ``lora_A`` the weight file holds.
+
     Adapter weights must be finite: a NaN or Inf anywhere is refused (the file, key and first
     index named), never loaded or only warned about, since it would make every output NaN.
 
@@ -153,7 +156,8 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
         AdapterLoadError: missing folder or file, a config that is not UTF-8, not JSON (line
             named), not an object or has a bad field (the key named), a safetensors file that is
             truncated or whose header does not fit its data (the key, dtype and shape named), a
-            non-float tensor, NaN or Inf values.
+            non-float tensor, NaN or Inf values; no ``target_modules`` with no ``lora_A`` weights, or
+            with ``layers_to_transform`` / ``exclude_modules`` (which narrow PEFT's default list).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise AdapterLoadError(f"an adapter path must be a str or os.PathLike folder, got {type(path).__name__} {path!r}")
@@ -175,18 +179,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
     else:
         w_file, tensors = bin_file, load_pickle(bin_file)
     if not targets_given:  # PEFT fills a per-architecture default; the file's own keys say what it adapts
-        modules = adapted_modules(tensors)
-        narrowing = [k for k in ("layers_to_transform", "exclude_modules") if getattr(config, k)]
-        if narrowing:  # they narrow PEFT's default list, which is not lorakit's; the file cannot say which
-            raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules but sets {narrowing[0]}, which "
-                                   "narrows PEFT's per-architecture default list; write the target_modules it means")
-        if not modules:
-            raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules and {str(w_file)!r} holds no lora_A "
-                                   "weights: nothing says which modules the adapter adapts")
-        try:
-            config = dataclasses.replace(config, target_modules=modules)
-        except ConfigError as e:
-            raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
+        config = _targets_from_keys(config, tensors, cfg_file, w_file)
     for k, t in tensors.items():
         if t.is_floating_point() and t.dtype not in FLOATS:
             raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
@@ -203,6 +196,27 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
             raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} contains NaN or Inf values ({int(bad.sum())} of "
                                    f"{t.numel()}; first {t[tuple(first)].item()} at index {first})")
     return config, tensors
+
+
+def _targets_from_keys(config: LoRAConfig, tensors: dict, cfg_file: Path, w_file: Path) -> LoRAConfig:
+    """``config`` targeting the modules whose ``lora_A`` the file holds (its config names none).
+
+    Raises:
+        AdapterLoadError: the file holds no ``lora_A``, or the config narrows the targets it does not name
+            (``layers_to_transform``, ``exclude_modules``: PEFT applies them to its own default list).
+    """
+    modules = adapted_modules(tensors)
+    narrowing = [k for k in ("layers_to_transform", "exclude_modules") if getattr(config, k)]
+    if narrowing:
+        raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules but sets {narrowing[0]}, which "
+                               "narrows PEFT's per-architecture default list; write the target_modules it means")
+    if not modules:
+        raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules and {str(w_file)!r} holds no lora_A "
+                               "weights: nothing says which modules the adapter adapts")
+    try:
+        return dataclasses.replace(config, target_modules=modules)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{str(cfg_file)!r}: {e}") from None
 
 
 def _read_config(cfg_file: Path) -> tuple[LoRAConfig, bool]:

@@ -146,8 +146,8 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     ``"int8"`` gives ``Linear8bitLt`` (weight: int8 (out, in) plus a float32 scale per row). The output
     head (``get_output_embeddings()`` / ``lm_head``: often tied to the embedding, and the logits are
     where rounding shows most) and modules named in ``skip`` (full names or trailing parts, e.g.
-    ``"score"``; a module's Linears with it, e.g. ``"mlp"``) stay full precision, as do embeddings, norms and other non-Linear modules. Biases are
-    kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
+    ``"score"``; a module's Linears with it, e.g. ``"mlp"``) stay full precision, as do embeddings, norms
+    and other non-Linear modules. Biases are kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
     Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
     ``LoRAQuantLinear`` with float32 adapters. One layer at a time is quantised, so the peak extra
     memory is one layer's; ``each(name, layer)``, if given, is called after each (e.g. to hand freed
@@ -159,7 +159,8 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
             float32; nothing is changed.
         QuantizedBaseError: adapters are already injected (quantise the base first), bitsandbytes is
             missing, or a layer's weight cannot be quantised (NF4 of a float64 weight, a weight on the meta
-            device or empty, bitsandbytes failing on it; the layer named); nothing is changed.
+            device or empty; the layer named): nothing is changed. If bitsandbytes itself fails on a layer
+            (out of memory, say), the layers before it stay quantised (``_replace``).
         TargetModuleError: no ``nn.Linear`` is left to quantise, or a ``skip`` entry matches no module
             (nearest names listed); nothing is changed.
     """
@@ -187,20 +188,21 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
 
 
 def _replace(model: nn.Module, bnb, todo: list[str], kind: str, compute_dtype, each) -> None:
-    """Quantise the layers ``todo`` one by one; if bitsandbytes fails on one, the layers done so far go back
-    (``QuantizedBaseError`` naming it; nothing is changed)."""
-    done: list[tuple[str, nn.Module]] = []
-    for name in todo:
-        original = model.get_submodule(name)
+    """Quantise the layers ``todo`` one by one (each float weight freed as its layer is replaced: one layer's
+    extra memory at a time, so none is kept to undo with).
+
+    Raises:
+        QuantizedBaseError: bitsandbytes failed on a layer (named, with how many before it are quantised);
+            ``_check_weights`` refuses what is known to fail before any layer changes.
+    """
+    for i, name in enumerate(todo):
+        lin = model.get_submodule(name)
         try:
-            layer = _quantized(bnb, original, kind, compute_dtype)
+            layer = _quantized(bnb, lin, kind, compute_dtype)
         except Exception as e:  # noqa: BLE001 - bitsandbytes' own errors, named
-            for n, m in reversed(done):
-                set_submodule(model, n, m)
-            raise QuantizedBaseError(f"cannot quantise {name!r} ({original.in_features} -> {original.out_features}) "
-                                     f"to {kind}: {type(e).__name__}: {e}") from e
+            raise QuantizedBaseError(f"cannot quantise {name!r} ({lin.in_features} -> {lin.out_features}) to {kind}: "
+                                     f"{type(e).__name__}: {e}; the {i} layer(s) before it are quantised") from e
         set_submodule(model, name, layer)
-        done.append((name, original))
         if each is not None:
             each(name, layer)
 

@@ -104,7 +104,8 @@ def _check_data_files(o: TrainOptions) -> None:
     """Raises ``DataError`` naming ``--data`` / ``--eval-data`` if it does not exist or is a folder."""
     for v in (o.data, o.eval_data):
         if v and not Path(v).is_file():
-            raise DataError(f"data file {v!r} " + ("is a folder, not a JSONL file" if Path(v).is_dir() else "does not exist"))
+            raise DataError(f"data file {v!r} "
+                            + ("is a folder, not a JSONL file" if Path(v).is_dir() else "does not exist"))
 
 
 def _run_config(o: TrainOptions) -> dict:
