@@ -17,6 +17,7 @@ once, under the embedding's key. Source: PEFT ``tuners/trainable_tokens/layer.py
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -135,7 +136,39 @@ class TrainableTokensWrapper(AdapterModule):
         return w
 
     def _call(self, names: list[str], x, args, kwargs):
+        if not args and not kwargs and self._plain():  # the replaced rows only: no copy of the whole weight
+            return self._patched(names, x)
         return functional_call(self.base_layer, {"weight": self.weight_with(names)}, (x, *args), kwargs)
+
+    def _plain(self) -> bool:
+        """An exact ``nn.Embedding`` (no max_norm, frequency scaling, sparse gradient or padding row among the
+        replaced ones: each changes what ``W'`` would give) or ``nn.Linear``, without hooks."""
+        b = self.base_layer
+        if b._forward_hooks or b._forward_pre_hooks or "forward" in b.__dict__:
+            return False
+        if type(b) is nn.Linear:
+            return True
+        return (type(b) is nn.Embedding and b.max_norm is None and not b.scale_grad_by_freq and not b.sparse
+                and (b.padding_idx is None or all(b.padding_idx % b.num_embeddings not in self.rows(n)[0]
+                                                  for n in self._names)))
+
+    def _patched(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
+        """``base(x)`` with the replaced rows' part written over it: an embedding's looked-up rows, a head's
+        output columns (``F.linear`` with the rows alone). Equals the module with ``weight_with(names)``."""
+        self._check_disjoint(list(self.merged_adapters) + names)
+        base = self.base_layer
+        out = base(x)
+        for n in names:
+            idx, rows = self.rows(n)
+            idx_t = torch.tensor(idx, device=out.device)
+            rows = rows.to(base.weight.dtype)
+            if type(base) is nn.Linear:
+                bias = base.bias.index_select(0, idx_t) if base.bias is not None else None
+                out = out.index_copy(out.dim() - 1, idx_t, F.linear(x, rows, bias))
+            else:
+                match = x.unsqueeze(-1) == idx_t  # (..., k): which replaced row each id is, if any
+                out = torch.where(match.any(-1, keepdim=True), rows[match.int().argmax(-1)], out)
+        return out
 
     def _mixed(self, rows, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Each row through its own adapter's rows, the others through the base module; each only on its rows."""
