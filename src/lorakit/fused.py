@@ -134,7 +134,7 @@ def _autocast(device_type: str) -> bool:
 _LINEAR_FORWARD = nn.Linear.forward
 
 
-def _hooked(m: nn.Module) -> bool:
+def hooked(m: nn.Module) -> bool:
     """Whether calling ``m`` would run anything ``F.linear`` would skip: a hook (its own or a global one),
     or a ``forward`` replaced on the module (accelerate's offload and device-map hooks) or on ``nn.Linear``."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
@@ -153,7 +153,7 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
     ad = stored_adapter(mods["adapters"]._modules, active[0])
     base = mods["base_layer"]
     if (ad is None or ad.use_dora or ad.lora_B_bias is not None or (ad._dropout and ad.lora_dropout.training)
-            or type(base) is not nn.Linear or _hooked(base)):
+            or type(base) is not nn.Linear or hooked(base)):
         return None
     p, bp = ad._parameters, base._parameters
     a, b, w, bias = p["lora_A"], p["lora_B"], bp.get("weight"), bp.get("bias")

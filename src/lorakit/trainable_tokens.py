@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from .adapter import adapter_key
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetModuleError
+from .fused import hooked
 from .rows import run_grouped
 from .state import AdapterModule
 from .tree import set_submodule, walk
@@ -142,9 +143,9 @@ class TrainableTokensWrapper(AdapterModule):
 
     def _plain(self) -> bool:
         """An exact ``nn.Embedding`` (no max_norm, frequency scaling, sparse gradient or padding row among the
-        replaced ones: each changes what ``W'`` would give) or ``nn.Linear``, without hooks."""
+        replaced ones: each changes what ``W'`` would give) or ``nn.Linear``, without hooks (``fused.hooked``)."""
         b = self.base_layer
-        if b._forward_hooks or b._forward_pre_hooks or "forward" in b.__dict__:
+        if hooked(b):
             return False
         if type(b) is nn.Linear:
             return True
