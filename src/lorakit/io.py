@@ -205,11 +205,11 @@ def _targets_from_keys(config: LoRAConfig, tensors: dict, cfg_file: Path, w_file
         AdapterLoadError: the file holds no ``lora_A``, or the config narrows the targets it does not name
             (``layers_to_transform``, ``exclude_modules``: PEFT applies them to its own default list).
     """
-    modules = adapted_modules(tensors)
     narrowing = [k for k in ("layers_to_transform", "exclude_modules") if getattr(config, k)]
     if narrowing:
         raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules but sets {narrowing[0]}, which "
                                "narrows PEFT's per-architecture default list; write the target_modules it means")
+    modules = adapted_modules(tensors)
     if not modules:
         raise AdapterLoadError(f"{str(cfg_file)!r} names no target_modules and {str(w_file)!r} holds no lora_A "
                                "weights: nothing says which modules the adapter adapts")

@@ -27,7 +27,6 @@ import json
 import random
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from lorakit.errors import AdapterLoadError, CheckpointError, SaveError
 from lorakit.io import adapter_tensors, load_adapter_tensors, read_adapter
 from lorakit.tree import model_state
 
+from .console import log
 from .files import write_folder
 
 PREFIX = "checkpoint-"
@@ -164,12 +164,7 @@ def _verify(path: Path) -> dict:
     return state
 
 
-def note(message: str) -> None:
-    """A ``lorakit: note:`` line, on stderr as the CLI's other diagnostics."""
-    print(f"lorakit: note: {message}", file=sys.stderr, flush=True)
-
-
-def latest(folder: str | Path, log=note) -> tuple[Path, dict]:
+def latest(folder: str | Path, log=log) -> tuple[Path, dict]:
     """The newest complete, intact checkpoint in ``folder`` and its trainer state.
 
     A damaged checkpoint (a file changed after it was written) is skipped with a note.
@@ -183,7 +178,7 @@ def latest(folder: str | Path, log=note) -> tuple[Path, dict]:
         try:
             return path, _verify(path)
         except CheckpointError as e:
-            log(f"skipping damaged checkpoint: {e}")
+            log(f"lorakit: note: skipping damaged checkpoint: {e}")
             damaged.append(e)
     if damaged:
         raise CheckpointError(f"{str(folder)!r} holds {len(damaged)} checkpoint(s), all damaged; the newest: "

@@ -27,6 +27,7 @@ from . import checkpoint, devices, distributed, fsdp_state
 from .autocompile import CompileSwitch
 from .blocks import blocks, checkpointed, compile_blocks, set_checkpointing  # noqa: F401  (the loop's API)
 from .checkpoint import Checkpointing
+from .console import log
 from .distributed import Dist
 from .interrupt import Signals
 
@@ -191,7 +192,7 @@ class _Run:
         restored) or a fresh one with the validation loss of the untrained adapter (the curve's start)."""
         ck = self.ck
         if ck is not None and ck.resume:
-            path, doc = checkpoint.latest(ck.folder, log=checkpoint.note if self.main else lambda *_: None)
+            path, doc = checkpoint.latest(ck.folder, log=log if self.main else lambda *_: None)
             if doc["step"] > self.total:
                 raise CheckpointError(f"{str(path)!r} is at step {doc['step']} but the run has {self.total} steps")
             if self.main:  # after latest's notes on damaged checkpoints skipped
