@@ -354,3 +354,28 @@ def test_an_evicted_adapter_whose_folder_was_deleted_is_no_longer_listed(world, 
     assert [e.name for e in reg.listing()] == ["gone", "kept"]  # resident: still served
     reg.resident.discard("gone")  # evicted
     assert [e.name for e in reg.listing()] == ["kept"] and reg.known("gone") is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_an_adapter_giving_non_finite_logits_fails_its_request_with_500_naming_it(server, world, temperature):
+    """An adapter with huge finite weights (lora_B times 1e35) drives the logits to inf / NaN. Greedy decoding
+    answered 200 with whatever ``argmax`` made of a NaN, and a sampled request a 500 with torch's
+    ``multinomial`` message; both now get a 500 that names the model and says its logits were not finite,
+    and the server goes on serving."""
+    from safetensors.torch import load_file, save_file
+
+    adapters = world[2]
+    folder = adapters / f"huge{int(temperature)}"
+    shutil.copytree(adapters / "good", folder)
+    try:
+        w = folder / "adapter_model.safetensors"
+        tensors = load_file(w)
+        save_file({k: t * 1e35 if "lora_B" in k else t for k, t in tensors.items()}, w)
+        status, body = post(server, "/v1/completions", completion(model=folder.name, temperature=temperature, seed=1))
+        assert status == 500, body
+        message = body["error"]["message"]
+        assert "non-finite logits" in message and repr(folder.name) in message and "multinomial" not in message
+        ok, out = post(server, "/v1/completions", completion())
+        assert ok == 200 and out["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        shutil.rmtree(folder)

@@ -103,7 +103,8 @@ class SaveError(LoRAError, OSError):
 
 
 class NonFiniteError(LoRAError, FloatingPointError):
-    """Training met a non-finite loss or gradient; the step and the first parameter affected are named."""
+    """Training met a non-finite loss or gradient (the step and the first parameter affected are named),
+    or a served model gave non-finite logits (the model is named)."""
 
 
 class TrainingInterrupted(LoRAError, RuntimeError):

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from lorakit import delete_adapter, load_adapter_tensors, mixed_batch, set_rows
-from lorakit.errors import LoRAError, ServeError
+from lorakit.errors import LoRAError, NonFiniteError, ServeError
 
 from .batch import Request, RunningBatch, Sequence, prefill_inputs
 from .decode import Sampler, TextStream
@@ -336,11 +336,15 @@ class Engine:
         self._advance(self.batch.seqs, out.logits[:, -1].float())
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Choose the next token of each of ``seqs`` (row i of ``logits``), hand out its text, and
-        drop the batch rows that are done."""
+        """Choose the next token of each of ``seqs`` (row i of ``logits``), hand out its text, drop the rows
+        that are done. Non-finite logits fail their request (greedy decoding emitted ``argmax`` of a NaN)."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # one check for the batch
         for i, s in enumerate(seqs):
             if s.finish is None and not s.request.cancelled:
                 try:
+                    if not finite[i]:
+                        raise NonFiniteError(f"model {self._label(s)!r} gave non-finite logits (NaN or inf) at "
+                                             f"generated token {s.generated + 1}: its weights are too large or damaged")
                     self._emit(s, s.sampler.choose(logits[i]))
                 except Exception as e:  # noqa: BLE001 - one row's failure fails its request only
                     self._fail_request(s.request, e)
