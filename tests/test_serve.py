@@ -231,3 +231,25 @@ def test_full_queue_answers_429_and_sigterm_finishes_requests_in_flight(world):
         assert any("SIGTERM" in line for line in s.lines)
     finally:
         s.stop(signal.SIGKILL)
+
+
+def test_a_second_sigint_exits_at_once_without_tracebacks(world):
+    """The first SIGINT drains; a second one (Ctrl-C twice) makes uvicorn cancel the requests' tasks, which
+    printed a CancelledError traceback per open stream. Now it says so in one line and exits cleanly."""
+    _, base, adapters = world
+    s = ServerProcess("--model", str(base), "--adapter", f"a1={adapters / 'a1'}", "--max-new-tokens", "240")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        streams = [c.completions.create(model="a1", prompt=p, max_tokens=240, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True}) for p in ("a", "b", "c")]
+        for st in streams:
+            next(iter(st))  # every stream open, its first token sent
+        s.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(60) == 0
+        time.sleep(0.5)  # the reader thread takes the last lines
+        text = "".join(s.lines)
+        assert "SIGINT again: exiting now" in text and "Traceback" not in text and "CancelledError" not in text, text
+    finally:
+        s.stop(signal.SIGKILL)

@@ -1,9 +1,10 @@
 """``lorakit serve``: load the base model and the pinned adapters, start the engine thread, and
-run uvicorn until SIGTERM / SIGINT, then finish the requests in flight and exit 0."""
+run uvicorn until SIGTERM / SIGINT, then finish the requests in flight and exit 0 (a second SIGINT: at once)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -117,6 +118,11 @@ def build(args: argparse.Namespace):
     return server, create_app(server)
 
 
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    """A log filter: not uvicorn's traceback of a request task it cancelled on a second signal."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; exit 0 after the requests in flight finish."""
     import uvicorn
@@ -133,8 +139,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          len(server.registry.resident))
 
         def handle_exit(self, sig, frame):
-            if not server.draining:
-                log.info("%s: finishing requests in flight, then exiting", signal.Signals(sig).name)
+            if server.draining and sig == signal.SIGINT and not self.force_exit:  # uvicorn cancels the requests
+                log.info("SIGINT again: exiting now, dropping the requests in flight")
+                logging.getLogger("uvicorn.error").addFilter(_not_cancelled)
+            elif not server.draining:
+                log.info("%s: finishing requests in flight, then exiting (Ctrl-C again: exit now)",
+                         signal.Signals(sig).name)
             server.draining = True
             server.engine.accepting = False
             super().handle_exit(sig, frame)
@@ -143,9 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, lifespan="off")
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal it handled: make that a no-op
         signal.signal(sig, lambda *_: None)
+    uv = _Uvicorn(config)
     try:
-        _Uvicorn(config).run()
+        uv.run()
     finally:
-        server.engine.drain(timeout=args.shutdown_timeout)
+        server.engine.drain(timeout=0 if uv.force_exit else args.shutdown_timeout)
     log.info("stopped")
     return 0
