@@ -274,6 +274,21 @@ def test_cached_norm_follows_in_place_updates_of_a_b_and_w():
         torch.testing.assert_close(layer(x), want + layer.base_layer.bias.detach(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
+def test_cached_norm_follows_a_fused_optimizer_step(optimizer):
+    """A ``fused=True`` step writes A and B without moving their version counters: the eval forward after it
+    used the norm of the factors before the step (0.015 off, a new user's report)."""
+    model, x, layer, ad = _eval_dora_mlp(9)
+    layer(x)  # the norm is cached
+    params = [ad.lora_A, ad.lora_B]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    getattr(torch.optim, optimizer)(params, lr=0.1, fused=True).step()
+    w = layer.base_layer.weight.detach()
+    want = x @ dora_weight(w, ad.lora_A.detach(), ad.lora_B.detach(), ad.lora_magnitude_vector.detach(), 2.0).T
+    torch.testing.assert_close(layer(x), want + layer.base_layer.bias.detach(), rtol=0, atol=1e-12)
+
+
 def test_norm_cached_under_inference_mode_then_a_backward_in_eval_mode():
     """A forward under torch.inference_mode caches the norm as an inference tensor; the next forward with
     gradients (still in eval mode, so nothing clears the cache) recomputes it and its backward gives

@@ -459,3 +459,39 @@ def test_a_layer_holding_every_adapter_of_the_plan_routes_its_segments_as_they_a
     inject(model, LoRAConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["q_proj"], init_lora_weights=False), "e")
     mine, dora_segs, _ = held_segments(q, plan)
     assert mine == plan.segments and mine is not plan.segments and dora_segs == ()
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "Adam", "SGD", "Adagrad"])
+def test_fused_optimizer_steps_between_blocks_are_seen(model, optimizer):
+    """torch's ``fused=True`` optimizer steps write the factors without moving their version counters (lorakit's
+    training loop uses fused AdamW), so the block after such training served the adapter's slots as they were
+    before it (0.41 off, a new user's report). Expected values by hand: a plain copy of the base whose adapted
+    weights are W + s·B·A of the row's adapter, in float64."""
+    import copy
+
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (4, 6))
+    plain = lorakit.unload(copy.deepcopy(model), merge=False).double()
+    with mixed_batch(model, ["a", "b", "c.d", None]), torch.no_grad():
+        model(ids)  # the banks hold every adapter's factors now
+    set_adapter(model, "a")
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert params and all(".a.lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = getattr(torch.optim, optimizer)(params, lr=0.05, fused=True)
+    model.train()
+    for _ in range(2):
+        model(ids).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with mixed_batch(model, ["a", "b", "c.d", None]), torch.no_grad():
+        out = model(ids).logits
+    for i, name in enumerate(["a", "b", "c.d", None]):
+        want = copy.deepcopy(plain)
+        with torch.no_grad():
+            for path, layer in lorakit.lora_layers(model):
+                if name is not None and layer.has_adapter(name):
+                    a, b = (t.detach().double() for t in layer.lora_weights(name))
+                    want.get_submodule(path).weight += layer.adapter(name).scaling * b @ a
+            expected = want(ids[i:i + 1]).logits[0]
+        torch.testing.assert_close(out[i].double(), expected, rtol=0, atol=1e-5, msg=f"row {i} ({name})")

@@ -21,6 +21,7 @@ import torch
 from . import adapter
 from .adapter import LoRAAdapter
 from .hot import EmptySlot
+from .versions import watch_optimizer_steps
 
 _RANK = operator.attrgetter("r")
 _COPIES = itertools.count()  # AdapterBank.slot_gen numbers: unique across banks, so a copy is never mistaken for current
@@ -47,6 +48,7 @@ class AdapterBank:
     """
 
     def __init__(self) -> None:
+        watch_optimizer_steps()  # fused optimizer steps move no version counter by themselves (lorakit.versions)
         self.slots: dict[str, int] = {}
         self.names: tuple = ()
         self.a_t: torch.Tensor | None = None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .versions import watch_optimizer_steps
+
 
 def column_norm(w: torch.Tensor, out_axis: int) -> torch.Tensor:
     """``‖w‖_c``: the L2 norm of each slice of ``w`` along ``out_axis``, shape (w.shape[out_axis],)."""
@@ -50,6 +52,7 @@ class NormCache:
     one of those (as with PEFT's DoRA cache, which is keyed on the adapter name alone)."""
 
     def __init__(self) -> None:
+        watch_optimizer_steps()  # fused optimizer steps move no version counter by themselves (lorakit.versions)
         self._tensors: tuple = ()
         self._stamp: tuple = ()
         self._pins: tuple = ()
