@@ -215,6 +215,45 @@ def test_forward_mode_jvp_equals_float64():
     torch.testing.assert_close(tangent, t @ W.T + 4.0 / 3 * (t @ A.T @ B.T), rtol=1e-9, atol=1e-9)
 
 
+def test_forward_over_reverse_gradient_of_b_equals_float64():
+    """A backward inside an open ``forward_ad.dual_level`` (forward-over-reverse): dL/dB reused the saved
+    ``x A^T``, which carries no tangent, so the tangent of dL/dB was wrong (417 against 777 in norm, a new
+    user's report). Expected: the same through plain float64 tensors."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = _layer().double()
+    ad = layer.adapter("default")
+    x, tx = torch.randn(2, 3, 7, dtype=torch.float64), torch.randn(2, 3, 7, dtype=torch.float64)
+    W, bias = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    A, B = ad.lora_A.detach().requires_grad_(), ad.lora_B.detach().requires_grad_()
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, tx))
+        assert type(out.grad_fn).__name__ == "LinearBypassBackward"
+        got = [fwAD.unpack_dual(g).tangent for g in torch.autograd.grad(out.pow(2).sum(), [ad.lora_A, ad.lora_B])]
+        plain = fwAD.make_dual(x, tx) @ W.T + bias + 4.0 / 3 * (fwAD.make_dual(x, tx) @ A.T @ B.T)
+        want = [fwAD.unpack_dual(g).tangent for g in torch.autograd.grad(plain.pow(2).sum(), [A, B])]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["buffer", "attribute"])
+def test_a_bias_that_is_not_a_parameter_is_added(kind):
+    """A bias kept as a buffer or a plain attribute (not in ``_parameters``) was dropped by the one-op path
+    (0.92 off, a new user's report); nn.Linear adds it, and so does the general forward taken now."""
+    layer = _layer()
+    b = torch.randn(5)
+    del layer.base_layer.bias
+    if kind == "buffer":
+        layer.base_layer.register_buffer("bias", b)
+    else:
+        layer.base_layer.bias = b
+    x = torch.randn(3, 7, requires_grad=True)
+    want, _ = _float64_grads(layer, x, torch.zeros(3, 5), 4.0 / 3)  # reads base.bias: the buffer or attribute
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x).detach().double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_forward_replaced_on_the_base_layer_still_runs():
     layer = _layer()
     x = torch.randn(3, 7, requires_grad=True)

@@ -20,6 +20,7 @@ without DoRA, ``lora_bias`` or an active dropout, an exact ``nn.Linear`` base wi
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
@@ -73,8 +74,8 @@ class _Bypass(torch.autograd.Function):
         if need[3]:
             da = torch.mm(gh.t(), x2)
         if need[4]:
-            if torch.is_grad_enabled():  # create_graph: h's own dependence on x and A must be seen
-                h = torch.mm(x2, a.t())
+            if torch.is_grad_enabled() or _forward_ad_level():  # create_graph, or forward-over-reverse AD: h's
+                h = torch.mm(x2, a.t())  # dependence on x and A must be seen (the saved h carries no tangent)
             db = torch.mm(h.t(), g2).t().mul_(s)
         return dx, dw, dbias, da, db, None
 
@@ -118,6 +119,11 @@ class LinearBypass(_Bypass):
         return out
 
 
+def _forward_ad_level() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (a backward inside one: forward-over-reverse)."""
+    return _fwad._current_level >= 0
+
+
 def _functorch_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``) is running."""
     return torch._C._are_functorch_transforms_active()
@@ -157,8 +163,8 @@ def plain_linear(layer, x: torch.Tensor, active: list[str]) -> torch.Tensor | No
         return None
     p, bp = ad._parameters, base._parameters
     a, b, w, bias = p["lora_A"], p["lora_B"], bp.get("weight"), bp.get("bias")
-    if w is None or not (x.dtype is a.dtype is w.dtype is b.dtype) or _autocast(x.device.type):
-        return None
+    if w is None or "bias" not in bp or not (x.dtype is a.dtype is w.dtype is b.dtype) or _autocast(x.device.type):
+        return None  # "bias" not among the parameters: a buffer or plain attribute, which nn.Linear still adds
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad or w.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         if _functorch_active():  # torch.func transforms need setup_context; the general forward has it
