@@ -236,10 +236,15 @@ def test_compile_auto_decision_is_printed(tiny, capsys, tmp_path, monkeypatch):
     assert code == 0 and "torch.compile" not in stdout
 
 
-@pytest.mark.parametrize("value", ['"yes"', "3", '"false"', "[1]"])
-def test_compile_refuses_other_values(tiny, capsys, tmp_path, value):
+@pytest.mark.parametrize("value,shown", [('"yes"', "str 'yes'"), ("3", "int 3"), ('"false"', "str 'false'"),
+                                         ("[1]", "list [1]")])
+def test_compile_refuses_other_values(tiny, capsys, tmp_path, value, shown):
+    """A quoted "false" was refused with "must be true, false or auto", which reads as if it were allowed: the
+    message now says a boolean is wanted, unquoted, and shows the type it got."""
     root, model, data = tiny
     (tmp_path / "c.yaml").write_text(f"compile: {value}\n")
     code, _, err = run(capsys, "train", "--model", model, "--data", data, "--steps", 2, "--output", tmp_path / "o",
                        "--config", tmp_path / "c.yaml")
-    assert code == 2 and one_error_line(err).startswith("lorakit: error: --compile must be true, false or auto")
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("lorakit: error: --compile must be the boolean true or false (unquoted in a "
+                                         "config file) or the string auto (the default), got " + shown)

@@ -77,7 +77,27 @@ def test_a_resumed_run_keeps_the_decision():
         switch.after_step(3, 2.0, 1001)
         switch.after_step(4, 2.0, 1000)
         assert switch.decision == 5 and switch.compiled
-    assert len(said) == 1 and "1000 steps left x 2.00 s" in said[0]
+    assert said[:2] == ["torch.compile: on (auto, decided after step 4 of this run)",  # a resumed run's log says so
+                        "torch.compile: off (auto, decided after step 4 of this run); --compile forces it"]
+    assert len(said) == 3 and "1000 steps left x 2.00 s" in said[2]
+
+
+@pytest.mark.parametrize("steps,line", [
+    (3, "torch.compile: off (auto): 3 steps end before the decision after step 4; --compile forces it"),
+    (4, "torch.compile: off (auto): 4 steps end before the decision after step 4; --compile forces it"),
+    (5, None), (None, None)])
+def test_a_run_too_short_for_the_decision_says_it_stays_eager(steps, line):
+    """A run of 4 steps or fewer never reached the decision, and its log never mentioned torch.compile."""
+    net, said = Net(), []
+    with C.CompileSwitch(net, "auto", said.append, steps=steps) as switch:
+        assert said == ([line] if line else [])  # said at the start (a longer run says its decision after step 4)
+        for step in range(1, min(steps or 4, 4) + 1):
+            switch.after_step(step, 2.0, (steps or 4) - step)
+        assert not switch.compiled
+    if steps == 5:  # the decision after step 4, with one step left: off
+        assert len(said) == 1 and said[0].startswith("torch.compile: off (auto): 1 steps left x 2.00 s")
+    else:
+        assert said == ([line] if line else [])
 
 
 def test_the_measured_cost_decides_the_next_run(cache):

@@ -99,10 +99,13 @@ class CompileSwitch:
     there). ``decision`` (None: not yet, ``OFF``, or the first compiled step) is the run's, kept in its
     checkpoints; a resumed run passes it back. ``compiled``: the blocks run compiled now (validation then
     forces eager). ``compiled_from``: the first step that ran compiled (None: none did). The first compiled
-    step's extra time is recorded as this block's compile cost."""
+    step's extra time is recorded as this block's compile cost. ``steps``: the run's step count; the log
+    says a resumed run's decision again, and that an "auto" run of ``PROBE_STEPS`` steps or fewer stays eager."""
 
-    def __init__(self, model, setting: bool | str, say, allowed: bool = True, decision: int | None = None) -> None:
+    def __init__(self, model, setting: bool | str, say, allowed: bool = True, decision: int | None = None,
+                 steps: int | None = None) -> None:
         self.model, self.setting, self.say, self.allowed, self.decision = model, setting, say, allowed, decision
+        self.steps = steps  # the run's steps, counted from its start (None: not known)
         self.compiled, self._times, self._stack = False, {}, ExitStack()
         self.compiled_from: int | None = decision if decision not in (None, OFF) else None  # a resumed "auto" run's
         self._eager: float | None = None  # the eager step time, until the first compiled step is measured
@@ -112,6 +115,13 @@ class CompileSwitch:
             self._on()
         if self.setting is True:  # forced on: the log says so, as it says the auto decision
             self.say("torch.compile: on (--compile): the transformer blocks, from the first step")
+        elif self.setting == "auto" and self.decision is not None:  # resumed: the run's decision, said again
+            self.say(f"torch.compile: on (auto, decided after step {self.decision - 1} of this run)"
+                     if self.decision != OFF else
+                     f"torch.compile: off (auto, decided after step {PROBE_STEPS} of this run); --compile forces it")
+        elif self.setting == "auto" and self.steps is not None and self.steps <= PROBE_STEPS:
+            self.say(f"torch.compile: off (auto): {self.steps} steps end before the decision after step "
+                     f"{PROBE_STEPS}; --compile forces it")
         return self
 
     def __exit__(self, *exc) -> None:

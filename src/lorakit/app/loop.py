@@ -360,7 +360,7 @@ def _steps(run: _Run, state: checkpoint.TrainState, on_log, progress: bool) -> t
     say = tqdm.write if run.main else (lambda *_: None)  # above the progress bar, not into its line
     with Signals(run.ck is not None) as signals, \
             CompileSwitch(model, cfg.compile, say, run.d is None and quantization(model) is None,
-                          state.compile_from) as compiled:
+                          state.compile_from, run.total) as compiled:
         if state.rng is not None:  # last, so nothing above draws from the restored generators
             checkpoint.set_rng_state(state.rng)
         for step in bar:

@@ -258,7 +258,8 @@ def validate(o: TrainOptions, given: frozenset[str] = frozenset()) -> None:
         raise UsageError(f"--on-nonfinite must be one of {', '.join(NONFINITE)}, got {o.on_nonfinite!r}")
     if not (o.compile is None or o.compile is True or o.compile is False):  # a config file's value
         if str(o.compile).strip().lower() != "auto":
-            raise UsageError(f"--compile must be true, false or auto (the default), got {o.compile!r}")
+            raise UsageError(f"--compile must be the boolean true or false (unquoted in a config file) or the "
+                             f"string auto (the default), got {type(o.compile).__name__} {o.compile!r}")
         o.compile = None
     o.device = devices.check_spec(o.device)
     if o.quantize is not None and o.quantize not in QUANT_TYPES:
