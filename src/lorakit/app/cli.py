@@ -44,6 +44,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:  # argparse says so from the top parser: the hint names the command's own help
+            prog = f"{self.prog} {ns.command}" if getattr(ns, "command", None) else self.prog
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{prog} --help')")
+        return ns
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lorakit`` parser; ``train``'s flags come from ``options.TrainOptions``."""
