@@ -188,6 +188,21 @@ def test_sampling_is_reproducible_with_a_seed_and_n(server):
     assert [ch.text for ch in r1.choices] == [ch.text for ch in r2.choices]
     assert sorted(ch.index for ch in r1.choices) == [0, 1, 2]
     assert len({ch.text for ch in r1.choices}) > 1  # each choice its own draw
+    single = c.completions.create(**dict(kw, n=1))
+    assert single.choices[0].text == r1.choices[0].text  # the first choice is what n=1 gives
+    nearby = [c.completions.create(**dict(kw, seed=s, n=1)).choices[0].text for s in (8, 9)]
+    assert not set(nearby) & {ch.text for ch in r1.choices[1:]}  # choice j was seed + j's answer
+
+
+def test_choice_seeds_by_hand():
+    """Choice 0 keeps the request's seed; the others take 63 bits of BLAKE2b of "seed:j" (``hashlib``)."""
+    import hashlib
+
+    from lorakit.app.serve.decode import choice_seed
+
+    assert choice_seed(7, 0) == 7
+    want = int.from_bytes(hashlib.blake2b(b"7:1", digest_size=8).digest(), "big") >> 1
+    assert choice_seed(7, 1) == want and 0 <= want < 2 ** 63 and choice_seed(8, 0) != choice_seed(7, 1)
 
 
 def test_metrics_and_request_log(server):

@@ -108,6 +108,11 @@ CASES = [
     ("lora_path 5000 characters long", "/v1/load_lora_adapter", {"lora_name": "x9", "lora_path": "a" * 5000}, 400,
      "lora_path"),
     ("unload a pinned adapter", "/v1/unload_lora_adapter", {"lora_name": "good"}, 400, "lora_name"),
+    ("JSON mode (response_format), which would be ignored", "/v1/chat/completions",
+     {"model": "good", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("stream_options without stream", "/v1/completions", completion(stream_options={"include_usage": True}), 400,
+     "stream_options"),
 ]
 
 
@@ -379,3 +384,20 @@ def test_an_adapter_giving_non_finite_logits_fails_its_request_with_500_naming_i
         assert ok == 200 and out["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
         shutil.rmtree(folder)
+
+
+def test_an_adapter_folder_named_as_the_base_id_is_neither_listed_nor_served_and_a_warning_says_so(world, tmp_path,
+                                                                                                   caplog):
+    """``--adapter-dir`` holding a folder named as the base model's id: /v1/models listed that id twice, and a
+    request for it always got the base model. The folder is now left out, and a warning at startup names it."""
+    import logging
+
+    from lorakit.app.serve.registry import Registry
+
+    _, base, adapters, _ = world
+    shutil.copytree(adapters / "other", tmp_path / "base")
+    shutil.copytree(adapters / "other", tmp_path / "kept")
+    with caplog.at_level(logging.WARNING, logger="lorakit.serve"):
+        reg = Registry(str(tmp_path), 4, "base", str(base))
+    assert [e.name for e in reg.listing()] == ["kept"] and reg.known("base") is None
+    assert any("named as the base model's id 'base'" in r.getMessage() for r in caplog.records)

@@ -3,12 +3,22 @@ the generated ids into text deltas that never cut a stop string or a multi-byte 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 import torch
 
 
 GREEDY_BELOW = 1e-5  # temperatures below are greedy (as vLLM): logits / 1e-310 would overflow
+
+
+def choice_seed(seed: int, j: int) -> int:
+    """The generator seed of choice ``j`` of a request with ``seed``: ``seed`` itself for the first (what
+    ``n=1`` gives), a 63-bit hash of ``(seed, j)`` for the others. ``seed + j`` made choice 1 of seed 1 the
+    answer of seed 2, so sweeping seeds with ``n > 1`` repeated samples."""
+    if j == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{j}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 class Sampler:

@@ -24,7 +24,7 @@ from lorakit import delete_adapter, load_adapter_tensors, mixed_batch, set_rows
 from lorakit.errors import LoRAError, NonFiniteError, ServeError
 
 from .batch import Request, RunningBatch, Sequence, prefill_inputs
-from .decode import Sampler, TextStream
+from .decode import Sampler, TextStream, choice_seed
 from .metrics import Metrics
 from .registry import Registry
 
@@ -266,7 +266,7 @@ class Engine:
         out = []
         for p, prompt in enumerate(req.prompts):
             for j in range(req.n):
-                seed = None if req.seed is None else req.seed + j
+                seed = None if req.seed is None else choice_seed(req.seed, j)
                 out.append(Sequence(req, p * req.n + j, req.adapter, Sampler(req.temperature, req.top_p, seed),
                                     TextStream(self.tokenizer, req.stop), prompt, position=len(prompt) - 1))
         return out

@@ -19,7 +19,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 # OpenAI fields lorakit cannot honour: refused when set to anything but their neutral value
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
                "suffix": (None,), "tools": (None, []), "functions": (None, []), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "response_format": (None, {"type": "text"})}  # JSON mode / schemas: not honoured, so refused
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -143,6 +144,8 @@ def parse(kind: type[_Request], body: dict) -> _Request:
     for name, neutral in UNSUPPORTED.items():
         if name in body and body[name] not in neutral:
             raise ServeError(400, f"{name} is not supported by lorakit serve", name)
+    if req.stream_options is not None and not req.stream:  # as OpenAI answers it
+        raise ServeError(400, "stream_options is only allowed when stream is true", "stream_options")
     given = stops(req)
     if len(given) > 16 or any(not s for s in given):
         raise ServeError(400, "stop must be a non-empty string or a list of at most 16 non-empty strings", "stop")

@@ -42,6 +42,9 @@ class Registry:
         self.root = Path(adapter_dir).resolve() if adapter_dir else None
         self.max_loaded = max_loaded
         self.base_id, self.base_reference = base_id, base_reference
+        if self.root is not None and "/" not in base_id and (self.root / base_id / CONFIG_NAME).is_file():
+            log.warning("adapter folder %s is named as the base model's id %r, which always means the base model: "
+                        "it is not served (rename it to serve it)", self.root / base_id, base_id)
         self.entries: dict[str, Entry] = {}  # pinned and run-time loaded
         self.resident: set[str] = set()
         self.loading: set[str] = set()
@@ -106,7 +109,7 @@ class Registry:
             return None if self._gone(self.entries[name]) else self.entries[name]
         if self.root is None:
             return None
-        if not NAME.fullmatch(name) or "/" in name or name in (".", ".."):
+        if not NAME.fullmatch(name) or "/" in name or name in (".", "..", self.base_id):  # the base id: the base
             return None
         folder = (self.root / name).resolve()  # a symlinked subfolder must point inside the folder too
         if self.root not in folder.parents or not (folder / CONFIG_NAME).is_file():
