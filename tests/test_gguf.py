@@ -272,3 +272,41 @@ def test_merged_gguf_q8_0_types(tiny_adapter):
     assert types["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
     assert cli.main(["merge", "--adapter", str(root / "adapter"), "--output", str(out), "--format", "gguf"]) == 1
     assert cli.main(["merge", "--adapter", str(root / "adapter"), "--output", str(root / "m"), "--outtype", "q8_0"]) == 2
+
+
+def test_merging_an_adapter_on_a_tied_embedding_writes_the_head_apart(tmp_path, capsys):
+    """An adapter on a tied input embedding, merged: the head keeps the base embedding. The GGUF held no
+    ``output.weight``, so llama.cpp used the merged embedding as its head (logits 25.8 off), and the folder's
+    config still said ``tie_word_embeddings``. Expected: PEFT's unmerged outputs, from both files."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_folder(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.tie_word_embeddings
+    inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    save_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "lorakit.json").write_text(json.dumps({"base_model": str(folder)}))
+    ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = peft(ids).logits
+    base_embedding = AutoModelForCausalLM.from_pretrained(folder).get_input_embeddings().weight.detach()
+
+    out = tmp_path / "merged.gguf"
+    assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(out), "--format", "gguf",
+                     "--outtype", "f32"]) == 0
+    head, _ = tensor(GGUFReader(out), "output.weight")
+    torch.testing.assert_close(torch.from_numpy(np.asarray(head)), base_embedding, rtol=0, atol=0)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=str(out), dtype=torch.float32).eval()
+    assert cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        for got in (loaded(ids).logits, plain(ids).logits):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
