@@ -202,3 +202,33 @@ def test_cli_convert(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope/adapter_config.json' is missing" in err[0]
     assert cli.main(["convert", "--from", "torchtune", str(tmp_path / "x.pt"), "--output", str(tmp_path / "p3")]) == 2
+
+
+def test_non_finite_weights_and_foreign_files_are_refused_before_anything_is_written(tmp_path, capsys):
+    """convert wrote adapters holding NaN / Inf (read_adapter refused them only later), and a ``.pt`` that is not
+    a tensor pickle gave a raw UnpicklingError traceback; a missing file said it held none of torchtune's files."""
+    from safetensors.torch import load_file
+
+    write_mlx(tmp_path / "mlx", MLX_MODULES)
+    f = tmp_path / "mlx" / "adapters.safetensors"
+    t = load_file(f)
+    t["model.layers.1.self_attn.v_proj.lora_b"][1, 2] = float("nan")
+    save_file(t, f)
+    with pytest.raises(AdapterLoadError, match=r"'model\.layers\.1\.self_attn\.v_proj\.lora_b' contains NaN or Inf "
+                                               r"values \(1 of \d+; first nan at index \[1, 2\]\)"):
+        convert_mlx(tmp_path / "mlx", tmp_path / "peft")
+    tiny_llama().config.save_pretrained(tmp_path / "base")
+    write_torchtune(tmp_path / "adapter_0.pt")
+    d = torch.load(tmp_path / "adapter_0.pt")
+    d["layers.0.mlp.w2.lora_a.weight"][0, 0] = float("inf")
+    torch.save(d, tmp_path / "inf.pt")
+    with pytest.raises(AdapterLoadError, match=r"'layers\.0\.mlp\.w2\.lora_a\.weight' contains NaN or Inf"):
+        convert_torchtune(tmp_path / "inf.pt", tmp_path / "peft", str(tmp_path / "base"), lora_alpha=8.0)
+    (tmp_path / "g.pt").write_bytes(b"garbage\n")
+    code = cli.main(["convert", "--from", "torchtune", str(tmp_path / "g.pt"), "--base-model", str(tmp_path / "base"),
+                     "--lora-alpha", "8", "--output", str(tmp_path / "peft")])
+    err = capsys.readouterr().err
+    assert code == 1 and "is not a PyTorch pickle of tensors" in err and "Traceback" not in err
+    with pytest.raises(AdapterLoadError, match=r"'.*missing\.pt' does not exist"):
+        convert_torchtune(tmp_path / "missing.pt", tmp_path / "peft", str(tmp_path / "base"), lora_alpha=8.0)
+    assert not (tmp_path / "peft").exists()

@@ -36,7 +36,7 @@ from .inject import aux_shapes, biases, find_targets, inject, trained_biases
 from .keys import PREFIX, adapted_modules, clean, mismatch, normalize
 from .tree import (STATE_ATTR, activate, adapter_modules, check_known, drop_state, is_merged, lora_layers,
                    model_state, outside_mixed_batch, set_submodule)
-from .weightfile import load_pickle, load_safetensors
+from .weightfile import check_finite, load_pickle, load_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -190,11 +190,7 @@ def read_adapter(path: str | os.PathLike, allow_pickle: bool = True) -> tuple[Lo
                 raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} has dtype {t.dtype}; adapter weights must be "
                                        "floating point")
             continue
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            first = [int(i) for i in bad.nonzero()[0]]
-            raise AdapterLoadError(f"{str(w_file)!r}: tensor {k!r} contains NaN or Inf values ({int(bad.sum())} of "
-                                   f"{t.numel()}; first {t[tuple(first)].item()} at index {first})")
+        check_finite(w_file, k, t)
     return config, tensors
 
 

@@ -53,6 +53,16 @@ def load_pickle(w_file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_finite(w_file: Path, key: str, t: torch.Tensor) -> None:
+    """Raise AdapterLoadError naming ``w_file``, ``key``, the count and the first index of a NaN or Inf in
+    the floating tensor ``t`` (adapter weights must be finite)."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        first = [int(i) for i in bad.nonzero()[0]]
+        raise AdapterLoadError(f"{str(w_file)!r}: tensor {key!r} contains NaN or Inf values ({int(bad.sum())} of "
+                               f"{t.numel()}; first {t[tuple(first)].item()} at index {first})")
+
+
 def _check_header(w_file: Path) -> None:
     """Check a safetensors header against its data before ``load_file`` reads it: an 8-byte
     little-endian header length, a JSON header, and per tensor ``dtype`` x ``shape`` bytes equal to

@@ -22,13 +22,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorakit.config import LoRAConfig
 from lorakit.durable import read_utf8
 from lorakit.errors import AdapterLoadError, CLIError, ConfigError
 from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.weightfile import check_finite, load_pickle, load_safetensors
 
 from .files import write_folder
 from .rope_layout import from_interleaved, read_dims
@@ -61,16 +61,17 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a torch ``.pt`` file read with ``weights_only=True`` (tensors only: no code runs)."""
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
-        raise AdapterLoadError(f"cannot read {str(path)!r}: {str(e).splitlines()[0] if str(e) else e}") from None
-    if not isinstance(d, dict) or not all(isinstance(v, torch.Tensor) for v in d.values()):
-        raise AdapterLoadError(f"{str(path)!r} does not hold a dict of tensors")
-    return d
+    """A safetensors file (its header checked first), or a torch ``.pt`` file read with ``weights_only=True``
+    (tensors only: no code runs), as ``read_adapter`` reads them; every floating tensor finite.
+
+    Raises:
+        AdapterLoadError: an unreadable, truncated or foreign file, or a NaN / Inf (file, key, index named).
+    """
+    tensors = load_safetensors(path) if path.suffix == ".safetensors" else load_pickle(path)
+    for k, t in tensors.items():
+        if t.is_floating_point():
+            check_finite(path, k, t)
+    return tensors
 
 
 def _pairs(tensors: dict, a_suffix: str, b_suffix: str, source: Path) -> dict[str, tuple]:
@@ -174,6 +175,8 @@ def convert_mlx(src: str | Path, out: str | Path, base_model: str | None = None,
 def _tune_file(src: Path) -> Path:
     if src.is_file():
         return src
+    if not src.exists():
+        raise AdapterLoadError(f"{str(src)!r} does not exist")
     for name in TORCHTUNE_FILES:
         if (src / name).is_file():
             return src / name
