@@ -376,10 +376,17 @@ def test_an_adapter_giving_non_finite_logits_fails_its_request_with_500_naming_i
         w = folder / "adapter_model.safetensors"
         tensors = load_file(w)
         save_file({k: t * 1e35 if "lora_B" in k else t for k, t in tensors.items()}, w)
+        seen = len(server.lines)
         status, body = post(server, "/v1/completions", completion(model=folder.name, temperature=temperature, seed=1))
         assert status == 500, body
         message = body["error"]["message"]
         assert "non-finite logits" in message and repr(folder.name) in message and "multinomial" not in message
+        for _ in range(50):  # the server's stderr is read by another thread: wait for the line (at most 5 s)
+            log = "".join(server.lines[seen:])  # the cause is named: one log line, no traceback
+            if "request failed" in log:
+                break
+            time.sleep(0.1)
+        assert "request failed: model" in log and "Traceback" not in log, log
         ok, out = post(server, "/v1/completions", completion())
         assert ok == 200 and out["choices"][0]["finish_reason"] in ("stop", "length")
     finally:

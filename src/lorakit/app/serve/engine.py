@@ -387,7 +387,7 @@ class Engine:
             r.sink(None, error, None)
 
     def _fail_request(self, req: Request, e: Exception) -> None:
-        log.error("request failed: %s\n%s", e, traceback.format_exc())
+        log.error("request failed: %s%s", e, "" if isinstance(e, LoRAError) else "\n" + traceback.format_exc())
         if not req.cancelled:
             req.cancelled = True  # its rows leave at the end of this step
             req.sink(None, ServeError(500, f"generation failed: {type(e).__name__}: {e}", code="engine_error"), None)
