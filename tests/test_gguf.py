@@ -225,21 +225,28 @@ def test_merge_refuses_outputs_over_the_base_model_it_read(tmp_path, capsys):
 # --- merged models -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    folder = tiny_model_folder(root / "model")
+def saved_adapter(root, targets, seed: int, scale: float):
+    """A tiny model folder under ``root`` and a random adapter on ``targets`` saved in ``root / "adapter"``
+    (its lorakit.json naming that base): ``(model folder, the adapted model)``."""
     from transformers import AutoModelForCausalLM
 
+    folder = tiny_model_folder(root / "model")
     model = AutoModelForCausalLM.from_pretrained(folder)
-    inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=ALL7, init_lora_weights=False))
-    torch.manual_seed(4)
+    inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    torch.manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.2)
+                p.copy_(torch.randn_like(p) * scale)
     save_adapter(model, root / "adapter")
     (root / "adapter" / "lorakit.json").write_text(json.dumps({"base_model": str(folder)}))
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    _, model = saved_adapter(root, ALL7, 4, 0.2)
     merge(model)
     return root, unload(model, merge=True).eval()
 
@@ -281,17 +288,8 @@ def test_merging_an_adapter_on_a_tied_embedding_writes_the_head_apart(tmp_path, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    folder = tiny_model_folder(tmp_path / "model")
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    folder, model = saved_adapter(tmp_path, ["embed_tokens", "q_proj"], 5, 0.3)
     assert model.config.tie_word_embeddings
-    inject(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.3)
-    save_adapter(model, tmp_path / "adapter")
-    (tmp_path / "adapter" / "lorakit.json").write_text(json.dumps({"base_model": str(folder)}))
     ids = torch.tensor([[1, 5, 9, 20, 33, 7]])
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "adapter").eval()
     with torch.no_grad():
