@@ -294,7 +294,7 @@ def test_key_mismatch_names_matched_modules_and_quotes_a_file_key_beside_the_nea
         lorakit.load_adapter(model, folder)
     msg = str(info.value)
     assert "lacks key 'base_model.model.v_proj.lora_A.weight' and 1 more" in msg
-    assert "1 of 2 adapted modules matched" in msg
+    assert "1 of 2 adapted modules matched (missing: lora_A.weight of 1 module, lora_B.weight of 1 module)" in msg
     assert "the file holds e.g. 'base_model.model.vproj.lora_" in msg and "nearest model key 'base_model.model.v_proj.lora_" in msg
     assert not lorakit.list_adapters(model)
 
@@ -404,3 +404,17 @@ def test_overlapping_patterns_keep_their_order_through_save_and_load(tmp_path):
     torch.testing.assert_close(out(again.eval(), x), expected, atol=TOL, rtol=0)
     theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "a").eval()
     torch.testing.assert_close(out(theirs, x), expected, atol=TOL, rtol=0)
+
+
+def test_a_lora_bias_config_whose_file_has_no_bias_says_which_keys_are_missing(factors, tmp_path):
+    """A config with ``lora_bias: true`` over a file without bias keys said "0 of 1 adapted modules matched",
+    though lora_A and lora_B were there: the message now names the kind of key missing, and from how many."""
+    a, b = factors
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    folder = _write(tmp_path / "a", {"base_model.model.q_proj.lora_A.weight": a, "base_model.model.q_proj.lora_B.weight": b},
+                    {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "lora_bias": True})
+    with pytest.raises(AdapterLoadError, match=r"lacks key 'base_model\.model\.q_proj\.lora_B\.bias'; 0 of 1 adapted "
+                                               r"modules matched \(missing: lora_B\.bias of 1 module\)"):
+        lorakit.load_adapter(model, folder)
+    assert not lorakit.list_adapters(model)

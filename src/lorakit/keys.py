@@ -18,6 +18,7 @@ is left (how many modules matched, a key of the file beside the nearest expected
 
 from __future__ import annotations
 
+import collections
 import difflib
 import re
 
@@ -108,6 +109,9 @@ def mismatch(expected, keys, source: str) -> str | None:
             if missing else f"{source!r} has key {extra[0]!r}, which matches no adapted module of the model"
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     tail = f"; {covered} of {len(modules)} adapted modules matched"
+    if missing:  # which kinds of key are missing: all lora_B.bias (a lora_bias config), or whole modules
+        kinds = collections.Counter(k[len(_module(k)) + 1:] for k in missing)
+        tail += " (missing: " + ", ".join(f"{kind} of {n} module{'s' * (n > 1)}" for kind, n in kinds.items()) + ")"
     if extra:
         near = difflib.get_close_matches(extra[0], missing or expected, n=1, cutoff=0.0)
         tail += f"; the file holds e.g. {extra[0]!r}" + (f", nearest model key {near[0]!r}" if near else "")
