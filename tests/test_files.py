@@ -74,3 +74,32 @@ def test_write_folder_puts_the_old_folder_back_when_the_new_one_cannot_be_rename
     monkeypatch.setattr(files.os, "replace", real)
     write_folder(dest, lambda d: (d / "new.txt").write_text("new"), replace=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and [p.name for p in dest.iterdir()] == ["new.txt"]
+
+
+def test_a_failed_write_names_the_output_not_its_temporary_sibling(tmp_path, monkeypatch):
+    """An output folder that cannot be written (an immutable parent, a full disk) was reported under lorakit's
+    temporary name ('out/.model.4l_zq_mk'); it is now named as given. An error on another file (an input
+    ``fill`` reads) is left as it was."""
+    import errno
+    import tempfile
+
+    from lorakit.errors import SaveError
+
+    dest = tmp_path / "out" / "model"
+
+    def refuse(prefix, dir):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(dir / f"{prefix}abc123"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(SaveError, match=r"cannot write '.*out/model': Operation not permitted$"):
+        write_folder(dest, lambda d: None)
+    monkeypatch.undo()
+
+    def read_missing(d):
+        (d / "x.txt").write_text("1")
+        open(tmp_path / "input.gguf")  # noqa: SIM115 - raises
+
+    with pytest.raises(FileNotFoundError) as info:
+        write_folder(dest, read_missing)
+    assert not isinstance(info.value, SaveError) and info.value.filename == str(tmp_path / "input.gguf")
+    assert not dest.parent.exists() or not list(dest.parent.iterdir())  # nothing left behind

@@ -28,10 +28,27 @@ def write_folder(dest: str | os.PathLike, fill: Callable[[Path], None], replace:
 
     Raises:
         SaveError: ``replace`` would remove the current folder, one above it, or one holding ``inputs``
-            (``--output . --overwrite``), refused before anything is written.
-        OSError: from ``fill`` or the renames; the temporary folder is removed either way.
+            (``--output . --overwrite``), refused before anything is written; or writing failed on ``dest``
+            or its temporary sibling (named as ``dest``: the sibling's name means nothing to the user).
+        OSError: from ``fill`` on other files (an input it reads); the temporary folder is removed either way.
     """
-    dest = Path(dest)
+    try:
+        _write_folder(Path(dest), fill, replace, inputs)
+    except OSError as e:
+        if isinstance(e, SaveError) or not _ours(e.filename, Path(dest)):
+            raise
+        raise SaveError(f"cannot write {str(dest)!r}: {e.strerror or e}") from e
+
+
+def _ours(filename, dest: Path) -> bool:
+    """Whether an error's file is ``dest``, its temporary sibling ``.NAME.*``, or a file inside either."""
+    if not filename:
+        return False
+    p, d = Path(os.fsdecode(filename)).absolute(), dest.absolute()
+    return any(q == d or (q.parent == d.parent and q.name.startswith(f".{d.name}.")) for q in (p, *p.parents))
+
+
+def _write_folder(dest: Path, fill: Callable[[Path], None], replace: bool, inputs: tuple) -> None:
     if replace:
         _check_replaceable(dest, inputs)
     dest.parent.mkdir(parents=True, exist_ok=True)
