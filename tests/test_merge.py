@@ -90,3 +90,20 @@ def test_float64_model_merges_in_float64(tmp_path):
     assert layer.base_layer.weight.dtype == torch.float64
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("targets,merged,tied", [(["embed_tokens"], True, False), (["lm_head"], True, False),
+                                                 (["q_proj"], True, True), (["embed_tokens"], False, True)])
+def test_unload_of_a_tied_pair_says_in_the_config_whether_they_still_share_a_weight(targets, merged, tied):
+    """A merged adapter on a tied embedding (or head) leaves the other with the base weight; the config said
+    ``tie_word_embeddings: true`` all the same, so a saved checkpoint (and llama.cpp's converter, which reads
+    it) gave the head the merged rows. Unmerged, or an adapter elsewhere, the pair stays tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    inject(model, LoRAConfig(r=2, target_modules=targets, init_lora_weights=False))
+    unload(model, merge=merged)
+    shared = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert shared is tied and model.config.tie_word_embeddings is tied

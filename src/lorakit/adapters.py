@@ -139,7 +139,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     With ``merge=True`` the active adapters are merged first (``W' = W + s·B A``) and a
     ``modules_to_save`` module keeps the active adapter's copy; with ``merge=False`` the
     original weights and modules come back. Afterwards no LoRA class or parameter is left and
-    ``state_dict()`` keys equal the original model's.
+    ``state_dict()`` keys equal the original model's. A merged adapter on one of a tied embedding / head pair
+    leaves the two apart: a transformers config then says ``tie_word_embeddings: false``.
 
     Raises:
         QuantizedBaseError: ``merge=True`` and a base weight is quantised; nothing is changed.
@@ -151,7 +152,20 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, module in list(adapter_modules(model)):
         set_submodule(model, name, module.unwrapped(merge))
     drop_state(model)
+    _untied(model)
     return model
+
+
+def _untied(model: nn.Module) -> None:
+    """A config saying ``tie_word_embeddings`` set False where the input embedding and the head no longer share
+    their weight (an adapter on either of a tied pair, merged: the other keeps the base weight), so a saved
+    checkpoint, or a GGUF written from it, does not give the head the embedding's merged rows."""
+    config = getattr(model, "config", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (getattr(config, "tie_word_embeddings", False) and emb is not None and head is not None
+            and getattr(emb, "weight", None) is not getattr(head, "weight", None)):
+        config.tie_word_embeddings = False
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

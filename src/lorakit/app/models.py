@@ -90,8 +90,7 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 
 def make_plain(model) -> None:
-    """Drop the GGUF quantisation marker so ``save_pretrained`` writes a plain float checkpoint, and mark
-    the embeddings untied where merging left the head its own weight.
+    """Drop the GGUF quantisation marker so ``save_pretrained`` writes a plain float checkpoint.
 
     transformers dequantises GGUF weights on load but keeps ``quantization_config`` and a
     quantizer object, which make ``save_pretrained`` refuse and would make a saved config
@@ -106,12 +105,6 @@ def make_plain(model) -> None:
             pass
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if (getattr(model.config, "tie_word_embeddings", False) and emb is not None and head is not None
-            and getattr(emb, "weight", None) is not getattr(head, "weight", None)):
-        # an adapter on the tied embedding, merged: the head kept the base embedding (lorakit unties it), so a
-        # saved config saying "tied", or a GGUF without output.weight, would give the head the merged rows
-        model.config.tie_word_embeddings = False
 
 
 def _prepare_tokenizer(tok):
