@@ -258,8 +258,8 @@ class LoRAConfig:
         A missing ``lora_alpha`` is PEFT's default, 8 (``LoRAConfig``'s own default is 16); a
         missing or null ``target_modules`` is lorakit's default here, which ``read_adapter``
         replaces by the modules the weight file adapts. Keys PEFT knows but lorakit does not
-        implement are accepted only at their neutral value (e.g. ``use_qalora: false``). Keys of older PEFT versions
-        (``enable_lora: null``, ``merge_weights``) and keys no version knows are ignored with one
+        implement are accepted only at their neutral value (e.g. ``use_qalora: false``). Keys of older
+        PEFT versions (``enable_lora: null``, ``merge_weights``) and keys no version knows are ignored with one
         ``LoRAWarning`` naming them, as PEFT does, unless they change the math or look like a
         misspelt field (``lora_alpah``).
 

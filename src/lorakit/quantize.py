@@ -147,8 +147,8 @@ def quantize_base(model: nn.Module, kind: str = "nf4", skip: list[str] | None = 
     head (``get_output_embeddings()`` / ``lm_head``: often tied to the embedding, and the logits are
     where rounding shows most) and modules named in ``skip`` (full names or trailing parts, e.g.
     ``"score"``; a module's Linears with it, e.g. ``"mlp"``) stay full precision, as do embeddings, norms
-    and other non-Linear modules. Biases are kept as they are. ``compute_dtype``: the dtype NF4 layers compute in (default: the weight's).
-    Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
+    and other non-Linear modules. Biases are kept as they are. ``compute_dtype``: the dtype NF4 layers
+    compute in (default: the weight's). Quantised layers run inputs of any floating dtype and return it; then ``inject`` wraps them in
     ``LoRAQuantLinear`` with float32 adapters. One layer at a time is quantised, so the peak extra
     memory is one layer's; ``each(name, layer)``, if given, is called after each (e.g. to hand freed
     memory back to the OS). Returns ``model``.
