@@ -111,6 +111,10 @@ class TrainableTokensWrapper(AdapterModule):
         owner = self.leader or self
         return owner.token_indices[name], owner.trainable_tokens_delta[adapter_key(name)]
 
+    def index(self, name: str, device) -> torch.Tensor:
+        """Adapter ``name``'s row indices as an int64 tensor on ``device`` (for ``index_select`` / ``index_copy``)."""
+        return torch.tensor(self.rows(name)[0], device=device)
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [] if self.leader is not None else [self.rows(name)[1]]
 
@@ -132,8 +136,7 @@ class TrainableTokensWrapper(AdapterModule):
         self._check_disjoint(list(self.merged_adapters) + names)
         w = self.base_layer.weight
         for n in names:
-            idx, rows = self.rows(n)
-            w = w.index_copy(0, torch.tensor(idx, device=w.device), rows.to(w.dtype))
+            w = w.index_copy(0, self.index(n, w.device), self.rows(n)[1].to(w.dtype))
         return w
 
     def _call(self, names: list[str], x, args, kwargs):
@@ -160,9 +163,7 @@ class TrainableTokensWrapper(AdapterModule):
         base = self.base_layer
         out = base(x)
         for n in names:
-            idx, rows = self.rows(n)
-            idx_t = torch.tensor(idx, device=out.device)
-            rows = rows.to(base.weight.dtype)
+            idx_t, rows = self.index(n, out.device), self.rows(n)[1].to(base.weight.dtype)
             if type(base) is nn.Linear:
                 bias = base.bias.index_select(0, idx_t) if base.bias is not None else None
                 out = out.index_copy(out.dim() - 1, idx_t, F.linear(x, rows, bias))
@@ -199,10 +200,9 @@ class TrainableTokensWrapper(AdapterModule):
                                                           requires_grad=self._shared.requires_grad)
                 w = self.base_layer.weight
                 for n in todo:
-                    idx, rows = self.rows(n)
-                    idx = torch.tensor(idx, device=w.device)
+                    idx = self.index(n, w.device)
                     self._merged_rows[n] = w.index_select(0, idx).clone()
-                    w.index_copy_(0, idx, rows.to(w.dtype))
+                    w.index_copy_(0, idx, self.rows(n)[1].to(w.dtype))
         self.merged_adapters.extend(todo)
 
     def unmerge(self) -> None:
@@ -211,7 +211,7 @@ class TrainableTokensWrapper(AdapterModule):
             w = self.base_layer.weight
             for n in reversed(self.merged_adapters):
                 if n in self._merged_rows:
-                    w.index_copy_(0, torch.tensor(self.rows(n)[0], device=w.device), self._merged_rows.pop(n))
+                    w.index_copy_(0, self.index(n, w.device), self._merged_rows.pop(n))
         self.merged_adapters = []
         if self._shared is not None:
             self.base_layer.weight = self._shared
